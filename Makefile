@@ -1,0 +1,33 @@
+# Every target runs inside .venv, created from constraints.txt by `make setup`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ARCH ?= amd64
+
+.PHONY: setup test lint proto bench dist dist-all center clean
+
+$(BIN)/.ready: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.ready
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: setup
+	$(BIN)/ruff check elkeid_agent elkeid_center elkeid_plugin_sdk tests bench tools
+	$(BIN)/mypy elkeid_agent
+
+proto: setup
+	$(BIN)/python tools/gen_proto.py
+
+bench: setup
+	$(BIN)/python bench/transfer.py
+
+center: setup
+	$(BIN)/elkeid-center
+
+clean:
+	rm -rf dist build/out

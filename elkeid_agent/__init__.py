@@ -1,0 +1,1 @@
+"""elkeid-agent: a drop-in Python replacement for the Elkeid host agent."""

@@ -1,0 +1,3 @@
+from elkeid_agent.cli import main
+
+raise SystemExit(main())
