@@ -12,7 +12,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = ("grpc.proto", "bridge.proto")
+PROTOS = ("grpc.proto", "bridge.proto", "shape.proto")
 
 
 def generate(out: Path) -> None:
