@@ -2,7 +2,7 @@
 
 - ServiceDiscovery: `GET /registry/detail?name=hids_svr_grpc&count=10` (PROTOCOL.md 4).
 - FileServer: static downloads for plugins and upgrades, recording what was asked for.
-- the CLI's admin endpoint (in cli.py).
+- the CLI's admin endpoint (cli.Admin).
 
 One request per connection (`Connection: close`): the agent's fetches are one-shot,
 and it keeps the parser small. No new dependencies.
@@ -15,7 +15,7 @@ import json
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -133,11 +133,7 @@ class HttpServer:
 
 
 async def _send(writer: asyncio.StreamWriter, method: str, response: Response) -> None:
-    size = (
-        response.body.stat().st_size
-        if isinstance(response.body, Path)
-        else len(response.body)
-    )
+    size = response.body.stat().st_size if isinstance(response.body, Path) else len(response.body)
     head = (
         f"HTTP/1.1 {response.status} {HTTPStatus(response.status).phrase}\r\n"
         f"Content-Type: {response.content_type}\r\n"
@@ -248,15 +244,3 @@ class FileServer:
         if not path.is_relative_to(root) or not path.is_file():
             return Response.text(404)
         return Response(200, path, "application/octet-stream")
-
-
-def route(routes: Sequence[tuple[str, Handler]]) -> Handler:
-    """Dispatch on path prefix, first match wins."""
-
-    async def handler(request: Request) -> Response:
-        for prefix, h in routes:
-            if request.path.startswith(prefix):
-                return await h(request)
-        return Response.text(404)
-
-    return handler

@@ -92,9 +92,7 @@ def task_command(
     """A Task Command; a mapping `data` is sent as JSON, as the AgentCenter does."""
     text = data if isinstance(data, str) else json.dumps(data)
     return grpc_pb2.Command(
-        task=grpc_pb2.Task(
-            data_type=data_type, object_name=object_name, data=text, token=token
-        )
+        task=grpc_pb2.Task(data_type=data_type, object_name=object_name, data=text, token=token)
     )
 
 
@@ -140,8 +138,10 @@ class AgentCenterServer:
         if self._server is not None:
             return self.port
         server = grpc.aio.server(
-            options=[*SERVER_OPTIONS, ("grpc.compression_enabled_algorithms_bitset",
-                                       _ACCEPTED_COMPRESSION)],
+            options=[
+                *SERVER_OPTIONS,
+                ("grpc.compression_enabled_algorithms_bitset", _ACCEPTED_COMPRESSION),
+            ],
             compression=grpc.Compression.NoCompression,
         )
         server.add_generic_rpc_handlers(

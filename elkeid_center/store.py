@@ -98,9 +98,7 @@ def decode_records(
         except DecodeError:
             fields, ok = {}, False
         out.append(
-            DecodedRecord(
-                rec.data_type, rec.timestamp, fields, rec.data, connection, recv_time, ok
-            )
+            DecodedRecord(rec.data_type, rec.timestamp, fields, rec.data, connection, recv_time, ok)
         )
     return out
 
