@@ -144,9 +144,9 @@ def _from_machine_id(root: Path) -> str | None:
         return None
 
 
-def _from_work_dir(root: Path, work_dir: Path) -> str | None:
+def _from_saved(saved: Path) -> str | None:
     """Step 5: the id a previous run saved in <work_dir>/machine-id."""
-    raw = _read(under_root(root, work_dir) / ID_FILE)
+    raw = _read(saved)
     if raw is None:
         return None
     try:
@@ -157,13 +157,14 @@ def _from_work_dir(root: Path, work_dir: Path) -> str | None:
 
 def derive_agent_id(root: Path, work_dir: Path, env: Mapping[str, str]) -> str:
     """The agent id by PROTOCOL section 6 steps 1-6; ``work_dir`` is an absolute host path."""
+    saved = under_root(root, work_dir) / ID_FILE
     for key in ENV_KEYS:
         if env.get(key):
             return env[key]
     return (
         _from_hardware(root)
         or _from_machine_id(root)
-        or _from_work_dir(root, work_dir)
+        or _from_saved(saved)
         or str(uuid.uuid4())
     )
 
