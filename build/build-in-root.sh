@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Build the frozen agent inside a Debian 12 root (chroot, container or VM), any arch.
+#
+#   build-in-root.sh SRC_DIR OUT_DIR VERSION PRODUCT_CONFIG
+#
+# SRC_DIR is the project checkout (read only is fine), OUT_DIR receives
+#   elkeid-agent          the shipped executable (staticx-wrapped unless STATICX=0)
+#   elkeid-agent.onefile  PyInstaller's output before wrapping (for checks and bench)
+# Environment: SOURCE_DATE_EPOCH (default: now), STATICX=0|1 (default 1),
+# STATICX_COMPRESS=0|1 (default 0: see docs/packaging.md), BUILD_VENV
+# (default /opt/elkeid-build/venv, reused while constraints.txt is unchanged),
+# PIP_INDEX_URL/PIP_CERT/... as the root's pip needs them (the caller passes only
+# what holds inside the root: no host paths such as PIP_FIND_LINKS).
+set -euo pipefail
+[ $# -eq 4 ] || { echo "usage: $0 SRC_DIR OUT_DIR VERSION PRODUCT_CONFIG" >&2; exit 2; }
+src=$(cd "$1" && pwd) out=$2 version=$3 product=$4
+venv=${BUILD_VENV:-/opt/elkeid-build/venv}
+work=${BUILD_WORK:-/var/tmp/elkeid-build}
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(date +%s)}
+# PyInstaller's own advice for reproducible output: fixed hash seed for its build.
+export PYTHONHASHSEED=0 PYTHONDONTWRITEBYTECODE=1
+t0=$(date +%s)
+step() { echo "build-in-root: [$(( $(date +%s) - t0 ))s] $*" >&2; }
+
+case $version in
+    *[!0-9A-Za-z.+~-]* | "") echo "bad VERSION: $version" >&2; exit 2 ;;
+esac
+[ -f "$product" ] || { echo "no PRODUCT_CONFIG file: $product" >&2; exit 2; }
+
+# 1. Debian tools: PyInstaller needs libpython3.11 and binutils (strip, objcopy);
+#    staticx needs patchelf and ldd.
+need=()
+for pair in python3:python3 patchelf:patchelf objcopy:binutils strip:binutils; do
+    command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
+done
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+ls /usr/lib/*/libpython3*.so.1* >/dev/null 2>&1 || need+=(libpython3.11)
+if [ ${#need[@]} -gt 0 ]; then
+    step "apt-get install ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${need[@]}" ca-certificates >/dev/null
+fi
+
+# 2. Build venv from the project's pins, rebuilt only when the pins change.
+stamp="$(sha256sum "$src/constraints.txt" | cut -c1-16)-$(python3 -V 2>&1 | tr -dc 0-9.)"
+if [ "$(cat "$venv/.stamp" 2>/dev/null)" != "$stamp" ]; then
+    step "creating $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q -c "$src/constraints.txt" \
+        uvloop grpcio protobuf psutil cryptography msgspec pyinstaller staticx
+    echo "$stamp" >"$venv/.stamp"
+fi
+
+# 3. A private copy of the source: version.py and product.toml are the build's inputs
+#    and the checkout's tracked files stay untouched.
+rm -rf "$work"
+mkdir -p "$work/src" "$out"
+tar -C "$src" --exclude=__pycache__ --exclude='*.pyc' -cf - elkeid_agent | tar -C "$work/src" -xf -
+sed -i "s/^VERSION = .*/VERSION = \"$version\"/" "$work/src/elkeid_agent/version.py"
+grep -q "^VERSION = \"$version\"\$" "$work/src/elkeid_agent/version.py"
+cp "$product" "$work/src/elkeid_agent/product.toml"
+
+# 4. PyInstaller onefile.
+step "pyinstaller"
+ELKEID_BUILD_SRC="$work/src" ELKEID_BUILD_WORK="$work" \
+    "$venv/bin/pyinstaller" --noconfirm --clean --log-level WARN \
+    --distpath "$work/dist" --workpath "$work/pyi" "$src/build/pyinstaller.spec" 2>&1 |
+    grep -v '^$' >&2
+cp "$work/dist/elkeid-agent" "$out/elkeid-agent.onefile"
+
+# 5. staticx: the libc and loader go inside, so the host's glibc version stops mattering.
+if [ "${STATICX:-1}" = 1 ]; then
+    step "staticx"
+    args=()
+    [ "${STATICX_COMPRESS:-0}" = 1 ] || args+=(--no-compress)
+    TMPDIR=$work "$venv/bin/staticx" "${args[@]}" "$work/dist/elkeid-agent" "$work/elkeid-agent"
+    install -m 0755 "$work/elkeid-agent" "$out/elkeid-agent"
+else
+    install -m 0755 "$work/dist/elkeid-agent" "$out/elkeid-agent"
+fi
+"$out/elkeid-agent" --version | grep -qx "$version" || {
+    echo "built executable does not report $version" >&2
+    exit 1
+}
+step "done"
+(cd "$out" && sha256sum elkeid-agent elkeid-agent.onefile)
+ls -l "$out/elkeid-agent" "$out/elkeid-agent.onefile" >&2
