@@ -69,6 +69,8 @@ class RecordBuffer:
         self._nonempty = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
+        self._empty = asyncio.Event()
+        self._empty.set()
         self.stats = BufferStats()
 
     # -- producers ------------------------------------------------------------------------------
@@ -84,6 +86,7 @@ class RecordBuffer:
         lane.append(record)
         self._lane_bytes[Lane.AGENT] += size
         self._nonempty.set()
+        self._empty.clear()
 
     async def put_many(self, records: list[bytes], lane: Lane = Lane.PLUGIN) -> None:
         """Queue plugin records, waiting while the plugin budget is full.
@@ -105,6 +108,7 @@ class RecordBuffer:
         self._lanes[lane].extend(records)
         self._lane_bytes[lane] += size
         self._nonempty.set()
+        self._empty.clear()
 
     def _admissible(self, record: bytes) -> bool:
         if self.max_record_bytes is not None and len(record) > self.max_record_bytes:
@@ -160,10 +164,15 @@ class RecordBuffer:
             self._lane_bytes[index] += sum(map(spliced_size, records))
         if batch.records:
             self._nonempty.set()
+            self._empty.clear()
+
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
 
     def _after_take(self) -> None:
         if not any(self._lanes):
             self._nonempty.clear()
+            self._empty.set()
         if self._plugin_bytes() < self.max_bytes:
             self._space.set()
 

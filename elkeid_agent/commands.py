@@ -8,6 +8,7 @@ Every failure a task can have ends as a 5100 record carrying the task's token; t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -166,6 +167,8 @@ class Dispatcher:
         self.emit = emit
         self.commands = 0
         self.failures = 0
+        self._configs: list[ConfigSpec] | None = None
+        self._configs_ready = asyncio.Event()
 
     async def handle(self, raw: bytes) -> None:
         self.commands += 1
@@ -209,7 +212,19 @@ class Dispatcher:
         raise TaskFailed(f"unknown data_type {task.data_type} for {PRODUCT}")
 
     async def handle_configs(self, configs: list[ConfigSpec]) -> None:
-        own = [c for c in configs if c.name == PRODUCT]
-        for config in own:
-            await self.upgrader.consider(config)
-        await self.plugins.sync([c for c in configs if c.name != PRODUCT])
+        """Hand the set to `run_configs`; a newer set replaces one not yet applied."""
+        self._configs = configs
+        self._configs_ready.set()
+
+    async def run_configs(self) -> None:
+        """Apply Configs one set at a time, so a long plugin download never blocks tasks."""
+        while True:
+            await self._configs_ready.wait()
+            self._configs_ready.clear()
+            configs, self._configs = self._configs, None
+            if configs is None:
+                continue
+            for config in configs:
+                if config.name == PRODUCT:
+                    await self.upgrader.consider(config)
+            await self.plugins.sync([c for c in configs if c.name != PRODUCT])

@@ -1,0 +1,311 @@
+"""The agent process: wires the parts under one TaskGroup; startup and orderly shutdown.
+
+Task ownership (all children of `Agent.run`'s TaskGroup):
+  transfer   TransferLoop.run: discover, stream, reconnect
+  heartbeat  every interval (and on each new stream, via TransferLoop.on_open)
+  uploads    Uploader.run: one 1050 at a time
+  configs    Dispatcher.run_configs: Configs applied one sync at a time, latest wins
+  plugins    PluginSupervisor.run (its own TaskGroup per plugin)
+  shutdown   waits for SIGTERM/SIGINT/1060, stops plugins first, flushes, then ends the group
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+
+from elkeid_agent import heartbeat as hb
+from elkeid_agent import specified_env
+from elkeid_agent.buffer import RecordBuffer
+from elkeid_agent.commands import (
+    Dispatcher,
+    MetadataRequest,
+    NoPlugins,
+    NoUpgrade,
+    PluginHost,
+    TaskFailed,
+    UploadRequest,
+)
+from elkeid_agent.config import EX_CONFIG, Config, ConfigError, load_config
+from elkeid_agent.host import HostFacts, read_host_facts
+from elkeid_agent.identity import load_agent_id
+from elkeid_agent.logs import RecordHandler, setup_logging
+from elkeid_agent.runtime_dir import clean_stale_unpack_dirs
+from elkeid_agent.service import dump_tasks, release_memory, sd_notify, watchdog_interval
+from elkeid_agent.status import AgentStatus, write_status
+from elkeid_agent.transport.stream import TransferLoop
+from elkeid_agent.transport.tls import TlsError, TlsMaterial
+from elkeid_agent.transport.upload import Uploader
+from elkeid_agent.version import PRODUCT, VERSION
+from elkeid_agent.wire import Header, encode_record
+
+log = logging.getLogger(__name__)
+
+AGENT_HEARTBEAT = 1000
+# How long shutdown waits for queued records (the 1060 result among them) to leave.
+FLUSH_ON_EXIT_SECONDS = 3.0
+
+
+class _Stop(Exception):
+    """Raised by the shutdown task to end the TaskGroup once everything is stopped."""
+
+
+class Agent:
+    def __init__(self, config: Config, tls: TlsMaterial, env: dict[str, str]) -> None:
+        self.config = config
+        self.work_dir = config.work_path
+        self.env = env
+        self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self.buffer = RecordBuffer(config.buffer.max_bytes, config.buffer.agent_lane_bytes)
+        self.stopping = asyncio.Event()
+        self.agent_id = load_agent_id(Path("/"), self.work_dir, env)
+        self.facts = read_host_facts()
+        self._header = self._encode_header(self.facts)
+        self.errors: dict[str, str] = {}
+        self.plugins: PluginHost = self._plugin_host()
+        self.dispatcher = Dispatcher(self, self.plugins, NoUpgrade(), self.emit)
+        self.transfer = TransferLoop(
+            config, tls, self.buffer, self.header, self.dispatcher.handle, self.send_heartbeat
+        )
+        self.uploader = Uploader(lambda: self.transfer.channel, self.emit)
+        self.record_handler = RecordHandler(self.emit, config.log.records_per_minute)
+        self._sampler = hb.ProcessGroupSampler(hb.agent_processes())
+        self._cpu = hb.CpuUsageSampler()
+        self._last_tick = time.monotonic()
+        self._last_stats = (0, 0, 0, 0)
+        self.last_heartbeat = 0.0
+
+    def _plugin_host(self) -> PluginHost:
+        return NoPlugins()
+
+    # -- records --------------------------------------------------------------------------------
+
+    def emit(self, record: bytes) -> None:
+        """Queue one of the agent's own records, from any thread."""
+        if threading.get_ident() == self._loop_thread:
+            self.buffer.put_agent(record)
+        else:
+            self.loop.call_soon_threadsafe(self.buffer.put_agent, record)
+
+    def header(self) -> bytes:
+        return self._header
+
+    def _encode_header(self, facts: HostFacts) -> bytes:
+        ips = facts.ips
+        return Header(
+            agent_id=self.agent_id,
+            intranet_ipv4=ips.intranet_ipv4,
+            extranet_ipv4=ips.extranet_ipv4,
+            intranet_ipv6=ips.intranet_ipv6,
+            extranet_ipv6=ips.extranet_ipv6,
+            hostname=facts.hostname,
+            version=VERSION,
+            product=PRODUCT,
+        ).encode()
+
+    def state_detail(self) -> list[str]:
+        detail = list(self.errors.values())
+        errors = getattr(self.plugins, "errors", None)
+        if callable(errors):
+            detail.extend(errors())
+        return detail
+
+    def counters(self) -> dict[str, int | float]:
+        b = self.buffer.snapshot()
+        t = self.transfer.state.stats
+        return {
+            "buffer_records": b.queued_records,
+            "buffer_bytes": b.queued_bytes,
+            "buffer_max_bytes": self.buffer.max_bytes,
+            "dropped_agent_overflow": b.dropped_agent_overflow,
+            "dropped_oversize": b.dropped_oversize,
+            "backpressure_waits": b.backpressure_waits,
+            "backpressure_seconds": round(b.backpressure_seconds, 3),
+            "tx_records": t.tx_records,
+            "tx_bytes": t.tx_bytes,
+            "connects": t.connects,
+            "connect_failures": t.connect_failures,
+            "write_failures": t.write_failures,
+            "log_records_suppressed": self.record_handler.suppressed,
+            "command_failures": self.dispatcher.failures,
+            "uploads_completed": self.uploader.completed,
+            "uploads_failed": self.uploader.failed,
+        }
+
+    def send_heartbeat(self) -> None:
+        """Queue a 1000 record (and the plugins' 1001s) and refresh the status file."""
+        now = time.monotonic()
+        elapsed = max(now - self._last_tick, 1e-9)
+        stats = self.transfer.state.stats
+        current = (stats.tx_bytes, stats.tx_records, stats.rx_bytes, stats.rx_commands)
+        tx_bytes, tx_records, rx_bytes, rx_commands = (
+            c - p for c, p in zip(current, self._last_stats, strict=True)
+        )
+        self._last_tick, self._last_stats = now, current
+        facts = read_host_facts()
+        if facts != self.facts:
+            self.facts = facts
+            self._header = self._encode_header(facts)
+        detail = self.state_detail()
+        fields = hb.build_agent_heartbeat(
+            facts=facts,
+            process=self._sampler.sample(),
+            stats=hb.host_stats(self._cpu),
+            state="abnormal" if detail else "running",
+            state_detail=detail,
+            idc=self.config.idc,
+            region=self.config.region,
+            net_mode=str(self.transfer.state.net_mode),
+            rx_speed=rx_bytes / elapsed,
+            tx_speed=tx_bytes / elapsed,
+            rx_tps=rx_commands / elapsed,
+            tx_tps=tx_records / elapsed,
+            du=hb.dir_usage(self.work_dir, "plugin"),
+            ngr=len(asyncio.all_tasks()) + threading.active_count(),
+            extra=self.counters(),
+        )
+        timestamp = int(time.time())
+        self.buffer.put_agent(encode_record(AGENT_HEARTBEAT, timestamp, fields))
+        beats = getattr(self.plugins, "heartbeats", None)
+        if callable(beats):
+            for record in beats():
+                self.buffer.put_agent(record)
+        self.last_heartbeat = time.time()
+        self._write_status("abnormal" if detail else "running")
+
+    def _write_status(self, state: str) -> None:
+        link = self.transfer.state
+        write_status(
+            self.work_dir,
+            AgentStatus(
+                pid=os.getpid(),
+                version=VERSION,
+                state=state,
+                net_mode=str(link.net_mode),
+                connected=link.connected,
+                server=link.server,
+                last_heartbeat=self.last_heartbeat,
+                updated=time.time(),
+            ),
+        )
+
+    # -- the agent's own tasks (commands.AgentTasks) ---------------------------------------------
+
+    async def upload(self, token: str, request: UploadRequest) -> None:
+        await self.uploader.upload(token, request)
+
+    async def set_metadata(self, request: MetadataRequest) -> None:
+        values: dict[str, str] = {}
+        if request.region is not None:
+            if request.region not in self.config.regions:
+                raise TaskFailed(f"unknown region {request.region!r}: no servers configured")
+            values["specified_region"] = request.region
+        if request.idc is not None:
+            values["specified_idc"] = request.idc
+        if not values:
+            raise TaskFailed("neither idc nor region given")
+        try:
+            specified_env.write(self.work_dir, values)
+        except (OSError, ValueError) as exc:
+            raise TaskFailed(f"cannot persist metadata: {exc}") from exc
+        self.config = msgspec.structs.replace(
+            self.config,
+            idc=request.idc if request.idc is not None else self.config.idc,
+            region=request.region if request.region is not None else self.config.region,
+        )
+        self.transfer.config = self.config
+        log.info("metadata set: idc=%s region=%s", self.config.idc, self.config.region)
+
+    async def shutdown(self) -> None:
+        log.info("shutdown requested by the server")
+        self.stopping.set()
+
+    # -- life -----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.stopping.set)
+        self.loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
+        self.loop.add_signal_handler(signal.SIGUSR2, release_memory)
+        logging.getLogger().addHandler(self.record_handler)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.transfer.run(), name="transfer")
+                tg.create_task(self._heartbeat_loop(), name="heartbeat")
+                tg.create_task(self.uploader.run(), name="uploads")
+                tg.create_task(self.dispatcher.run_configs(), name="configs")
+                run_plugins = getattr(self.plugins, "run", None)
+                if callable(run_plugins):
+                    tg.create_task(run_plugins(), name="plugins")
+                tg.create_task(self._shutdown_when_asked(), name="shutdown")
+                sd_notify("READY=1")
+                log.info("elkeid-agent %s started, id %s", VERSION, self.agent_id)
+        except* _Stop:
+            pass
+        finally:
+            logging.getLogger().removeHandler(self.record_handler)
+        log.info("elkeid-agent stopped")
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.transport.heartbeat_interval
+        watchdog = watchdog_interval(self.env)
+        tick = min(interval, watchdog) if watchdog else interval
+        next_beat = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(tick)
+            if watchdog:
+                sd_notify("WATCHDOG=1")
+            if time.monotonic() >= next_beat:
+                next_beat += interval
+                self.send_heartbeat()
+
+    async def _shutdown_when_asked(self) -> None:
+        await self.stopping.wait()
+        sd_notify("STOPPING=1")
+        log.info("stopping: plugins first")
+        stop_plugins = getattr(self.plugins, "stop", None)
+        if callable(stop_plugins):
+            await stop_plugins()
+        if self.transfer.state.connected:
+            try:
+                async with asyncio.timeout(FLUSH_ON_EXIT_SECONDS):
+                    await self.buffer.wait_empty()
+            except TimeoutError:
+                log.warning("stopping with %d records unsent", len(self.buffer))
+        raise _Stop
+
+
+def run_agent(config_path: str | None) -> int:
+    env = dict(os.environ)
+    try:
+        config = load_config(config_path, env)
+        persisted = specified_env.read(config.work_path)
+        if persisted:
+            env.update(persisted)
+            config = load_config(config_path, env)
+        tls = TlsMaterial.load(config.tls)
+    except (ConfigError, TlsError) as exc:
+        sys.stderr.write(f"elkeid-agent: configuration error: {exc}\n")
+        return EX_CONFIG
+    work_dir = config.work_path
+    for sub in ("plugin", "log", "tmp"):
+        (work_dir / sub).mkdir(parents=True, exist_ok=True)
+    setup_logging(work_dir, config.log)
+    clean_stale_unpack_dirs(work_dir / "tmp")
+    import uvloop
+
+    async def main() -> None:
+        await Agent(config, tls, env).run()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+    return 0

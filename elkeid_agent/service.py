@@ -1,0 +1,62 @@
+"""Talking to the service manager: sd_notify, watchdog pacing, and the diagnostic signals."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import gc
+import io
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+
+def sd_notify(message: str, env: dict[str, str] | None = None) -> bool:
+    """Send one datagram to $NOTIFY_SOCKET; False when there is no service manager to tell."""
+    path = (env if env is not None else os.environ).get("NOTIFY_SOCKET", "")
+    if not path:
+        return False
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as exc:
+        log.warning("sd_notify %s failed: %s", message, exc)
+        return False
+    return True
+
+
+def watchdog_interval(env: dict[str, str] | None = None) -> float | None:
+    """Half the watchdog period systemd asked for (WATCHDOG_USEC), or None without one."""
+    env = env if env is not None else dict(os.environ)
+    usec = env.get("WATCHDOG_USEC", "")
+    pid = env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2_000_000
+
+
+def dump_tasks() -> None:
+    """SIGUSR1: every asyncio task's stack into the log, for a hung agent."""
+    out = io.StringIO()
+    tasks = asyncio.all_tasks()
+    for task in tasks:
+        out.write(f"--- {task.get_name()} ({task.get_coro()!r})\n")
+        task.print_stack(file=out)
+    log.warning("SIGUSR1: %d asyncio tasks\n%s", len(tasks), out.getvalue())
+
+
+def release_memory() -> None:
+    """SIGUSR2: collect garbage and give freed heap back to the OS."""
+    collected = gc.collect()
+    trimmed = False
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        try:
+            trimmed = bool(ctypes.CDLL(libc_name).malloc_trim(0))
+        except (OSError, AttributeError):
+            trimmed = False
+    log.warning("SIGUSR2: gc collected %d objects, malloc_trim released=%s", collected, trimmed)

@@ -1,0 +1,70 @@
+"""`<work_dir>/specified_env`: key=value lines the unit loads as environment (idc, region, id).
+
+Written by `ctl set` and by task 1051; the agent reads it at start too, so values persisted by a
+1051 hold across restarts even where no service manager loads the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+FILE_NAME = "specified_env"
+
+
+def parse(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and not key.lstrip().startswith("#"):
+            out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+def read(work_dir: Path) -> dict[str, str]:
+    try:
+        return parse((work_dir / FILE_NAME).read_text())
+    except (OSError, UnicodeDecodeError):
+        return {}
+
+
+def update_lines(lines: list[str], values: Mapping[str, str]) -> list[str]:
+    """Set (or, for an empty value, remove) keys in key=value lines; keep all others."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for line in lines:
+        key = line.split("=", 1)[0].strip() if "=" in line else ""
+        if key and key in values:
+            seen.add(key)
+            if values[key]:
+                out.append(f"{key}={values[key]}")
+            continue
+        out.append(line)
+    out.extend(f"{k}={v}" for k, v in values.items() if v and k not in seen)
+    return out
+
+
+def write(work_dir: Path, values: Mapping[str, str]) -> Path:
+    """Update keys atomically (temp file + rename), keeping every other line."""
+    for key, value in values.items():
+        if "\n" in value or "\0" in value:
+            raise ValueError(f"{key} must be a single line")
+    path = work_dir / FILE_NAME
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    text = "".join(line + "\n" for line in update_lines(lines, values))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=work_dir)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,1 @@
+"""Everything that talks to the AgentCenter: discovery, the Transfer stream, file upload."""

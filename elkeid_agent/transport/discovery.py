@@ -1,0 +1,123 @@
+"""Finding the AgentCenter (PROTOCOL.md section 4) and pacing reconnects.
+
+The ladder is service discovery first (each answered node in turn), then the private address,
+then the public one; the net mode of the address that answered goes into the heartbeat.
+`Backoff` follows gRPC's connection-backoff document: 1 s growing 1.6x to 120 s, with jitter,
+and the agent never exits for lack of a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import msgspec
+
+from elkeid_agent.config import RegionConfig
+
+SD_PATH = "/registry/detail?name=hids_svr_grpc&count=10"
+SD_MAX_ANSWER = 256 * 1024
+
+
+class NetMode(StrEnum):
+    UNKNOWN = "unknown"
+    SD = "sd"
+    PRIVATE = "private"
+    PUBLIC = "public"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    address: str
+    net_mode: NetMode
+
+
+class SdNode(msgspec.Struct):
+    ip: str
+    port: int
+    weight: int = 0
+
+
+class SdAnswer(msgspec.Struct):
+    msg: str
+    data: list[SdNode] = []
+
+
+class DiscoveryError(Exception):
+    pass
+
+
+def parse_sd_answer(body: bytes) -> list[str]:
+    """`ip:port` of every node the registry returned, in its order; errors name the field."""
+    try:
+        answer = msgspec.json.decode(body, type=SdAnswer)
+    except msgspec.ValidationError as exc:
+        raise DiscoveryError(f"service discovery answer: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise DiscoveryError(f"service discovery answer is not JSON: {exc}") from exc
+    if answer.msg != "ok":
+        raise DiscoveryError(f"service discovery says {answer.msg!r}")
+    out = []
+    for node in answer.data:
+        if not 0 < node.port < 65536 or not node.ip:
+            raise DiscoveryError(f"service discovery node {node.ip!r}:{node.port} is invalid")
+        host = f"[{node.ip}]" if ":" in node.ip else node.ip
+        out.append(f"{host}:{node.port}")
+    return out
+
+
+def candidates(region: RegionConfig, sd_nodes: list[str]) -> list[Candidate]:
+    """The addresses to dial, in PROTOCOL order."""
+    out = [Candidate(a, NetMode.SD) for a in sd_nodes]
+    if region.private:
+        out.append(Candidate(region.private, NetMode.PRIVATE))
+    if region.public:
+        out.append(Candidate(region.public, NetMode.PUBLIC))
+    return out
+
+
+@dataclass
+class Backoff:
+    initial: float = 1.0
+    multiplier: float = 1.6
+    maximum: float = 120.0
+    jitter: float = 0.2
+    rng: random.Random = field(default_factory=random.Random)
+    _current: float = 0.0
+
+    def next(self) -> float:
+        """The delay before the next attempt."""
+        grown = min(self._current * self.multiplier, self.maximum)
+        self._current = grown if self._current else self.initial
+        return self._current * (1 + self.rng.uniform(-self.jitter, self.jitter))
+
+    def reset(self) -> None:
+        self._current = 0.0
+
+
+async def fetch_sd_nodes(host: str) -> list[str]:
+    """Ask a ServiceDiscovery host (`ip:port`) for the AgentCenter nodes (caller sets a timeout)."""
+    hostname, _, port = host.rpartition(":")
+    try:
+        reader, writer = await asyncio.open_connection(hostname.strip("[]"), int(port))
+        try:
+            writer.write(
+                f"GET {SD_PATH} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n"
+                .encode()
+            )
+            response = await reader.read(SD_MAX_ANSWER + 1)
+            while chunk := await reader.read(SD_MAX_ANSWER):
+                response += chunk
+                if len(response) > SD_MAX_ANSWER:
+                    raise DiscoveryError("service discovery answer too large")
+        finally:
+            writer.close()
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise DiscoveryError(f"service discovery {host}: {exc or type(exc).__name__}") from exc
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split()
+    if len(status) < 2 or status[1] != b"200":
+        raise DiscoveryError(f"service discovery {host}: {head[:80]!r}")
+    return parse_sd_answer(body)

@@ -1,0 +1,127 @@
+"""Task 1050: stream a file to the server with FileExt.Upload (PROTOCOL.md section 3).
+
+Limits as the Go agent keeps them: at most one chunk of min(buf_size, 500 KiB) per second, files
+over buf_size * 600 refused, one upload at a time. The request is checked when the task arrives
+(so a bad one fails at once); the transfer runs in `run()`, owned by the app's task group, and
+reports its outcome as a 5100 record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from elkeid_agent._proto import grpc_pb2
+from elkeid_agent.commands import TaskFailed, UploadRequest, task_result
+from elkeid_agent.transport.grpc_env import grpc
+
+log = logging.getLogger(__name__)
+
+UPLOAD_METHOD = "/grpc.FileExt/Upload"
+MAX_CHUNK = 500 * 1024
+MAX_CHUNKS = 600
+CHUNK_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class _Job:
+    token: str
+    path: str
+    fd: int
+    size: int
+    chunk: int
+
+
+class Uploader:
+    def __init__(
+        self,
+        channel: Callable[[], grpc.aio.Channel | None],
+        emit: Callable[[bytes], None],
+        chunk_interval: float = CHUNK_INTERVAL,
+    ) -> None:
+        self._channel = channel
+        self._emit = emit
+        self._interval = chunk_interval
+        self._job: _Job | None = None
+        self._ready = asyncio.Event()
+        self.completed = 0
+        self.failed = 0
+
+    async def upload(self, token: str, request: UploadRequest) -> None:
+        """Accept an upload task or raise TaskFailed with the reason."""
+        if self._job is not None:
+            raise TaskFailed("another upload is in progress")
+        if request.buf_size <= 0:
+            raise TaskFailed(f"invalid buf_size {request.buf_size}")
+        if self._channel() is None:
+            raise TaskFailed("not connected to the server")
+        chunk = min(request.buf_size, MAX_CHUNK)
+        try:
+            fd = os.open(request.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            raise TaskFailed(f"cannot open {request.path}: {exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise TaskFailed(f"{request.path} is not a regular file")
+            if st.st_size > request.buf_size * MAX_CHUNKS:
+                raise TaskFailed(
+                    f"{request.path} is {st.st_size} bytes, over the limit of "
+                    f"{request.buf_size * MAX_CHUNKS}"
+                )
+        except TaskFailed:
+            os.close(fd)
+            raise
+        self._job = _Job(token, request.path, fd, st.st_size, chunk)
+        self._ready.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            job = self._job
+            if job is None:
+                continue
+            try:
+                await self._transfer(job)
+            except (TaskFailed, OSError, grpc.aio.AioRpcError) as exc:
+                self.failed += 1
+                reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                log.warning("upload of %s failed: %s", job.path, reason)
+                self._emit(task_result(job.token, False, f"upload failed: {reason}"))
+            else:
+                self.completed += 1
+                self._emit(task_result(job.token, True, f"uploaded {job.size} bytes"))
+            finally:
+                os.close(job.fd)
+                self._job = None
+
+    async def _chunks(self, job: _Job) -> AsyncIterator[grpc_pb2.FileUploadRequest]:
+        remaining = job.size
+        first = True
+        while remaining > 0 or first:
+            if not first:
+                await asyncio.sleep(self._interval)
+            data = os.pread(job.fd, min(job.chunk, remaining), job.size - remaining)
+            if not data and remaining:
+                raise TaskFailed(f"{job.path} shrank during the upload")
+            remaining -= len(data)
+            first = False
+            yield grpc_pb2.FileUploadRequest(token=job.token, data=data)
+
+    async def _transfer(self, job: _Job) -> None:
+        channel = self._channel()
+        if channel is None:
+            raise TaskFailed("not connected to the server")
+        call = channel.stream_unary(
+            UPLOAD_METHOD,
+            request_serializer=grpc_pb2.FileUploadRequest.SerializeToString,
+            response_deserializer=grpc_pb2.FileUploadResponse.FromString,
+        )
+        response = await call(self._chunks(job))
+        if response.status != grpc_pb2.FileUploadResponse.SUCCESS:
+            raise TaskFailed("the server reported a failed upload")
