@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -44,6 +45,7 @@ __all__ = [
     "ConnectionInfo",
     "DecodedRecord",
     "ReceivedPackage",
+    "TransferClient",
     "Upload",
     "client_channel",
     "write_agent_config",
@@ -53,6 +55,8 @@ T = TypeVar("T")
 # How long a cross-thread call into the center may take before the test fails.
 CALL_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.02
+TRANSFER_METHOD = "/grpc.Transfer/Transfer"
+UPLOAD_METHOD = "/grpc.FileExt/Upload"
 
 
 def client_channel(
@@ -74,6 +78,60 @@ def client_channel(
         options=[("grpc.ssl_target_name_override", SERVER_NAME)],
         compression=compression,
     )
+
+
+class TransferClient:
+    """A raw Transfer stream for tests of the center itself: send PackagedData bytes
+    exactly as given, receive Commands with a timeout. Stands in for an agent."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._requests: queue.Queue[bytes | None] = queue.Queue()
+        self._responses: queue.Queue[grpc_pb2.Command | grpc.RpcError] = queue.Queue()
+        call = channel.stream_stream(
+            TRANSFER_METHOD,
+            request_serializer=None,
+            response_deserializer=grpc_pb2.Command.FromString,
+        )
+        self._call = call(iter(self._requests.get, None))
+        self._reader = threading.Thread(target=self._read, name="transfer-client", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for command in self._call:
+                self._responses.put(command)
+        except grpc.RpcError as e:
+            # Handed to the test thread: the status is what tests of refusals check.
+            self._responses.put(e)
+
+    def send(self, raw: bytes) -> None:
+        self._requests.put(raw)
+
+    def recv(self, timeout: float = 10.0) -> grpc_pb2.Command | None:
+        """The next Command, or None if none came within `timeout`; raises the
+        stream's RpcError if it ended with an error."""
+        try:
+            item = self._responses.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, grpc.RpcError):
+            raise item
+        return item
+
+    def wait_end(self, timeout: float = 10.0) -> grpc.StatusCode:
+        """Wait for the stream to end; return its status (OK when closed cleanly)."""
+        self._reader.join(timeout)
+        if self._reader.is_alive():
+            raise TimeoutError("stream still open")
+        code: grpc.StatusCode = self._call.code()
+        return code
+
+    def close(self) -> None:
+        """Half-close our side (as an agent does on shutdown)."""
+        self._requests.put(None)
+
+    def cancel(self) -> None:
+        self._call.cancel()
 
 
 class CenterThread:
