@@ -1,0 +1,324 @@
+"""Field maps of the agent heartbeat (data_type 1000) and plugin heartbeats (1001).
+
+The builders are pure: they take samples and counters and return ``dict[str, str]`` with
+every field the Go agent sends (PROTOCOL section 2). Sampling lives in small classes that
+keep the previous reading, so a rate is always "since the last tick".
+
+Floats are ``%.8f`` like Go's ``strconv.FormatFloat(x, 'f', 8, 64)``, except that a
+non-finite value becomes zero: the Go agent once sent "+Inf" when no time had elapsed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import msgspec
+import psutil
+
+from elkeid_agent.host import ROOT, HostFacts, under_root
+
+AGENT_HEARTBEAT = 1000
+PLUGIN_HEARTBEAT = 1001
+
+Counter = int | float
+
+
+def fmt_float(x: float) -> str:
+    """Go's ``%.8f`` heartbeat format; non-finite values become ``0.00000000``."""
+    return f"{x:.8f}" if math.isfinite(x) else f"{0.0:.8f}"
+
+
+def _fmt_counter(value: Counter) -> str:
+    return fmt_float(value) if isinstance(value, float) else str(value)
+
+
+def _rate(delta: float, elapsed: float) -> float:
+    return delta / elapsed if elapsed > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# Processes
+
+
+class ProcSample(msgspec.Struct, frozen=True):
+    """One tick's resource use of a process group (an agent or a plugin)."""
+
+    pid: int  # of the main process
+    start_time: int  # unix seconds, of the main process
+    cpu: float  # fraction of one core, summed over the group
+    rss: int  # bytes
+    read_speed: float  # bytes/s
+    write_speed: float  # bytes/s
+    nfd: int
+
+
+class _Reading(msgspec.Struct, frozen=True):
+    at: float  # time.monotonic()
+    cpu_seconds: float
+    read_bytes: int
+    write_bytes: int
+
+
+class ProcessGroupSampler:
+    """Samples a fixed set of processes; rates cover the time since the previous sample.
+
+    The first sample measures from each process's start (as the Go agent does for I/O),
+    so it is meaningful even right after startup. Processes that are gone or cannot be
+    read are left out of the sums; the main process is the first one given.
+    """
+
+    def __init__(self, processes: Sequence[psutil.Process]) -> None:
+        if not processes:
+            raise ValueError("no process to sample")
+        self._processes = list(processes)
+        self._last: dict[int, _Reading] = {}
+
+    @property
+    def pid(self) -> int:
+        return self._processes[0].pid
+
+    def _baseline(self, proc: psutil.Process, now: float) -> _Reading:
+        since_start = max(0.0, time.time() - proc.create_time())
+        return _Reading(now - since_start, 0.0, 0, 0)
+
+    def sample(self) -> ProcSample:
+        cpu = 0.0
+        rss = nfd = 0
+        read_speed = write_speed = 0.0
+        start_time = 0
+        for index, proc in enumerate(self._processes):
+            try:
+                with proc.oneshot():
+                    now = time.monotonic()
+                    last = self._last.get(proc.pid) or self._baseline(proc, now)
+                    times = proc.cpu_times()
+                    cpu_seconds = times.user + times.system
+                    io = proc.io_counters()
+                    rss += proc.memory_info().rss
+                    nfd += proc.num_fds()
+                    if index == 0:
+                        start_time = int(proc.create_time())
+            except psutil.Error:
+                continue
+            elapsed = now - last.at
+            # max(0, ...): a counter never legitimately goes back; don't report negatives.
+            cpu += _rate(max(0.0, cpu_seconds - last.cpu_seconds), elapsed)
+            read_speed += _rate(max(0, io.read_bytes - last.read_bytes), elapsed)
+            write_speed += _rate(max(0, io.write_bytes - last.write_bytes), elapsed)
+            self._last[proc.pid] = _Reading(now, cpu_seconds, io.read_bytes, io.write_bytes)
+        return ProcSample(
+            pid=self.pid,
+            start_time=start_time,
+            cpu=cpu,
+            rss=rss,
+            read_speed=read_speed,
+            write_speed=write_speed,
+            nfd=nfd,
+        )
+
+
+def agent_processes() -> list[psutil.Process]:
+    """This process first, then the ancestors that are the same program.
+
+    A PyInstaller onefile runs as a bootloader parent plus a Python child with the same
+    command line (staticx adds one more parent); together they are the agent.
+    """
+    me = psutil.Process()
+    group = [me]
+    try:
+        cmdline = me.cmdline()
+        parent = me.parent()
+        while parent is not None and parent.pid > 1 and parent.cmdline() == cmdline:
+            group.append(parent)
+            parent = parent.parent()
+    except psutil.Error:
+        pass  # an ancestor exited or is unreadable: the group ends there
+    return group
+
+
+def dir_usage(directory: Path, exclude: str = "") -> int:
+    """Bytes of the files under ``directory``, skipping every subdirectory named ``exclude``.
+
+    Like the Go agent's GetDirSize: symlinks count as themselves and are not followed,
+    unreadable entries are skipped.
+    """
+    total = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name != exclude:
+                    total += dir_usage(Path(entry.path), exclude)
+            else:
+                total += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# Host load
+
+
+class CpuUsageSampler:
+    """Host CPU busy fraction since the previous call, like gopsutil ``cpu.Percent(0)``.
+
+    Its own state rather than psutil.cpu_percent's module-global one, which any other
+    caller would reset.
+    """
+
+    def __init__(self) -> None:
+        self._last = psutil.cpu_times()
+
+    @staticmethod
+    def _busy_total(t: psutil._pslinux.scputimes) -> tuple[float, float]:
+        # gopsutil's Total() leaves guest time out: the kernel already counts it in user.
+        total = (
+            t.user + t.nice + t.system + t.idle + t.iowait + t.irq + t.softirq + t.steal
+        )
+        return total - t.idle - t.iowait, total
+
+    def usage(self) -> float:
+        now = psutil.cpu_times()
+        busy0, total0 = self._busy_total(self._last)
+        busy1, total1 = self._busy_total(now)
+        self._last = now
+        if total1 <= total0:
+            return 0.0
+        return min(1.0, max(0.0, (busy1 - busy0) / (total1 - total0)))
+
+
+def _loadavg(root: Path) -> dict[str, str]:
+    """load_1/5/15 and running/total procs from /proc/loadavg, as the Go agent reads it."""
+    try:
+        fields = under_root(root, "/proc/loadavg").read_text().split()
+        loads = [f"{float(v):.2f}" for v in fields[:3]]
+        running, total = fields[3].split("/")
+    except (OSError, ValueError, IndexError):
+        return {}
+    return {
+        "load_1": loads[0],
+        "load_5": loads[1],
+        "load_15": loads[2],
+        "running_procs": running,
+        "total_procs": total,
+    }
+
+
+def host_stats(cpu: CpuUsageSampler, root: Path = ROOT) -> dict[str, str]:
+    """nproc, total_mem, load_*, running/total procs, cpu_usage and mem_usage."""
+    mem = psutil.virtual_memory()
+    return {
+        # Go's runtime.NumCPU counts the CPUs this process may run on.
+        "nproc": str(len(os.sched_getaffinity(0))),
+        "total_mem": str(mem.total),
+        **_loadavg(root),
+        "cpu_usage": fmt_float(cpu.usage()),
+        "mem_usage": fmt_float(_rate(mem.total - mem.available, mem.total)),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Field maps
+
+
+def _process_fields(sample: ProcSample) -> dict[str, str]:
+    return {
+        "cpu": fmt_float(sample.cpu),
+        "rss": str(sample.rss),
+        "read_speed": fmt_float(sample.read_speed),
+        "write_speed": fmt_float(sample.write_speed),
+        "pid": str(sample.pid),
+        "nfd": str(sample.nfd),
+        "start_time": str(sample.start_time),
+    }
+
+
+def _with_extra(fields: dict[str, str], extra: Mapping[str, Counter]) -> dict[str, str]:
+    """Extra counters as strings; a standard field keeps its value on a name clash."""
+    return {**{k: _fmt_counter(v) for k, v in extra.items()}, **fields}
+
+
+def build_agent_heartbeat(
+    *,
+    facts: HostFacts,
+    process: ProcSample,
+    stats: Mapping[str, str],
+    state: str,
+    state_detail: Sequence[str],
+    idc: str,
+    region: str,
+    net_mode: str,
+    rx_speed: float,
+    tx_speed: float,
+    rx_tps: float,
+    tx_tps: float,
+    du: int,
+    ngr: int,
+    extra: Mapping[str, Counter] | None = None,
+) -> dict[str, str]:
+    """The 1000 record's fields. ``stats`` is :func:`host_stats`; ``du`` is
+    ``dir_usage(work_dir, "plugin")``; ``ngr`` a concurrency figure (tasks + threads)."""
+    fields = {
+        "kernel_version": facts.kernel_version,
+        "arch": facts.arch,
+        "platform": facts.platform.platform,
+        "platform_family": facts.platform.platform_family,
+        "platform_version": facts.platform.platform_version,
+        "state": state,
+        "state_detail": json.dumps(list(state_detail), separators=(",", ":"), ensure_ascii=False),
+        "idc": idc,
+        "region": region,
+        "net_mode": net_mode,
+        "rx_speed": fmt_float(rx_speed),
+        "tx_speed": fmt_float(tx_speed),
+        **_process_fields(process),
+        "tx_tps": fmt_float(tx_tps),
+        "rx_tps": fmt_float(rx_tps),
+        "du": str(du),
+        "ngr": str(ngr),
+        **stats,
+        "host_serial": facts.host_serial,
+        "host_id": facts.host_id,
+        "host_model": facts.host_model,
+        "host_vendor": facts.host_vendor,
+        "dns": facts.dns,
+        "gateway": facts.gateway,
+        "cpu_name": facts.cpu_name,
+        "boot_time": str(facts.boot_time),
+    }
+    return _with_extra(fields, extra or {})
+
+
+def build_plugin_heartbeat(
+    *,
+    name: str,
+    version: str,
+    process: ProcSample,
+    du: int,
+    rx_speed: float,
+    tx_speed: float,
+    rx_tps: float,
+    tx_tps: float,
+    extra: Mapping[str, Counter] | None = None,
+) -> dict[str, str]:
+    """The 1001 record's fields for one running plugin; ``du`` is its directory's size."""
+    fields = {
+        "name": name,
+        "pversion": version,
+        **_process_fields(process),
+        "du": str(du),
+        "rx_tps": fmt_float(rx_tps),
+        "tx_tps": fmt_float(tx_tps),
+        "rx_speed": fmt_float(rx_speed),
+        "tx_speed": fmt_float(tx_speed),
+    }
+    return _with_extra(fields, extra or {})
