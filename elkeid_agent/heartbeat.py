@@ -95,7 +95,9 @@ class ProcessGroupSampler:
             try:
                 with proc.oneshot():
                     now = time.monotonic()
-                    last = self._last.get(proc.pid) or self._baseline(proc, now)
+                    last = self._last.get(proc.pid)
+                    if last is None:
+                        last = self._baseline(proc, now)
                     times = proc.cpu_times()
                     cpu_seconds = times.user + times.system
                     io = proc.io_counters()
@@ -214,7 +216,10 @@ def _loadavg(root: Path) -> dict[str, str]:
 
 
 def host_stats(cpu: CpuUsageSampler, root: Path = ROOT) -> dict[str, str]:
-    """nproc, total_mem, load_*, running/total procs, cpu_usage and mem_usage."""
+    """nproc, total_mem, load_*, running/total procs, cpu_usage and mem_usage.
+
+    The load and procs fields are left out when /proc/loadavg is unreadable, as in Go.
+    """
     mem = psutil.virtual_memory()
     return {
         # Go's runtime.NumCPU counts the CPUs this process may run on.
