@@ -31,3 +31,11 @@ center: setup
 
 clean:
 	rm -rf dist build/out
+
+# Frozen executable + deb + rpm in dist/ (build/dist.sh: BUILD_VERSION, CERTS_DIR, PRODUCT_CONFIG).
+dist: setup
+	build/dist.sh $(ARCH)
+
+dist-all: setup
+	build/dist.sh amd64
+	build/dist.sh arm64
