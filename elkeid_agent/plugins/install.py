@@ -1,0 +1,114 @@
+"""Putting a plugin's files in place: check what is on disk, download, verify, unpack, swap.
+
+`prepare` does all the slow and fallible work while the old version (if any) still runs and
+leaves the result in hidden names inside the plugin directory (`.download-*`, `.staging-*`);
+`commit` then moves it into place with renames, after the old process has stopped. So a
+failed download, a bad checksum or a hostile archive leaves the running plugin untouched, and
+the executable name only ever points at verified bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import ssl
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from elkeid_agent.commands import ConfigSpec
+from elkeid_agent.download import (
+    DEFAULT_TIMEOUT,
+    download_verified,
+    extract_tar_gz,
+    file_matches,
+)
+
+NAME_RE = re.compile(r"^[0-9A-Za-z_-]+$")
+TAR_GZ = "tar.gz"
+
+
+class InstallError(Exception):
+    """The plugin's files could not be put in place; the message says why."""
+
+
+@dataclass
+class Staged:
+    """A verified artifact waiting for `commit`: a file, or an unpacked tree."""
+
+    directory: Path
+    download: Path
+    unpacked: Path | None
+
+
+def valid_name(name: str) -> bool:
+    return bool(NAME_RE.match(name))
+
+
+async def prepare(
+    directory: Path,
+    spec: ConfigSpec,
+    *,
+    max_bytes: int,
+    ssl_context: ssl.SSLContext | None,
+    timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - per URL, see download_verified
+) -> Staged | None:
+    """Stage the plugin's files; None when the executable on disk is already the right one."""
+    executable = directory / spec.name
+    expected = spec.signature or spec.sha256
+    if await asyncio.to_thread(file_matches, executable, expected):
+        return None
+    if not spec.download_urls:
+        raise InstallError("executable missing or different, and no download URL")
+    download = await download_verified(
+        spec.download_urls,
+        spec.sha256,
+        directory,
+        max_bytes=max_bytes,
+        timeout=timeout,
+        ssl_context=ssl_context,
+    )
+    if spec.type != TAR_GZ:
+        return Staged(directory, download, None)
+    unpacked = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
+    try:
+        await asyncio.to_thread(extract_tar_gz, download, unpacked, max_bytes=max_bytes)
+        if not (unpacked / spec.name).is_file():
+            raise InstallError(f"the archive has no executable {spec.name!r} at its top level")
+    except BaseException:
+        discard(Staged(directory, download, unpacked))
+        raise
+    return Staged(directory, download, unpacked)
+
+
+def commit(staged: Staged, name: str) -> None:
+    """Move the staged files into the plugin directory (the plugin must not be running)."""
+    if staged.unpacked is None:
+        os.chmod(staged.download, 0o755)
+        os.replace(staged.download, staged.directory / name)
+        return
+    for entry in sorted(staged.unpacked.iterdir()):
+        target = staged.directory / entry.name
+        # A directory cannot be renamed over a non-empty one: the archive's version wins.
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif entry.is_dir() and (target.exists() or target.is_symlink()):
+            target.unlink()
+        os.replace(entry, target)
+    discard(staged)
+
+
+def discard(staged: Staged) -> None:
+    staged.download.unlink(missing_ok=True)
+    if staged.unpacked is not None:
+        shutil.rmtree(staged.unpacked, ignore_errors=True)
+
+
+def clean_leftovers(directory: Path) -> None:
+    """Remove staging files a previous agent left when it died mid-install."""
+    for entry in directory.glob(".download-*"):
+        entry.unlink(missing_ok=True)
+    for entry in directory.glob(".staging-*"):
+        shutil.rmtree(entry, ignore_errors=True)

@@ -1,0 +1,437 @@
+"""One plugin child process: spawn, record pipes in, task pipe out, exit detection, stop.
+
+Theory of operation. `PluginProcess.spawn` starts the child with `os.posix_spawn` (never fork:
+uvloop's fork trips gRPC's fork handlers, and vfork-style spawn copies nothing). `serve()` then
+owns the child until it is gone, in one TaskGroup of three tasks:
+
+* the pump reads fd 5 (urgent) before fd 4 on non-blocking pipes through `loop.add_reader`,
+  feeds each pipe's `FrameDecoder` and awaits `RecordBuffer.put_many`; while that await waits
+  (the buffer is full) nothing is read, so the child's writes block: backpressure, no drops.
+  `FrameTooLarge` leaves the pump, the TaskGroup aborts, the child is killed: a stream whose
+  framing is lost cannot be resynchronised.
+* the task writer drains a bounded queue into fd 3, one frame at a time, all of it.
+* the exit watcher (see `_wait_exit`) notices the child's exit without pidfd on old kernels.
+
+Stop (PROTOCOL 5): close the task pipe, keep reading records for a moment so what the
+plugin flushes on the way out is not lost, close the record pipes, wait for the exit up to
+10 s in all, then SIGKILL the process group and reap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elkeid_agent.buffer import Lane, RecordBuffer
+from elkeid_agent.commands import TaskFailed
+from elkeid_agent.wire import FrameDecoder, FrameTooLarge
+
+log = logging.getLogger(__name__)
+
+#: One read from a record pipe; the libraries write up to 512 KiB at a time.
+READ_CHUNK = 256 * 1024
+#: Pipe capacity asked for the record pipes (the unprivileged maximum by default): a plugin
+#: flushing its 512 KiB buffer then needs two wake-ups of the agent, not eight.
+PIPE_SIZE = 1024 * 1024
+#: Exit polling when pidfd is not available (Linux < 5.3): the interval while the child
+#: still holds its record pipes, and the fast start once both reached EOF (a likely exit).
+POLL_INTERVAL = 1.0
+FAST_POLL = 0.01
+#: Stop: how long records are still read after the task pipe was closed, then the total wait.
+STOP_DRAIN = 1.0
+STOP_GRACE = 10.0
+#: After the child exited (and its group was killed), how long to wait for the record pipes'
+#: EOF so everything it wrote reaches the buffer.
+EXIT_DRAIN = 5.0
+#: posix_spawn has no chdir (Python 3.11..3.13; glibc's addchdir_np is not exposed and
+#: absent from CentOS 7's glibc 2.17), and chdir in the agent would race its other threads
+#: (gRPC, the executor). So the child starts as this two-word POSIX shell, which changes
+#: directory and execs the plugin: every supported host has /bin/sh, the plugin gets the
+#: shell's pid (so pid, process group and /proc/<pid>/exe are the plugin's after exec), and
+#: fds 0-5 pass through the exec untouched.
+TRAMPOLINE = ("/bin/sh", "-c", 'cd "$1" && exec "$2"')
+HIGH_PRIORITY_ENV = "ELKEID_PLUGIN_HIGH_PRIORITY_PIPE"
+#: Child fds must not be moved onto each other by the spawn's dup2 sequence: keep sources here.
+_MIN_SOURCE_FD = 10
+#: Python ignores SIGPIPE and SIGXFSZ for itself; ignored dispositions survive exec, so reset
+#: them or a plugin would never die of a broken pipe.
+_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+#: Tests set this False to exercise the polling path that old kernels take.
+USE_PIDFD = hasattr(os, "pidfd_open")
+
+
+@dataclass
+class Counters:
+    """What one plugin slot has seen, accumulated over its restarts."""
+
+    rx_frames: int = 0
+    rx_bytes: int = 0
+    malformed: int = 0
+    too_large: int = 0
+    tx_tasks: int = 0
+    tx_bytes: int = 0
+    backpressure_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended: `reason` is for people (logs, heartbeat state_detail)."""
+
+    reason: str
+    returncode: int | None
+    run_seconds: float
+    stopped: bool
+
+
+def _describe(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+
+
+def _high_fd(fd: int) -> int:
+    """Move `fd` to a number >= _MIN_SOURCE_FD (close-on-exec), closing the original."""
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _MIN_SOURCE_FD)
+    os.close(fd)
+    return new
+
+
+def _pipe() -> tuple[int, int]:
+    # O_CLOEXEC: the agent's ends must never leak into any child; the spawn's dup2 onto
+    # 3/4/5 yields fds without the flag, which is exactly what the child keeps.
+    r, w = os.pipe2(os.O_CLOEXEC)
+    return _high_fd(r), _high_fd(w)
+
+
+@dataclass
+class _Pipe:
+    fd: int
+    lane: Lane
+    decoder: FrameDecoder
+
+
+@dataclass
+class PluginProcess:
+    name: str
+    pid: int
+    buffer: RecordBuffer
+    counters: Counters
+    task_fd: int
+    pipes: list[_Pipe]
+    tasks: asyncio.Queue[bytes]
+    started: float = field(default_factory=time.monotonic)
+    returncode: int | None = None
+    _exit_status: int | None = None
+    _eof: asyncio.Event = field(default_factory=asyncio.Event)
+    _pidfd: int | None = None
+
+    @classmethod
+    def spawn(
+        cls,
+        name: str,
+        directory: Path,
+        env: Mapping[str, str],
+        *,
+        buffer: RecordBuffer,
+        counters: Counters,
+        max_frame: int,
+        task_queue: int,
+    ) -> PluginProcess:
+        """Start `<directory>/<name>` with the pipe layout of PROTOCOL section 5.
+
+        Raises OSError when the child cannot be started; no fd is left open then.
+        """
+        opened: list[int] = []
+        try:
+            task_r, task_w = _pipe()
+            opened += (task_r, task_w)
+            rec_r, rec_w = _pipe()
+            opened += (rec_r, rec_w)
+            urg_r, urg_w = _pipe()
+            opened += (urg_r, urg_w)
+            for fd in (rec_r, urg_r):
+                with contextlib.suppress(OSError):  # a smaller pipe only costs wake-ups
+                    fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            devnull = _high_fd(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
+            opened.append(devnull)
+            stderr = _high_fd(
+                os.open(
+                    directory / f"{name}.stderr",
+                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                    0o644,
+                )
+            )
+            opened.append(stderr)
+            # Every other fd of the agent is close-on-exec (Python's default since PEP 446,
+            # and gRPC's), so the child holds exactly fds 0-5.
+            actions = [
+                (os.POSIX_SPAWN_DUP2, devnull, 0),
+                (os.POSIX_SPAWN_DUP2, devnull, 1),
+                (os.POSIX_SPAWN_DUP2, stderr, 2),
+                (os.POSIX_SPAWN_DUP2, task_r, 3),
+                (os.POSIX_SPAWN_DUP2, rec_w, 4),
+                (os.POSIX_SPAWN_DUP2, urg_w, 5),
+            ]
+            argv = [*TRAMPOLINE, name, str(directory), str(directory / name)]
+            pid = os.posix_spawn(
+                TRAMPOLINE[0],
+                argv,
+                env,
+                file_actions=actions,
+                setpgroup=0,
+                setsigmask=(),
+                setsigdef=_RESET_SIGNALS,
+            )
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
+        for fd in (task_r, rec_w, urg_w, devnull, stderr):
+            os.close(fd)
+        for fd in (task_w, rec_r, urg_r):
+            os.set_blocking(fd, False)
+        pipes = [
+            _Pipe(urg_r, Lane.URGENT, FrameDecoder(max_frame)),
+            _Pipe(rec_r, Lane.PLUGIN, FrameDecoder(max_frame)),
+        ]
+        proc = cls(name, pid, buffer, counters, task_w, pipes, asyncio.Queue(task_queue))
+        if USE_PIDFD:
+            try:
+                proc._pidfd = os.pidfd_open(pid)
+            except OSError as exc:  # ENOSYS on kernels before 5.3: poll instead
+                log.debug("pidfd_open: %s; polling for %s's exit", exc, name)
+        return proc
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    def send(self, frame: bytes) -> None:
+        """Queue a task frame; TaskFailed when the plugin is gone or its queue is full."""
+        if self.task_fd < 0 or self.returncode is not None:
+            raise TaskFailed(f"plugin {self.name} is not running")
+        try:
+            self.tasks.put_nowait(frame)
+        except asyncio.QueueFull:
+            raise TaskFailed(
+                f"task queue of plugin {self.name} is full ({self.tasks.maxsize})"
+            ) from None
+
+    async def _write_tasks(self) -> None:
+        while True:
+            frame = await self.tasks.get()
+            view = memoryview(frame)
+            while view:
+                try:
+                    written = os.write(self.task_fd, view)
+                except BlockingIOError:
+                    await _wait_fd(self.task_fd, writable=True)
+                    continue
+                except BrokenPipeError:
+                    # The plugin closed fd 3: it takes no more tasks. Later sends fail.
+                    log.warning("plugin %s closed its task pipe", self.name)
+                    self._close_task_pipe()
+                    return
+                view = view[written:]
+            self.counters.tx_tasks += 1
+            self.counters.tx_bytes += len(frame)
+
+    def _close_task_pipe(self) -> None:
+        if self.task_fd >= 0:
+            os.close(self.task_fd)
+            self.task_fd = -1
+
+    # -- records --------------------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        """Move frames from the record pipes into the buffer until both reach EOF."""
+        counters = self.counters
+        buffer = self.buffer
+        pipes = self.pipes
+        while pipes:
+            more = False
+            for pipe in list(pipes):  # urgent first
+                while True:
+                    try:
+                        data = os.read(pipe.fd, READ_CHUNK)
+                    except BlockingIOError:
+                        break
+                    if not data:
+                        pipes.remove(pipe)
+                        os.close(pipe.fd)
+                        break
+                    counters.rx_bytes += len(data)
+                    decoder = pipe.decoder
+                    malformed = decoder.malformed
+                    try:
+                        frames = decoder.feed(data)
+                    finally:
+                        counters.malformed += decoder.malformed - malformed
+                    if frames:
+                        counters.rx_frames += len(frames)
+                        began = time.monotonic()
+                        await buffer.put_many(frames, pipe.lane)
+                        counters.backpressure_seconds += time.monotonic() - began
+                    if len(data) < READ_CHUNK:
+                        break  # most likely drained: skip the EAGAIN read
+                    if pipe.lane is Lane.PLUGIN:
+                        more = True  # one chunk, then look at the urgent pipe again
+                        break
+            if pipes and not more:
+                await _wait_fds([p.fd for p in pipes])
+        self._eof.set()
+
+    def _close_record_pipes(self) -> None:
+        for pipe in self.pipes:
+            os.close(pipe.fd)
+        self.pipes.clear()
+
+    # -- exit -----------------------------------------------------------------------------------
+
+    def _poll_exit(self) -> bool:
+        """True once the child has exited; it stays a zombie (not reaped) until `_reap`.
+
+        Not reaping keeps its pid, which is the process group id, from being reused while
+        we still signal the group.
+        """
+        if self._exit_status is not None:
+            return True
+        result = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return result is not None
+
+    async def _wait_exit(self) -> None:
+        """Wait for the child's exit, without reaping it.
+
+        With pidfd (Linux >= 5.3) the loop is woken by the kernel. Without it, waitid(WNOHANG)
+        is polled: every POLL_INTERVAL (a few microseconds of CPU per second), and from
+        FAST_POLL growing back once both record pipes reached EOF, which a plugin's exit
+        causes. We never use SIGCHLD: the loop's own child handling (uvloop's libuv, the
+        asyncio child watcher of the self-upgrade's dpkg/rpm) shares it, and waitpid(-1)
+        would steal their children's statuses.
+        """
+        if self._pidfd is not None:
+            while not self._poll_exit():
+                await _wait_fds([self._pidfd])
+            return
+        interval = FAST_POLL
+        while not self._poll_exit():
+            if self._eof.is_set():
+                await asyncio.sleep(interval)
+                interval = min(interval * 2, POLL_INTERVAL)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(POLL_INTERVAL):
+                        await self._eof.wait()
+
+    def _kill_group(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the whole group is already gone
+        except PermissionError:
+            # EPERM on killpg only happens for a group with no member we may signal
+            # (for example a member became setuid); the leader is still ours.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def _reap(self) -> int:
+        """Collect the exited child's status (it must have exited)."""
+        if self._exit_status is None:
+            _, status = os.waitpid(self.pid, 0)
+            self._exit_status = status
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self._exit_status
+
+    # -- the whole life -------------------------------------------------------------------------
+
+    async def serve(self, stop: asyncio.Event) -> Outcome:
+        """Run until the child is gone; `stop` set asks for the orderly stop."""
+        reason: str | None = None
+        stopped = False
+        try:
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    pump = tg.create_task(self._pump(), name=f"{self.name}-pump")
+                    writer = tg.create_task(self._write_tasks(), name=f"{self.name}-tasks")
+                    exited = tg.create_task(self._wait_exit(), name=f"{self.name}-exit")
+                    stopping = tg.create_task(stop.wait(), name=f"{self.name}-stop")
+                    await asyncio.wait((exited, stopping), return_when=asyncio.FIRST_COMPLETED)
+                    writer.cancel()
+                    if not exited.done():
+                        stopped = True
+                        await self._stop_child(pump, exited)
+                    stopping.cancel()
+                    # Members left behind by the leader would hold the pipes and duplicate
+                    # the next run's work.
+                    self._kill_group()
+                    await asyncio.wait((pump,), timeout=EXIT_DRAIN)
+                    pump.cancel()
+            except* FrameTooLarge as group:
+                self.counters.too_large += 1
+                reason = f"record stream broken ({group.exceptions[0]}); restarted"
+                self._kill_group()
+                await self._wait_exit()
+            status = self._reap()
+        finally:
+            self._release()
+        if reason is None:
+            reason = "stopped" if stopped else _describe(status)
+        return Outcome(reason, self.returncode, time.monotonic() - self.started, stopped)
+
+    async def _stop_child(self, pump: asyncio.Task[None], exited: asyncio.Task[None]) -> None:
+        self._close_task_pipe()
+        await asyncio.wait((exited,), timeout=STOP_DRAIN)
+        if exited.done():
+            return
+        pump.cancel()
+        await asyncio.wait((pump,))
+        self._close_record_pipes()
+        await asyncio.wait((exited,), timeout=STOP_GRACE - STOP_DRAIN)
+        if not exited.done():
+            log.warning("plugin %s did not exit within %g s; killing it", self.name, STOP_GRACE)
+            self._kill_group()
+            await exited
+
+    def _release(self) -> None:
+        """Free every fd, and never leave a child behind, even when cancelled."""
+        if self._exit_status is None:
+            # Cancelled (the supervisor itself is being torn down without stop()): SIGKILL
+            # takes effect at once, so the blocking waitpid is short.
+            self._kill_group()
+            self._reap()
+        self._close_task_pipe()
+        self._close_record_pipes()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+async def _wait_fds(fds: list[int], *, writable: bool = False) -> None:
+    """Wait until any of `fds` is readable (or writable)."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    add = loop.add_writer if writable else loop.add_reader
+    remove = loop.remove_writer if writable else loop.remove_reader
+    for fd in fds:
+        add(fd, wake)
+    try:
+        await ready
+    finally:
+        for fd in fds:
+            remove(fd)
+
+
+async def _wait_fd(fd: int, *, writable: bool) -> None:
+    await _wait_fds([fd], writable=writable)
+

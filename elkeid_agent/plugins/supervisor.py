@@ -1,0 +1,393 @@
+"""The plugin supervisor: desired-state sync, one slot per plugin, restarts, orphan reaping.
+
+Ownership. `run()` owns one TaskGroup; every plugin slot is a task in it, and each slot owns
+its child through `PluginProcess.serve` (itself a TaskGroup of pump, task writer and exit
+watcher). Nothing is started outside these groups: cancelling `run()` tears every plugin
+down (SIGKILL and reap), and `stop()` is the orderly way (pipes closed, 10 s, SIGKILL).
+
+Sync. A Configs command is the whole desired set. `plan_sync` (pure) compares it with the
+slots and the directories on disk; `sync` carries the plan out under a lock (syncs are
+serialized): removals first, then starts and upgrades in the order given. A failure of one
+plugin is recorded and the others go on; the recorded failures are the agent's abnormal
+reasons until the next sync replaces them. An upgrade downloads and verifies the new
+version while the old one still runs, so a bad artifact leaves the old version running.
+
+Slots. A slot runs its plugin until told to stop, restarting it after every exit with the
+backoff of `lifecycle.backoff_delay`; its state changes only through its `Lifecycle`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import ssl
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from elkeid_agent.buffer import RecordBuffer
+from elkeid_agent.childenv import child_env
+from elkeid_agent.commands import ConfigSpec, TaskFailed, TaskSpec
+from elkeid_agent.config import PluginsConfig
+from elkeid_agent.download import DownloadError, UnsafeArchive
+from elkeid_agent.heartbeat import (
+    PLUGIN_HEARTBEAT,
+    ProcessGroupSampler,
+    build_plugin_heartbeat,
+    dir_usage,
+)
+from elkeid_agent.http import host_ssl_context
+from elkeid_agent.plugins import install, orphans
+from elkeid_agent.plugins.lifecycle import (
+    Event,
+    Lifecycle,
+    State,
+    backoff_delay,
+    failures_after_run,
+)
+from elkeid_agent.plugins.process import HIGH_PRIORITY_ENV, Counters, PluginProcess
+from elkeid_agent.wire import encode_record, task_frame
+
+log = logging.getLogger(__name__)
+
+PLUGIN_DIR = "plugin"
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """What a sync does: names to stop and delete, configs to (re)start, names left alone."""
+
+    remove: tuple[str, ...]
+    start: tuple[ConfigSpec, ...]
+    keep: tuple[str, ...]
+    rejected: tuple[str, ...]  # reasons, one per refused entry
+
+
+def plan_sync(
+    running: Mapping[str, str], installed: Iterable[str], desired: Sequence[ConfigSpec]
+) -> SyncPlan:
+    """Pure: from running {name: version}, plugin dirs on disk and the desired set, the plan."""
+    rejected: list[str] = []
+    wanted: dict[str, ConfigSpec] = {}
+    for spec in desired:
+        if not install.valid_name(spec.name):
+            pattern = install.NAME_RE.pattern
+            rejected.append(f"plugin name {spec.name!r} refused: must match {pattern}")
+        elif spec.name in wanted:
+            rejected.append(f"plugin {spec.name}: listed twice, the first entry is used")
+        else:
+            wanted[spec.name] = spec
+    present = set(running) | set(installed)
+    remove = tuple(sorted(n for n in present if n not in wanted))
+    start = tuple(s for n, s in wanted.items() if running.get(n) != s.version)
+    keep = tuple(n for n, s in wanted.items() if running.get(n) == s.version)
+    return SyncPlan(remove, start, keep, tuple(rejected))
+
+
+@dataclass
+class _Slot:
+    """One plugin the supervisor keeps running, across restarts."""
+
+    spec: ConfigSpec
+    directory: Path
+    counters: Counters = field(default_factory=Counters)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    process: PluginProcess | None = None
+    task: asyncio.Task[None] | None = None
+    restarts: int = 0
+    failures: int = 0
+    last_exit: str = ""
+    sampler: ProcessGroupSampler | None = None
+    rate_base: tuple[float, Counters] | None = None
+
+    def request_stop(self) -> None:
+        if self.lifecycle.live:
+            self.lifecycle.fire(Event.STOP)
+        self.stop_requested.set()
+
+
+class PluginSupervisor:
+    """Implements commands.PluginHost; the lead's app wires run()/stop() into its TaskGroup."""
+
+    def __init__(
+        self,
+        work_dir: Path,
+        buffer: RecordBuffer,
+        config: PluginsConfig,
+        on_state: Callable[[], None] | None = None,
+    ) -> None:
+        self.root = Path(work_dir) / PLUGIN_DIR
+        self.buffer = buffer
+        self.config = config
+        self.on_state = on_state
+        self._slots: dict[str, _Slot] = {}
+        self._sync_errors: list[str] = []
+        self._sync_lock = asyncio.Lock()
+        self._ready = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._closing = False
+        self._tg: asyncio.TaskGroup | None = None
+        self._ssl: ssl.SSLContext | None = None
+        #: Set by tests (plain-HTTP servers need none; a private CA needs its own context).
+        self.ssl_context_factory: Callable[[], ssl.SSLContext] = host_ssl_context
+        self.download_timeout = 600.0
+
+    # -- running --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Reap orphans of a previous agent, then own the plugin slots until stop() or cancel."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        killed = orphans.reap(self.root / orphans.PGIDS_FILE)
+        if killed:
+            log.warning("killed %d plugin processes left by a previous agent", len(killed))
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            self._ready.set()
+            try:
+                await self._stopped.wait()
+            finally:
+                self._tg = None
+
+    async def stop(self) -> None:
+        """Stop every plugin (at most ~10 s, in parallel); later syncs and tasks are refused."""
+        self._closing = True
+        slots = list(self._slots.values())
+        for slot in slots:
+            slot.request_stop()
+        tasks = [s.task for s in slots if s.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+        self._slots.clear()
+        self._save_groups()
+        self._stopped.set()
+
+    # -- PluginHost -----------------------------------------------------------------------------
+
+    async def send_task(self, task: TaskSpec) -> None:
+        slot = self._slots.get(task.object_name)
+        if slot is None:
+            raise TaskFailed(f"no such plugin: {task.object_name}")
+        if slot.process is None:
+            raise TaskFailed(f"plugin {task.object_name} is not running ({slot.last_exit})")
+        slot.process.send(task_frame(task.data_type, task.object_name, task.data, task.token))
+
+    async def sync(self, configs: Sequence[ConfigSpec]) -> None:
+        async with self._sync_lock:
+            await self._ready.wait()
+            if self._closing:
+                return
+            running = {name: slot.spec.version for name, slot in self._slots.items()}
+            plan = plan_sync(running, self._installed(), configs)
+            errors = list(plan.rejected)
+            for name in plan.remove:
+                try:
+                    await self._remove(name)
+                except OSError as exc:
+                    errors.append(f"plugin {name}: cannot remove: {exc}")
+            for spec in plan.start:
+                try:
+                    await self._install_and_start(spec)
+                except (install.InstallError, DownloadError, UnsafeArchive, OSError) as exc:
+                    errors.append(f"plugin {spec.name}: {exc}")
+            for reason in errors:
+                log.error("sync: %s", reason)
+            self._sync_errors = errors
+            self._notify()
+
+    # -- state for the heartbeat ----------------------------------------------------------------
+
+    def errors(self) -> list[str]:
+        """Why the agent is abnormal: failed sync items, plugins not running."""
+        out = list(self._sync_errors)
+        for name, slot in self._slots.items():
+            if slot.lifecycle.live and slot.lifecycle.state is not State.RUNNING:
+                out.append(f"plugin {name} is down ({slot.last_exit or 'starting'})")
+        return out
+
+    def heartbeats(self) -> list[bytes]:
+        """One encoded 1001 Record per running plugin, rates since the previous call."""
+        now = time.monotonic()
+        out = []
+        for name, slot in self._slots.items():
+            proc = slot.process
+            if proc is None:
+                continue
+            if slot.sampler is None or slot.sampler.pid != proc.pid:
+                try:
+                    slot.sampler = ProcessGroupSampler([psutil.Process(proc.pid)])
+                except psutil.Error:
+                    continue
+            c = slot.counters
+            since, base = slot.rate_base or (proc.started, Counters())
+            elapsed = max(now - since, 1e-9)
+            fields = build_plugin_heartbeat(
+                name=name,
+                version=slot.spec.version,
+                process=slot.sampler.sample(),
+                du=dir_usage(slot.directory),
+                rx_speed=(c.rx_bytes - base.rx_bytes) / elapsed,
+                tx_speed=(c.tx_bytes - base.tx_bytes) / elapsed,
+                rx_tps=(c.rx_frames - base.rx_frames) / elapsed,
+                tx_tps=(c.tx_tasks - base.tx_tasks) / elapsed,
+                extra={
+                    "restarts": slot.restarts,
+                    "malformed_frames": c.malformed,
+                    "too_large_frames": c.too_large,
+                    "backpressure_seconds": c.backpressure_seconds,
+                    "task_queue": proc.tasks.qsize(),
+                },
+            )
+            slot.rate_base = (now, Counters(**vars(c)))
+            out.append(encode_record(PLUGIN_HEARTBEAT, int(time.time()), fields))
+        return out
+
+    def slot_info(self, name: str) -> tuple[State, int, Counters, int | None] | None:
+        """(state, restarts, counters, pid) of a plugin, for status displays and tests."""
+        slot = self._slots.get(name)
+        if slot is None:
+            return None
+        pid = slot.process.pid if slot.process is not None else None
+        return slot.lifecycle.state, slot.restarts, slot.counters, pid
+
+    # -- sync steps -----------------------------------------------------------------------------
+
+    def _installed(self) -> list[str]:
+        try:
+            entries = list(self.root.iterdir())
+        except FileNotFoundError:
+            return []
+        return [p.name for p in entries if p.is_dir() and install.valid_name(p.name)]
+
+    async def _remove(self, name: str) -> None:
+        slot = self._slots.get(name)
+        if slot is not None:
+            await self._stop_slot(slot)
+            del self._slots[name]
+        directory = self.root / name
+        if directory.exists():
+            await asyncio.to_thread(shutil.rmtree, directory)
+        log.info("plugin %s removed", name)
+
+    async def _install_and_start(self, spec: ConfigSpec) -> None:
+        directory = self.root / spec.name
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        install.clean_leftovers(directory)
+        if self._ssl is None and any(u.startswith("https:") for u in spec.download_urls):
+            self._ssl = self.ssl_context_factory()
+        staged = await install.prepare(
+            directory,
+            spec,
+            max_bytes=self.config.download_max_bytes,
+            ssl_context=self._ssl,
+            timeout=self.download_timeout,
+        )
+        try:
+            old = self._slots.get(spec.name)
+            if old is not None:
+                await self._stop_slot(old)
+                del self._slots[spec.name]
+            if self._closing:
+                return
+            if staged is not None:
+                install.commit(staged, spec.name)
+                staged = None
+        finally:
+            if staged is not None:
+                install.discard(staged)
+        self._start_slot(spec, directory)
+        log.info("plugin %s %s started", spec.name, spec.version)
+
+    def _start_slot(self, spec: ConfigSpec, directory: Path) -> None:
+        if self._tg is None:
+            raise install.InstallError("the supervisor is not running")
+        slot = _Slot(spec, directory)
+        slot.lifecycle.on_change = lambda old, new: self._on_change(spec.name, old, new)
+        self._slots[spec.name] = slot
+        slot.task = self._tg.create_task(self._run_slot(slot), name=f"plugin-{spec.name}")
+
+    async def _stop_slot(self, slot: _Slot) -> None:
+        slot.request_stop()
+        if slot.task is not None:
+            await asyncio.wait((slot.task,))
+
+    # -- one slot's life ------------------------------------------------------------------------
+
+    async def _run_slot(self, slot: _Slot) -> None:
+        name = slot.spec.name
+        extra = {HIGH_PRIORITY_ENV: "1"}
+        if slot.spec.detail:
+            extra["DETAIL"] = slot.spec.detail
+        env = child_env(extra=extra)
+        if not slot.spec.detail:
+            env.pop("DETAIL", None)  # the agent's own environment must not speak for the config
+        lifecycle = slot.lifecycle
+        try:
+            while lifecycle.live:
+                try:
+                    process = PluginProcess.spawn(
+                        name,
+                        slot.directory,
+                        env,
+                        buffer=self.buffer,
+                        counters=slot.counters,
+                        max_frame=self.config.max_frame_bytes,
+                        task_queue=self.config.task_queue,
+                    )
+                except OSError as exc:
+                    slot.last_exit = f"cannot start: {exc}"
+                    log.error("plugin %s: %s", name, slot.last_exit)
+                    slot.failures = failures_after_run(slot.failures, 0.0)
+                    lifecycle.fire(Event.SPAWN_FAILED)
+                else:
+                    slot.process = process
+                    self._save_groups()
+                    lifecycle.fire(Event.SPAWNED)
+                    try:
+                        outcome = await process.serve(slot.stop_requested)
+                    finally:
+                        slot.process = None
+                        self._save_groups()
+                    if not lifecycle.live:
+                        break
+                    slot.last_exit = outcome.reason
+                    slot.failures = failures_after_run(slot.failures, outcome.run_seconds)
+                    log.error("plugin %s %s", name, outcome.reason)
+                    lifecycle.fire(Event.EXITED)
+                delay = backoff_delay(slot.failures)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await slot.stop_requested.wait()
+                if not lifecycle.live:
+                    break
+                slot.restarts += 1
+                lifecycle.fire(Event.BACKOFF_ELAPSED)
+        finally:
+            if lifecycle.live:
+                lifecycle.fire(Event.STOP)
+            lifecycle.fire(Event.REAPED)
+
+    def _on_change(self, name: str, old: State, new: State) -> None:
+        log.debug("plugin %s: %s -> %s", name, old.value, new.value)
+        self._notify()
+
+    def _notify(self) -> None:
+        if self.on_state is not None:
+            self.on_state()
+
+    def _save_groups(self) -> None:
+        records = []
+        for slot in self._slots.values():
+            if slot.process is not None:
+                record = orphans.record_for(slot.process.pid, slot.directory)
+                if record is not None:
+                    records.append(record)
+        try:
+            orphans.save(self.root / orphans.PGIDS_FILE, records)
+        except OSError as exc:
+            log.error("cannot record plugin process groups: %s", exc)
