@@ -45,7 +45,10 @@ def dump_tasks() -> None:
     tasks = asyncio.all_tasks()
     for task in tasks:
         out.write(f"--- {task.get_name()} ({task.get_coro()!r})\n")
-        task.print_stack(file=out)
+        # Task.print_stack fails on frames without a line number (seen under uvloop).
+        for frame in task.get_stack():
+            code = frame.f_code
+            out.write(f"  {code.co_filename}:{frame.f_lineno or 0} in {code.co_name}\n")
     log.warning("SIGUSR1: %d asyncio tasks\n%s", len(tasks), out.getvalue())
 
 
