@@ -1,0 +1,40 @@
+#!/bin/sh
+# After install or upgrade. deb: postinst configure [OLD_VERSION]; rpm: %post 1|2.
+# Install enables and starts the service, upgrade restarts it. Without a running
+# systemd (a chroot, an image build) the unit is only enabled, so it starts at boot.
+set -u
+unit=elkeid-agent.service
+case "${1:-}" in
+    configure) [ -n "${2:-}" ] && mode=upgrade || mode=install ;;
+    1) mode=install ;;
+    2) mode=upgrade ;;
+    *) exit 0 ;;
+esac
+
+mkdir -p -m 0700 /etc/elkeid/tmp
+# Like the Go package: an installer may pass the IDC, region and agent id.
+for pair in "idc:${SPECIFIED_IDC:-}" "region:${SPECIFIED_REGION:-}" "id:${SPECIFIED_AGENT_ID:-}"; do
+    value=${pair#*:}
+    if [ -n "$value" ]; then
+        TMPDIR=/etc/elkeid/tmp /etc/elkeid/elkeid-agent ctl set "--${pair%%:*}=$value" >/dev/null ||
+            echo "elkeid-agent: could not set ${pair%%:*}" >&2
+    fi
+done
+
+if command -v systemctl >/dev/null 2>&1; then
+    # Works offline too: enabling only writes symlinks.
+    systemctl enable "$unit" >/dev/null 2>&1 || echo "elkeid-agent: could not enable $unit" >&2
+fi
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload || true
+    # --no-block: the package manager need not wait for READY=1 (seconds under the
+    # 10 % CPU quota); `elkeid-agent ctl status` shows the outcome.
+    if [ "$mode" = install ]; then
+        systemctl start --no-block "$unit" || echo "elkeid-agent: could not start $unit" >&2
+    else
+        systemctl restart --no-block "$unit" || echo "elkeid-agent: could not restart $unit" >&2
+    fi
+else
+    echo "elkeid-agent: systemd is not running here; $unit starts at the next boot" >&2
+fi
+exit 0
