@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -65,8 +65,10 @@ def client_channel(
     *,
     client_cert: bool = True,
     compression: grpc.Compression | None = None,
+    options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.Channel:
-    """A synchronous mTLS channel to a center, as the agent would open it."""
+    """A synchronous mTLS channel to a center, as the agent would open it (`options`
+    are extra grpc channel arguments)."""
     credentials = grpc.ssl_channel_credentials(
         root_certificates=certs.ca.read_bytes(),
         private_key=certs.client_key.read_bytes() if client_cert else None,
@@ -75,7 +77,7 @@ def client_channel(
     return grpc.secure_channel(
         address,
         credentials,
-        options=[("grpc.ssl_target_name_override", SERVER_NAME)],
+        options=[("grpc.ssl_target_name_override", SERVER_NAME), *options],
         compression=compression,
     )
 
@@ -371,9 +373,18 @@ class CenterThread:
             lambda: r if len(r := self.records(data_type)) >= count else [], timeout
         )
 
-    def wait_connected(self, timeout: float = 10.0) -> ConnectionInfo:
-        """Wait for an open stream and return the newest one."""
-        return self.wait_for(self.open_connections, timeout)[-1]
+    def wait_connected(self, timeout: float = 10.0, agent_id: str | None = None) -> ConnectionInfo:
+        """Wait for an open stream that has sent its first PackagedData (from `agent_id`
+        if given) and return the newest such stream."""
+
+        def ready() -> list[ConnectionInfo]:
+            return [
+                c
+                for c in self.open_connections()
+                if c.packages and (agent_id is None or c.agent_id == agent_id)
+            ]
+
+        return self.wait_for(ready, timeout)[-1]
 
     # --- commands ----------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -310,7 +311,7 @@ def test_stop_breaks_streams_and_restart_keeps_port(
     assert center.port == port
     again = open_stream(channel)
     again.send(heartbeat("again"))
-    assert center.wait_connected().agent_id == "again"
+    assert center.wait_connected(agent_id="again").closed_at is None
     center.restart()
     assert center.port == port
     assert again.wait_end() == grpc.StatusCode.UNAVAILABLE
@@ -581,3 +582,53 @@ def test_cli_serve_prints_records_and_send_pushes(tmp_path: Path) -> None:
             proc.terminate()
             assert proc.wait(timeout=20) == 0
     assert not (directory / "admin.port").exists()
+
+
+def test_aio_client_on_another_event_loop(center: CenterThread) -> None:
+    # The agent runs grpc.aio on the main thread's loop while the center runs its own
+    # loop in a thread: both must work in one process.
+    center.set_configs([{"name": "p", "version": "1"}])
+
+    async def agent() -> grpc_pb2.Command:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=center.certs.ca.read_bytes(),
+            private_key=center.certs.client_key.read_bytes(),
+            certificate_chain=center.certs.client_cert.read_bytes(),
+        )
+        async with grpc.aio.secure_channel(
+            center.address, credentials, options=[("grpc.ssl_target_name_override", SERVER_NAME)]
+        ) as ch:
+            call = ch.stream_stream(
+                "/grpc.Transfer/Transfer",
+                request_serializer=None,
+                response_deserializer=grpc_pb2.Command.FromString,
+            )()
+            await call.write(heartbeat("aio"))
+            command: grpc_pb2.Command = await asyncio.wait_for(call.read(), 10)
+            await call.done_writing()
+            return command
+
+    command = asyncio.run(agent())
+    assert [c.name for c in command.configs] == ["p"]
+    assert center.connections()[0].agent_id == "aio"
+
+
+def test_too_frequent_client_pings_close_the_connection(center: CenterThread) -> None:
+    # Like the AgentCenter: pings without data closer than 5 s apart are strikes, and
+    # after max_ping_strikes (2) the server sends GOAWAY too_many_pings.
+    with client_channel(
+        center.address,
+        center.certs,
+        options=[
+            ("grpc.keepalive_time_ms", 500),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ],
+    ) as ch:
+        stream = open_stream(ch)
+        stream.send(heartbeat())
+        center.wait_connected()
+        with pytest.raises(grpc.RpcError) as err:
+            stream.recv(timeout=20)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "ping" in (err.value.details() or "").lower()
