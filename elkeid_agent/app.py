@@ -28,9 +28,7 @@ from elkeid_agent.buffer import RecordBuffer
 from elkeid_agent.commands import (
     Dispatcher,
     MetadataRequest,
-    NoPlugins,
     NoUpgrade,
-    PluginHost,
     TaskFailed,
     UploadRequest,
 )
@@ -38,6 +36,7 @@ from elkeid_agent.config import EX_CONFIG, Config, ConfigError, load_config
 from elkeid_agent.host import HostFacts, read_host_facts
 from elkeid_agent.identity import load_agent_id
 from elkeid_agent.logs import RecordHandler, setup_logging
+from elkeid_agent.plugins.supervisor import PluginSupervisor
 from elkeid_agent.runtime_dir import clean_stale_unpack_dirs
 from elkeid_agent.service import dump_tasks, release_memory, sd_notify, watchdog_interval
 from elkeid_agent.status import AgentStatus, write_status
@@ -71,7 +70,7 @@ class Agent:
         self.facts = read_host_facts()
         self._header = self._encode_header(self.facts)
         self.errors: dict[str, str] = {}
-        self.plugins: PluginHost = self._plugin_host()
+        self.plugins = PluginSupervisor(self.work_dir, self.buffer, config.plugins)
         self.dispatcher = Dispatcher(self, self.plugins, NoUpgrade(), self.emit)
         self.transfer = TransferLoop(
             config, tls, self.buffer, self.header, self.dispatcher.handle, self.send_heartbeat
@@ -83,9 +82,6 @@ class Agent:
         self._last_tick = time.monotonic()
         self._last_stats = (0, 0, 0, 0)
         self.last_heartbeat = 0.0
-
-    def _plugin_host(self) -> PluginHost:
-        return NoPlugins()
 
     # -- records --------------------------------------------------------------------------------
 
@@ -113,11 +109,7 @@ class Agent:
         ).encode()
 
     def state_detail(self) -> list[str]:
-        detail = list(self.errors.values())
-        errors = getattr(self.plugins, "errors", None)
-        if callable(errors):
-            detail.extend(errors())
-        return detail
+        return [*self.errors.values(), *self.plugins.errors()]
 
     def counters(self) -> dict[str, int | float]:
         b = self.buffer.snapshot()
@@ -175,10 +167,8 @@ class Agent:
         )
         timestamp = int(time.time())
         self.buffer.put_agent(encode_record(AGENT_HEARTBEAT, timestamp, fields))
-        beats = getattr(self.plugins, "heartbeats", None)
-        if callable(beats):
-            for record in beats():
-                self.buffer.put_agent(record)
+        for record in self.plugins.heartbeats():
+            self.buffer.put_agent(record)
         self.last_heartbeat = time.time()
         self._write_status("abnormal" if detail else "running")
 
@@ -243,9 +233,7 @@ class Agent:
                 tg.create_task(self._heartbeat_loop(), name="heartbeat")
                 tg.create_task(self.uploader.run(), name="uploads")
                 tg.create_task(self.dispatcher.run_configs(), name="configs")
-                run_plugins = getattr(self.plugins, "run", None)
-                if callable(run_plugins):
-                    tg.create_task(run_plugins(), name="plugins")
+                tg.create_task(self.plugins.run(), name="plugins")
                 tg.create_task(self._shutdown_when_asked(), name="shutdown")
                 sd_notify("READY=1")
                 log.info("elkeid-agent %s started, id %s", VERSION, self.agent_id)
@@ -272,9 +260,7 @@ class Agent:
         await self.stopping.wait()
         sd_notify("STOPPING=1")
         log.info("stopping: plugins first")
-        stop_plugins = getattr(self.plugins, "stop", None)
-        if callable(stop_plugins):
-            await stop_plugins()
+        await self.plugins.stop()
         if self.transfer.state.connected:
             try:
                 async with asyncio.timeout(FLUSH_ON_EXIT_SECONDS):

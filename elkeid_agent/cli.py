@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from elkeid_agent.ctl import add_ctl_parser, run_ctl
 from elkeid_agent.version import VERSION
 
 
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{run,ctl}")
     run = sub.add_parser("run", help="run the agent (the default)")
     run.add_argument("--config", help="TOML configuration file")
+    add_ctl_parser(sub)
     return parser
 
 
@@ -24,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         sys.stdout.write(VERSION + "\n")
         return 0
+    if args.command == "ctl":
+        return run_ctl(args)
     from elkeid_agent.app import run_agent
 
     return run_agent(getattr(args, "config", None))
