@@ -254,11 +254,6 @@ def test_cli_bad_toml_syntax(tmp_path: Path) -> None:
     assert str(config) in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app.run_agent: a TlsError (certificate file readable but not PEM) names neither "
-    "the config file nor the certificate's path",
-)
 def test_cli_certificate_not_pem_names_file(tmp_path: Path, certs: Path) -> None:
     junk = write(tmp_path / "junk.crt", "this is not a certificate\n")
     tls = tls_section(certs).replace(str(certs / "ca.crt"), str(junk))

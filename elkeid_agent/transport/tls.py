@@ -28,15 +28,17 @@ class TlsMaterial:
         ca = _read(config.ca, "tls.ca")
         cert = _read(config.cert, "tls.cert")
         key = _read(config.key, "tls.key")
-        for data, name in ((ca, "tls.ca"), (cert, "tls.cert")):
+        for data, name, path in ((ca, "tls.ca", config.ca), (cert, "tls.cert", config.cert)):
             try:
                 x509.load_pem_x509_certificates(data)
             except ValueError as exc:
-                raise TlsError(f"key {name}: not a PEM certificate ({exc})") from exc
+                raise TlsError(f"key {name}: {path} is not a PEM certificate ({exc})") from exc
         try:
             load_pem_private_key(key, password=None)
         except (ValueError, TypeError) as exc:
-            raise TlsError(f"key tls.key: not an unencrypted PEM private key ({exc})") from exc
+            raise TlsError(
+                f"key tls.key: {config.key} is not an unencrypted PEM private key ({exc})"
+            ) from exc
         return cls(ca, cert, key, config.server_name)
 
     def credentials(self) -> grpc.ChannelCredentials:
