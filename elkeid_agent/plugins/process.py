@@ -434,4 +434,3 @@ async def _wait_fds(fds: list[int], *, writable: bool = False) -> None:
 
 async def _wait_fd(fd: int, *, writable: bool) -> None:
     await _wait_fds([fd], writable=writable)
-

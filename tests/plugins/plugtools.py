@@ -7,11 +7,12 @@ import hashlib
 import io
 import json
 import os
+import ssl
 import sys
 import tarfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -70,7 +71,9 @@ def local_spec(name: str, exe: bytes, version: str = "1", detail: str = "") -> C
     return ConfigSpec(name=name, version=version, sha256=sha(exe), detail=detail)
 
 
-def tar_gz(members: Mapping[str, bytes], extra: Callable[[tarfile.TarFile], None] | None = None) -> bytes:
+def tar_gz(
+    members: Mapping[str, bytes], extra: Callable[[tarfile.TarFile], None] | None = None
+) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w:gz") as tar:
         for name, data in members.items():
@@ -98,22 +101,43 @@ def load_jsonl(name: str) -> list[dict[str, Any]]:
 
 
 class Files:
-    """A real HTTP server on 127.0.0.1 serving `files` (path -> body); counts requests."""
+    """A real HTTP(S) server on 127.0.0.1 serving `files` (path -> body); logs requests.
 
-    def __init__(self) -> None:
+    Paths in `chunked` are sent with chunked transfer coding, `redirects` maps a path to a
+    Location, `stall` paths send half the body and hang.
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self.files: dict[str, bytes] = {}
         self.hits: list[str] = []
-        files = self.files
-        hits = self.hits
+        self.chunked: set[str] = set()
+        self.redirects: dict[str, str] = {}
+        owner = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def do_GET(self) -> None:
-                hits.append(self.path)
-                body = files.get(self.path)
+                owner.hits.append(self.path)
+                if self.path in owner.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", owner.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = owner.files.get(self.path)
                 if body is None:
                     self.send_error(404)
                     return
                 self.send_response(200)
+                if self.path in owner.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for i in range(0, len(body), 1000):
+                        part = body[i : i + 1000]
+                        self.wfile.write(b"%x;ext=1\r\n%s\r\n" % (len(part), part))
+                    self.wfile.write(b"0\r\nX-Trailer: 1\r\n\r\n")
+                    return
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -122,10 +146,14 @@ class Files:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.scheme = "http"
+        if ssl_context is not None:
+            self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}{path}"
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"{self.scheme}://{host}:{self.server.server_port}{path}"
 
     def __enter__(self) -> Files:
         self.thread.start()
@@ -137,8 +165,8 @@ class Files:
 
 
 @contextmanager
-def files_server() -> Iterator[Files]:
-    with Files() as f:
+def files_server(ssl_context: ssl.SSLContext | None = None) -> Iterator[Files]:
+    with Files(ssl_context) as f:
         yield f
 
 
@@ -166,29 +194,21 @@ class Harness:
             self.records += self.buffer.take(8 << 20).records
         return self.records
 
-    async def wait_records(self, n: int, timeout: float = 10.0) -> list[bytes]:
-        deadline = time.monotonic() + timeout
+    async def wait_records(self, n: int, limit: float = 10.0) -> list[bytes]:
+        deadline = time.monotonic() + limit
         while len(self.drain()) < n:
             if time.monotonic() > deadline:
-                raise AssertionError(f"{len(self.records)} records after {timeout} s, wanted {n}")
+                raise AssertionError(f"{len(self.records)} records after {limit} s, wanted {n}")
             await asyncio.sleep(0.02)
         return self.records
 
 
-async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
+async def until(cond: Callable[[], bool], limit: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + limit
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        await asyncio.sleep(0.05)
 
 
 def alive(pid: int) -> bool:

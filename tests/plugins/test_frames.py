@@ -67,7 +67,7 @@ def test_go_plugin_edge_frames_arrive_verbatim(tmp_path: Path) -> None:
 def test_urgent_pipe_goes_to_the_urgent_lane(tmp_path: Path) -> None:
     raw = (FIXTURES / "go-plugin-edge-frames.bin").read_bytes()
     exe = sh_plugin(
-        f"test -n \"$ELKEID_PLUGIN_HIGH_PRIORITY_PIPE\" || exit 9\n"
+        f'test -n "$ELKEID_PLUGIN_HIGH_PRIORITY_PIPE" || exit 9\n'
         f"cat '{FIXTURES / 'go-plugin-edge-frames.bin'}' >&5\nexec cat <&3 >/dev/null"
     )
     install_plugin(tmp_path, "urgent", exe)

@@ -1,0 +1,294 @@
+"""Acceptance: sync scenarios against a real HTTP server, with real plugin processes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tarfile
+from pathlib import Path
+
+from plugtools import Files, Harness, alive, files_server, run, sh_plugin, sha, tar_gz, until
+
+from elkeid_agent.commands import ConfigSpec
+from elkeid_agent.plugins.lifecycle import State
+from elkeid_agent.plugins.supervisor import PluginSupervisor, plan_sync
+
+
+def _exe(tag: str) -> bytes:
+    # Marks that it ran (the "nothing executed" checks look for the file), then serves.
+    return sh_plugin(f"# {tag}\necho {tag} >> ran\nexec cat <&3 >/dev/null")
+
+
+def _pid(sup: PluginSupervisor, name: str) -> int | None:
+    info = sup.slot_info(name)
+    return None if info is None else info[3]
+
+
+async def _running(sup: PluginSupervisor, name: str) -> int:
+    await until(lambda: _pid(sup, name) is not None, what=f"{name} running")
+    pid = _pid(sup, name)
+    assert pid is not None
+    return pid
+
+
+def _spec(files: Files, name: str, body: bytes, version: str, **kw: object) -> ConfigSpec:
+    files.files[f"/{name}-{version}"] = body
+    return ConfigSpec(
+        name=name,
+        version=version,
+        sha256=sha(body),
+        download_urls=(files.url(f"/{name}-{version}"),),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_plan_is_a_pure_diff() -> None:
+    desired = [
+        ConfigSpec(name="a", version="1"),
+        ConfigSpec(name="b", version="2"),
+        ConfigSpec(name="../x", version="1"),
+        ConfigSpec(name="c", version="1"),
+        ConfigSpec(name="c", version="9"),
+    ]
+    plan = plan_sync({"a": "1", "b": "1", "gone": "1"}, ["a", "b", "old-dir"], desired)
+    assert plan.keep == ("a",)
+    assert [s.name for s in plan.start] == ["b", "c"]
+    assert plan.start[1].version == "1"
+    assert plan.remove == ("gone", "old-dir")
+    assert len(plan.rejected) == 2
+    assert "'../x'" in plan.rejected[0]
+
+
+def test_add_upgrade_noop_remove(tmp_path: Path) -> None:
+    v1, v2 = _exe("v1"), _exe("v2")
+
+    async def main() -> None:
+        with files_server() as files:
+            async with Harness(tmp_path) as h:
+                sup = h.sup
+                directory = tmp_path / "plugin" / "p"
+                # add
+                await sup.sync([_spec(files, "p", v1, "1", detail="D=1")])
+                pid1 = await _running(sup, "p")
+                assert (directory / "p").read_bytes() == v1
+                assert sup.errors() == []
+                # same version: left alone, nothing fetched
+                hits = len(files.hits)
+                await sup.sync([_spec(files, "p", v1, "1", detail="D=1")])
+                assert _pid(sup, "p") == pid1
+                assert len(files.hits) == hits
+                # upgrade: new executable, new process, the old one gone
+                await sup.sync([_spec(files, "p", v2, "2")])
+                pid2 = await _running(sup, "p")
+                assert pid2 != pid1
+                await until(lambda: not alive(pid1), what="old version gone")
+                assert (directory / "p").read_bytes() == v2
+                await until((directory / "ran").exists)
+                assert (directory / "ran").read_text() == "v1\nv2\n"
+                assert not list(directory.glob(".download-*"))
+                # removal: process and directory gone
+                await sup.sync([])
+                await until(lambda: not alive(pid2), what="removed plugin gone")
+                assert not directory.exists()
+                assert sup.slot_info("p") is None
+
+    run(main())
+
+
+def test_detail_and_environment(tmp_path: Path) -> None:
+    exe = sh_plugin("env > env.txt\nexec cat <&3 >/dev/null")
+
+    async def main() -> None:
+        with files_server() as files:
+            async with Harness(tmp_path) as h:
+                await h.sup.sync([_spec(files, "e", exe, "1", detail="SKIP=6,7")])
+                await _running(h.sup, "e")
+                out = tmp_path / "plugin" / "e" / "env.txt"
+                await until(lambda: out.exists() and out.stat().st_size > 0)
+
+    run(main())
+    env = dict(
+        line.split("=", 1)
+        for line in (tmp_path / "plugin/e/env.txt").read_text().splitlines()
+        if "=" in line
+    )
+    assert env["DETAIL"] == "SKIP=6,7"
+    assert env["ELKEID_PLUGIN_HIGH_PRIORITY_PIPE"] == "1"
+    assert not any(k.startswith(("_MEI", "_PYI")) for k in env)
+
+
+def test_bad_sha256_uses_the_next_url(tmp_path: Path) -> None:
+    good = _exe("good")
+
+    async def main() -> None:
+        with files_server() as files:
+            files.files["/bad"] = b"#!/bin/sh\necho evil > evil\n"
+            spec = _spec(files, "n", good, "1")
+            spec = ConfigSpec(
+                name="n",
+                version="1",
+                sha256=spec.sha256,
+                download_urls=(files.url("/missing"), files.url("/bad"), *spec.download_urls),
+            )
+            async with Harness(tmp_path) as h:
+                await h.sup.sync([spec])
+                await _running(h.sup, "n")
+                assert files.hits == ["/missing", "/bad", "/n-1"]
+                assert h.sup.errors() == []
+
+    run(main())
+    assert not (tmp_path / "plugin/n/evil").exists()
+
+
+def test_no_good_url_is_abnormal_and_nothing_runs(tmp_path: Path) -> None:
+    async def main() -> None:
+        with files_server() as files:
+            files.files["/bad"] = b"#!/bin/sh\necho ran > ran\n"
+            spec = ConfigSpec(
+                name="x", version="1", sha256="00" * 32, download_urls=(files.url("/bad"),)
+            )
+            ok = _spec(files, "ok", _exe("ok"), "1")
+            async with Harness(tmp_path) as h:
+                await h.sup.sync([spec, ok])
+                await _running(h.sup, "ok")  # one failure does not stop the others
+                errors = h.sup.errors()
+                assert len(errors) == 1
+                assert "plugin x" in errors[0]
+                assert "sha256" in errors[0]
+                assert h.sup.slot_info("x") is None
+                await asyncio.sleep(0.3)
+                # the next successful sync clears the abnormal state
+                await h.sup.sync([ok])
+                assert h.sup.errors() == []
+
+    run(main())
+    assert not (tmp_path / "plugin/x/x").exists()
+    assert not (tmp_path / "plugin/x/ran").exists()
+    assert not list((tmp_path / "plugin/x").glob(".download-*"))
+
+
+def test_failed_upgrade_keeps_the_old_version(tmp_path: Path) -> None:
+    v1 = _exe("v1")
+
+    async def main() -> None:
+        with files_server() as files:
+            async with Harness(tmp_path) as h:
+                await h.sup.sync([_spec(files, "k", v1, "1")])
+                pid = await _running(h.sup, "k")
+                bad = ConfigSpec(
+                    name="k", version="2", sha256="11" * 32, download_urls=(files.url("/k-1"),)
+                )
+                await h.sup.sync([bad])
+                assert _pid(h.sup, "k") == pid
+                assert "plugin k" in h.sup.errors()[0]
+
+    run(main())
+    assert (tmp_path / "plugin/k/k").read_bytes() == v1
+
+
+def test_tar_gz_install_and_signature_skip(tmp_path: Path) -> None:
+    exe = _exe("tar")
+    archive = tar_gz({"t": exe, "conf/settings.txt": b"x=1\n", "./README": b"hi"})
+
+    async def main() -> None:
+        with files_server() as files:
+            files.files["/t.tar.gz"] = archive
+            spec = ConfigSpec(
+                name="t",
+                type="tar.gz",
+                version="1",
+                sha256=sha(archive),
+                signature=sha(exe),
+                download_urls=(files.url("/t.tar.gz"),),
+            )
+            async with Harness(tmp_path) as h:
+                await h.sup.sync([spec])
+                await _running(h.sup, "t")
+                assert (tmp_path / "plugin/t/conf/settings.txt").read_bytes() == b"x=1\n"
+            # A new agent: the executable on disk hashes to `signature`, so no download.
+            async with Harness(tmp_path) as h:
+                await h.sup.sync([spec])
+                await _running(h.sup, "t")
+            assert files.hits == ["/t.tar.gz"]
+
+    run(main())
+
+
+def _hostile(kind: str) -> bytes:
+    def add(tar: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo(kind)
+        if kind == "link":
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+        elif kind == "fifo":
+            info.type = tarfile.FIFOTYPE
+        else:
+            info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil") if info.size else None)
+
+    return tar_gz({"h": _exe("hostile")}, add)
+
+
+def test_hostile_archives_are_refused(tmp_path: Path) -> None:
+    names = ["../escape", "/tmp/elkeid-abs-escape", "link", "fifo", "a/../../escape2"]
+
+    async def main() -> None:
+        with files_server() as files:
+            specs = []
+            for i, kind in enumerate(names):
+                body = _hostile(kind)
+                files.files[f"/h{i}"] = body
+                specs.append(
+                    ConfigSpec(
+                        name=f"h{i}",
+                        type="tar.gz",
+                        version="1",
+                        sha256=sha(body),
+                        download_urls=(files.url(f"/h{i}"),),
+                    )
+                )
+            async with Harness(tmp_path) as h:
+                await h.sup.sync(specs)
+                errors = h.sup.errors()
+                assert len(errors) == len(names), errors
+                for i in range(len(names)):
+                    assert h.sup.slot_info(f"h{i}") is None
+                    directory = tmp_path / "plugin" / f"h{i}"
+                    assert sorted(p.name for p in directory.iterdir()) == [], i
+
+    run(main())
+    assert not (tmp_path / "plugin/escape").exists()
+    assert not (tmp_path / "escape2").exists()
+    assert not Path("/tmp/elkeid-abs-escape").exists()
+
+
+def test_bad_names_are_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        with files_server() as files:
+            bad = _spec(files, "x", _exe("x"), "1")
+            specs = [
+                ConfigSpec(name=n, version="1", sha256=bad.sha256, download_urls=bad.download_urls)
+                for n in ("../x", "a/b", "", ".hidden", "x y")
+            ]
+            async with Harness(tmp_path) as h:
+                await h.sup.sync(specs)
+                assert len(h.sup.errors()) == len(specs)
+            assert files.hits == []
+
+    run(main())
+    assert sorted(p.name for p in (tmp_path / "plugin").iterdir()) == [".pgids"]
+    assert not (tmp_path / "x").exists()
+
+
+def test_down_plugin_is_abnormal(tmp_path: Path) -> None:
+    async def main() -> None:
+        with files_server() as files:
+            async with Harness(tmp_path) as h:
+                await h.sup.sync([_spec(files, "d", sh_plugin("exit 3"), "1")])
+                await until(
+                    lambda: (h.sup.slot_info("d") or (None,))[0] is State.BACKING_OFF,
+                    what="backing off",
+                )
+                assert "exited with code 3" in " ".join(h.sup.errors())
+
+    run(main())
