@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARCH ?= amd64
 
-.PHONY: setup test lint proto bench dist dist-all center clean
+.PHONY: setup test lint proto bench dist dist-all center agent demo clean
 
 $(BIN)/.ready: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -23,11 +23,23 @@ lint: setup
 proto: setup
 	$(BIN)/python tools/gen_proto.py
 
+# Each bench prints its figures beside a named baseline measured in the same run.
 bench: setup
 	$(BIN)/python bench/transfer.py
+	$(BIN)/python bench/plugins.py
+	if [ -x dist/elkeid-agent-$$(cat .work/last-version 2>/dev/null)-linux-amd64 ]; then \
+		$(BIN)/python bench/startup.py; else echo "bench/startup.py: run make dist first"; fi
 
+# The whole system on this machine: center, agent, a demo plugin, a task, a shutdown.
+demo: setup
+	$(BIN)/python tools/demo.py
+
+# Interactive: `make center` in one terminal, `make agent` in another.
 center: setup
-	$(BIN)/elkeid-center
+	$(BIN)/elkeid-center serve --dir .work/center
+
+agent: setup
+	$(BIN)/elkeid-agent run --config .work/center/agent.toml
 
 clean:
 	rm -rf dist build/out
