@@ -457,6 +457,7 @@ def test_service_discovery_answers_configured_list(center: CenterThread) -> None
     with pytest.raises(urllib.error.HTTPError) as err:
         http_get(f"{base}?name=hids_svr_grpc&count=10")
     assert err.value.code == 503
+    err.value.close()
     assert len(center.sd_requests()) == 5
 
 
@@ -470,6 +471,7 @@ def test_file_server_serves_and_logs(center: CenterThread, tmp_path: Path) -> No
         with pytest.raises(urllib.error.HTTPError) as err:
             http_get(center.file_url(missing))
         assert err.value.code == 404
+        err.value.close()
     assert center.file_requests()[0] == "/sub/p.tar.gz"
     assert len(center.file_requests()) == 4
 
