@@ -1,0 +1,354 @@
+"""Command dispatch: task routing, 5100 results naming the problem, Configs latest-wins.
+
+The handlers are small in-test classes implementing the Protocols of elkeid_agent.commands;
+Commands are real protobuf bytes as the server sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import pytest
+
+from elkeid_agent._proto import grpc_pb2
+from elkeid_agent.commands import (
+    SET_METADATA,
+    SHUTDOWN,
+    TASK_RESULT,
+    UPLOAD_FILE,
+    ConfigSpec,
+    Dispatcher,
+    MetadataRequest,
+    NoPlugins,
+    NoUpgrade,
+    TaskFailed,
+    TaskSpec,
+    UploadRequest,
+    task_result,
+)
+from elkeid_agent.version import PRODUCT
+
+
+class Agent:
+    """AgentTasks that records what it was asked; `fail` makes every task fail."""
+
+    def __init__(self, fail: str = "") -> None:
+        self.fail = fail
+        self.uploads: list[tuple[str, UploadRequest]] = []
+        self.metadata: list[MetadataRequest] = []
+        self.shutdowns = 0
+
+    def _check(self) -> None:
+        if self.fail:
+            raise TaskFailed(self.fail)
+
+    async def upload(self, token: str, request: UploadRequest) -> None:
+        self._check()
+        self.uploads.append((token, request))
+
+    async def set_metadata(self, request: MetadataRequest) -> None:
+        self._check()
+        self.metadata.append(request)
+
+    async def shutdown(self) -> None:
+        self._check()
+        self.shutdowns += 1
+
+
+class Plugins:
+    """A PluginHost with a fixed set of plugin names; `sync` can be held open."""
+
+    def __init__(self, names: Sequence[str] = ()) -> None:
+        self.names = set(names)
+        self.tasks: list[TaskSpec] = []
+        self.syncs: list[list[ConfigSpec]] = []
+        self.gate: asyncio.Event | None = None
+
+    async def send_task(self, task: TaskSpec) -> None:
+        if task.object_name not in self.names:
+            raise TaskFailed(f"no such plugin: {task.object_name}")
+        self.tasks.append(task)
+
+    async def sync(self, configs: Sequence[ConfigSpec]) -> None:
+        self.syncs.append(list(configs))
+        if self.gate is not None:
+            await self.gate.wait()
+
+
+class Upgrader:
+    def __init__(self) -> None:
+        self.considered: list[ConfigSpec] = []
+
+    async def consider(self, config: ConfigSpec) -> None:
+        self.considered.append(config)
+
+
+class Harness:
+    def __init__(self, agent: Agent | None = None, plugins: Any = None) -> None:
+        self.agent = agent or Agent()
+        self.plugins = Plugins() if plugins is None else plugins
+        self.upgrader = Upgrader()
+        self.emitted: list[bytes] = []
+        self.dispatcher = Dispatcher(self.agent, self.plugins, self.upgrader, self.emitted.append)
+
+    def results(self) -> list[dict[str, str]]:
+        out = []
+        for raw in self.emitted:
+            record = grpc_pb2.Record.FromString(raw)
+            assert record.data_type == TASK_RESULT == 5100
+            assert record.timestamp > 1_700_000_000
+            out.append(dict(record.data.fields))
+        return out
+
+
+def task(data_type: int, data: str = "", token: str = "tok", object_name: str = PRODUCT) -> bytes:
+    return grpc_pb2.Command(
+        task=grpc_pb2.Task(data_type=data_type, object_name=object_name, data=data, token=token)
+    ).SerializeToString()
+
+
+def run(harness: Harness, *commands: bytes) -> Harness:
+    async def main() -> None:
+        for raw in commands:
+            await harness.dispatcher.handle(raw)
+
+    asyncio.run(main())
+    return harness
+
+
+# --- tasks ------------------------------------------------------------------------------------
+
+GARBAGE = {
+    "upload, not JSON": (UPLOAD_FILE, "{path: /etc/passwd", "not JSON"),
+    "upload, empty data": (UPLOAD_FILE, "", "not JSON"),
+    "upload, path missing": (UPLOAD_FILE, '{"buf_size": 1024}', "path"),
+    "upload, buf_size missing": (UPLOAD_FILE, '{"path": "/etc/hosts"}', "buf_size"),
+    "upload, buf_size a string": (UPLOAD_FILE, '{"path": "/x", "buf_size": "1k"}', "buf_size"),
+    "upload, path a number": (UPLOAD_FILE, '{"path": 7, "buf_size": 1}', "path"),
+    "upload, a list": (UPLOAD_FILE, "[1, 2]", "upload"),
+    "metadata, not JSON": (SET_METADATA, "idc=x", "not JSON"),
+    "metadata, idc a number": (SET_METADATA, '{"idc": 5}', "idc"),
+    "metadata, region a list": (SET_METADATA, '{"region": ["a"]}', "region"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GARBAGE))
+def test_garbage_task_json_fails_naming_the_field(case: str) -> None:
+    data_type, data, needle = GARBAGE[case]
+    h = run(Harness(), task(data_type, data, token=f"t-{case}"))
+    (result,) = h.results()
+    assert result["status"] == "failed"
+    assert result["token"] == f"t-{case}"
+    assert needle in result["msg"]
+    assert h.agent.uploads == []
+    assert h.agent.metadata == []
+    assert h.dispatcher.failures == 1
+
+
+def test_unknown_data_type_fails() -> None:
+    h = run(Harness(), task(1099, "{}", token="t9"))
+    assert h.results() == [
+        {"token": "t9", "msg": f"unknown data_type 1099 for {PRODUCT}", "status": "failed"}
+    ]
+
+
+def test_data_type_zero_fails() -> None:
+    h = run(Harness(), task(0, token="t0"))
+    (result,) = h.results()
+    assert result["status"] == "failed"
+    assert "data_type 0" in result["msg"]
+
+
+def test_plugin_task_without_plugins() -> None:
+    h = run(Harness(plugins=NoPlugins()), task(1234, '{"k": "v"}', "tp", object_name="anchor"))
+    (result,) = h.results()
+    assert result == {"token": "tp", "msg": "no such plugin: anchor", "status": "failed"}
+
+
+def test_plugin_task_is_forwarded_untouched() -> None:
+    h = run(Harness(plugins=Plugins(["anchor"])), task(1234, '{"k":"v"}', "tok-1", "anchor"))
+    assert h.plugins.tasks == [TaskSpec(1234, "anchor", '{"k":"v"}', "tok-1")]
+    assert h.emitted == []  # the plugin answers for itself
+
+
+def test_unknown_plugin_with_a_plugin_host() -> None:
+    h = run(Harness(plugins=Plugins(["anchor"])), task(1, "", "tq", "no-such-plugin"))
+    assert h.results()[0]["msg"] == "no such plugin: no-such-plugin"
+
+
+def test_upload_goes_to_the_agent_and_reports_later() -> None:
+    data = '{"path": "/var/log/x", "buf_size": 4096, "new": 1}'  # unknown keys tolerated
+    h = run(Harness(), task(UPLOAD_FILE, data, "u1"))
+    assert h.agent.uploads == [("u1", UploadRequest(path="/var/log/x", buf_size=4096))]
+    assert h.emitted == []  # the uploader emits its own 5100 when the upload ends
+
+
+def test_metadata_and_shutdown_succeed() -> None:
+    h = run(
+        Harness(),
+        task(SET_METADATA, '{"idc": "idc-1", "region": "eu"}', "m1"),
+        task(SET_METADATA, "{}", "m2"),
+        task(SHUTDOWN, "", "s1"),
+    )
+    assert h.agent.metadata == [
+        MetadataRequest(idc="idc-1", region="eu"),
+        MetadataRequest(idc=None, region=None),
+    ]
+    assert h.agent.shutdowns == 1
+    assert [(r["token"], r["status"]) for r in h.results()] == [
+        ("m1", "succeed"),
+        ("m2", "succeed"),
+        ("s1", "succeed"),
+    ]
+    assert h.dispatcher.failures == 0
+
+
+def test_handler_failure_becomes_5100() -> None:
+    h = run(Harness(agent=Agent(fail="unknown region 'mars'")), task(SET_METADATA, "{}", "m"))
+    assert h.results() == [{"token": "m", "msg": "unknown region 'mars'", "status": "failed"}]
+
+
+def test_stream_goes_on_after_failures() -> None:
+    h = run(
+        Harness(),
+        task(UPLOAD_FILE, "garbage", "a"),
+        b"\xff\xff\xff",
+        task(4242, "", "b"),
+        task(SHUTDOWN, "", "c"),
+    )
+    assert [(r["token"], r["status"]) for r in h.results()] == [
+        ("a", "failed"),
+        ("b", "failed"),
+        ("c", "succeed"),
+    ]
+    assert h.dispatcher.commands == 4
+    assert h.dispatcher.failures == 3
+
+
+@pytest.mark.parametrize(
+    "raw", [b"\xff\xff\xff", b"\x12\x05ab", b"\x0a", b"\x1a\x80\x80\x80\x80\x10"]
+)
+def test_undecodable_command_is_counted(raw: bytes) -> None:
+    h = run(Harness(), raw)
+    assert h.dispatcher.commands == 1
+    assert h.dispatcher.failures == 1
+    assert h.emitted == []
+
+
+def test_empty_command_does_nothing() -> None:
+    h = run(Harness(), b"")
+    assert h.emitted == []
+    assert h.dispatcher.failures == 0
+    assert h.dispatcher.commands == 1
+
+
+def test_task_result_record() -> None:
+    record = grpc_pb2.Record.FromString(task_result("tk", True, "done"))
+    assert record.data_type == 5100
+    assert dict(record.data.fields) == {"token": "tk", "msg": "done", "status": "succeed"}
+
+
+# --- configs ----------------------------------------------------------------------------------
+
+
+def configs(*entries: dict[str, Any]) -> bytes:
+    return grpc_pb2.Command(configs=[grpc_pb2.Config(**e) for e in entries]).SerializeToString()
+
+
+SELF = {"name": PRODUCT, "version": "9.9.9", "sha256": "ab" * 32, "download_urls": ["http://u/a"]}
+PLUGIN_A = {"name": "a", "type": "tar.gz", "version": "1", "download_urls": ["u1", "u2"],
+            "detail": "RATE=1"}
+PLUGIN_B = {"name": "b", "version": "2", "signature": "cd" * 32}
+
+
+async def configs_run(
+    h: Harness, body: Callable[[], Awaitable[None]]
+) -> None:
+    runner = asyncio.create_task(h.dispatcher.run_configs())
+    try:
+        await body()
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_configs_routed_to_upgrader_and_plugins() -> None:
+    h = Harness()
+
+    async def body() -> None:
+        await h.dispatcher.handle(configs(PLUGIN_A, SELF, PLUGIN_B))
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert [c.name for c in h.upgrader.considered] == [PRODUCT]
+    assert h.upgrader.considered[0].version == "9.9.9"
+    assert h.upgrader.considered[0].download_urls == ("http://u/a",)
+    assert h.plugins.syncs == [
+        [
+            ConfigSpec("a", "tar.gz", "1", "", "", ("u1", "u2"), "RATE=1"),
+            ConfigSpec("b", "", "2", "", "cd" * 32, (), ""),
+        ]
+    ]
+    assert h.emitted == []
+
+
+def test_configs_latest_wins() -> None:
+    h = Harness()
+    h.plugins.gate = asyncio.Event()  # hold the first sync, as a long download would
+
+    async def body() -> None:
+        assert h.plugins.gate is not None
+        await h.dispatcher.handle(configs(PLUGIN_A))
+        await settle()
+        assert [[c.name for c in s] for s in h.plugins.syncs] == [["a"]]
+        # While the first set is being applied, two more arrive: only the last is applied.
+        await h.dispatcher.handle(configs(PLUGIN_B))
+        await h.dispatcher.handle(configs(PLUGIN_A, PLUGIN_B, SELF))
+        # Tasks are not blocked by the sync in progress.
+        await h.dispatcher.handle(task(SHUTDOWN, "", "s"))
+        assert h.agent.shutdowns == 1
+        h.plugins.gate.set()
+        await settle()
+        assert [[c.name for c in s] for s in h.plugins.syncs] == [["a"], ["a", "b"]]
+        assert [c.version for c in h.upgrader.considered] == ["9.9.9"]
+        # A Command with an empty Configs list encodes to nothing: there is no set to apply.
+        await h.dispatcher.handle(grpc_pb2.Command(configs=[]).SerializeToString())
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert len(h.plugins.syncs) == 2
+
+
+def test_no_upgrade_and_no_plugins_accept_configs() -> None:
+    async def main() -> None:
+        await NoUpgrade().consider(ConfigSpec(PRODUCT, version="2"))
+        await NoPlugins().sync([ConfigSpec("a")])
+        with pytest.raises(TaskFailed, match="no such plugin: x"):
+            await NoPlugins().send_task(TaskSpec(1, "x", "", ""))
+
+    asyncio.run(main())
+
+
+def test_task_and_configs_in_one_command() -> None:
+    h = Harness()
+    raw = grpc_pb2.Command(
+        task=grpc_pb2.Task(data_type=SHUTDOWN, object_name=PRODUCT, token="both"),
+        configs=[grpc_pb2.Config(**PLUGIN_B)],
+    ).SerializeToString()
+
+    async def body() -> None:
+        await h.dispatcher.handle(raw)
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert h.agent.shutdowns == 1
+    assert [[c.name for c in s] for s in h.plugins.syncs] == [["b"]]
