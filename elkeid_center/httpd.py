@@ -183,6 +183,10 @@ class ServiceDiscovery:
         with self._lock:
             self.backends = new
 
+    def set_status(self, status: int) -> None:
+        with self._lock:
+            self.status = status
+
     def request_log(self) -> list[str]:
         with self._lock:
             return list(self.requests)
@@ -239,7 +243,10 @@ class FileServer:
         if self.root is None:
             return Response.text(404)
         root = self.root.resolve()
-        path = (root / request.path.lstrip("/")).resolve()
+        try:
+            path = (root / request.path.lstrip("/")).resolve()
+        except (ValueError, OSError):  # e.g. a NUL byte, or a symlink loop
+            return Response.text(404)
         # No escaping the served directory through `..` or symlinks.
         if not path.is_relative_to(root) or not path.is_file():
             return Response.text(404)

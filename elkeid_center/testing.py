@@ -428,4 +428,4 @@ class CenterThread:
 
     def set_sd_status(self, status: int) -> None:
         """HTTP status of every SD answer (200 = normal) to test the fallback ladder."""
-        self.center.sd.status = status
+        self.center.sd.set_status(status)

@@ -467,13 +467,13 @@ def test_file_server_serves_and_logs(center: CenterThread, tmp_path: Path) -> No
     (tmp_path / "files" / "sub" / "p.tar.gz").write_bytes(blob)
     (tmp_path / "secret").write_text("no")
     assert http_get(center.file_url("sub/p.tar.gz")) == blob
-    for missing in ("nope", "../secret", "%2e%2e/secret"):
+    for missing in ("nope", "../secret", "%2e%2e/secret", "a%00b", "sub"):
         with pytest.raises(urllib.error.HTTPError) as err:
             http_get(center.file_url(missing))
         assert err.value.code == 404
         err.value.close()
     assert center.file_requests()[0] == "/sub/p.tar.gz"
-    assert len(center.file_requests()) == 4
+    assert len(center.file_requests()) == 6
 
 
 def test_http_rejects_garbage_request(center: CenterThread) -> None:
