@@ -43,7 +43,15 @@ class WireError(ValueError):
 
 
 class FrameTooLarge(WireError):
-    """A frame length beyond the cap: the pipe's framing can no longer be trusted."""
+    """A frame length beyond the cap: the pipe's framing can no longer be trusted.
+
+    `frames` holds the valid frames that the same feed() completed before the bad length,
+    so a caller can still deliver them.
+    """
+
+    def __init__(self, message: str, frames: list[bytes] | None = None) -> None:
+        super().__init__(message)
+        self.frames: list[bytes] = frames or []
 
 
 def encode_varint(value: int) -> bytes:
@@ -204,7 +212,11 @@ class FrameDecoder:
         while end - pos >= 4:
             (length,) = unpack(buf, pos)
             if length > max_frame:
-                raise FrameTooLarge(f"frame length {length} exceeds the cap of {max_frame}")
+                valid = self._validate(out) if out else []
+                self.frames += len(valid)
+                raise FrameTooLarge(
+                    f"frame length {length} exceeds the cap of {max_frame}", valid
+                )
             stop = pos + 4 + length
             if stop > end:
                 break

@@ -271,8 +271,15 @@ class PluginProcess:
                     malformed = decoder.malformed
                     try:
                         frames = decoder.feed(data)
-                    finally:
+                    except FrameTooLarge as exc:
+                        # The frames before the bad length are good: deliver them, then
+                        # let the stream's end propagate.
                         counters.malformed += decoder.malformed - malformed
+                        counters.rx_frames += len(exc.frames)
+                        if exc.frames:
+                            await buffer.put_many(exc.frames, pipe.lane)
+                        raise
+                    counters.malformed += decoder.malformed - malformed
                     if frames:
                         counters.rx_frames += len(frames)
                         began = time.monotonic()

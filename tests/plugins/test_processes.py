@@ -1,0 +1,335 @@
+"""Acceptance at the process level: crash loops, broken streams, backpressure, stop, orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from plugtools import (
+    BIN,
+    REPO,
+    Harness,
+    alive,
+    install_plugin,
+    local_spec,
+    pids_in_group,
+    py_plugin,
+    run,
+    sh_plugin,
+    until,
+)
+
+from elkeid_agent._proto.bridge_pb2 import Record
+from elkeid_agent.commands import TaskFailed, TaskSpec
+from elkeid_agent.config import PluginsConfig
+from elkeid_agent.plugins import lifecycle, process
+from elkeid_agent.plugins.lifecycle import State
+from elkeid_agent.wire import encode_record, record_frame
+
+STREAM = sh_plugin(
+    "i=0\nwhile :; do printf '\\003\\000\\000\\000\\010\\347\\007' >&4; sleep 0.05; done"
+)
+
+
+@pytest.fixture(params=[True, False], ids=["pidfd", "polling"])
+def pidfd(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Run a test with pidfd exit detection and with the polling that old kernels get."""
+    monkeypatch.setattr(process, "USE_PIDFD", request.param)
+    return bool(request.param)
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lifecycle, "BACKOFF_INITIAL", 0.1)
+
+
+def _starts(path: Path) -> list[float]:
+    return [float(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def test_crash_loop_backs_off_while_others_stream(
+    tmp_path: Path, pidfd: bool, fast_backoff: None
+) -> None:
+    crash = sh_plugin("date +%s.%N >> starts\nexit 1")
+    crash_dir = install_plugin(tmp_path, "crash", crash)
+    install_plugin(tmp_path, "stream", STREAM)
+
+    async def main() -> None:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync([local_spec("crash", crash), local_spec("stream", STREAM)])
+            await until(lambda: len(_starts(crash_dir / "starts")) >= 5, limit=15, what="5 starts")
+            before = len(h.drain())
+            await asyncio.sleep(0.5)
+            assert len(h.drain()) > before + 3  # the other plugin keeps streaming
+            info = h.sup.slot_info("crash")
+            assert info is not None
+            assert info[1] >= 4
+            assert any("crash is down (exited with code 1)" in e for e in h.sup.errors())
+
+    run(main())
+    starts = _starts(crash_dir / "starts")[:5]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    # 0.1, 0.2, 0.4, 0.8 s: each gap at least its delay, and growing
+    for gap, delay in zip(gaps, (0.1, 0.2, 0.4, 0.8), strict=True):
+        assert gap >= delay * 0.95, gaps
+    assert gaps[3] > gaps[0] * 3, gaps
+
+
+def test_backoff_policy() -> None:
+    assert [lifecycle.backoff_delay(n) for n in range(1, 11)] == [
+        1,
+        2,
+        4,
+        8,
+        16,
+        32,
+        64,
+        128,
+        256,
+        300,
+    ]
+    assert lifecycle.backoff_delay(10**6) == 300
+    assert lifecycle.failures_after_run(7, 599) == 8
+    assert lifecycle.failures_after_run(7, 600) == 1  # 10 min healthy resets the backoff
+
+
+def test_lifecycle_table() -> None:
+    lc = lifecycle.Lifecycle()
+    seen: list[tuple[State, State]] = []
+    lc.on_change = lambda a, b: seen.append((a, b))
+    for event in (
+        lifecycle.Event.SPAWNED,
+        lifecycle.Event.EXITED,
+        lifecycle.Event.BACKOFF_ELAPSED,
+        lifecycle.Event.SPAWN_FAILED,
+        lifecycle.Event.STOP,
+        lifecycle.Event.REAPED,
+    ):
+        lc.fire(event)
+    assert [b for _, b in seen] == [
+        State.RUNNING,
+        State.BACKING_OFF,
+        State.STARTING,
+        State.BACKING_OFF,
+        State.STOPPING,
+        State.STOPPED,
+    ]
+    with pytest.raises(lifecycle.LifecycleError, match="SPAWNED not allowed in state STOPPED"):
+        lc.fire(lifecycle.Event.SPAWNED)
+
+
+def test_garbage_and_a_4_gib_length_restart_the_plugin(tmp_path: Path, pidfd: bool) -> None:
+    good = record_frame(encode_record(7, 1, {"k": "v"}))
+    bad = b"\x05\x00\x00\x00\xff\xff\xff\xff\xff"  # a frame that is not a Record
+    (tmp_path / "good.bin").write_bytes(good + bad + good)
+    (tmp_path / "huge.bin").write_bytes(b"\xff\xff\xff\xff" + os.urandom(4096))
+    (tmp_path / "noise.bin").write_bytes(b"\xf0\xff\xff\x7f" + os.urandom(65536))
+    exe = sh_plugin(
+        f"cat '{tmp_path}/good.bin' >&4\n"
+        f"if [ -e once ]; then exec cat <&3 >/dev/null; fi\n"
+        f"touch once; cat '{tmp_path}/huge.bin' >&4; exec cat <&3 >/dev/null"
+    )
+    noise = sh_plugin(f"cat '{tmp_path}/noise.bin' >&4; exec cat <&3 >/dev/null")
+    install_plugin(tmp_path, "garbage", exe)
+    install_plugin(tmp_path, "noise", noise)
+    install_plugin(tmp_path, "stream", STREAM)
+
+    async def main() -> None:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync(
+                [
+                    local_spec("garbage", exe),
+                    local_spec("noise", noise),
+                    local_spec("stream", STREAM),
+                ]
+            )
+
+            def restarted() -> bool:
+                info = h.sup.slot_info("garbage")
+                return info is not None and info[0] is State.RUNNING and info[1] == 1
+
+            await until(restarted, limit=10, what="a restart after the 4 GiB length")
+
+            def sevens() -> list[bytes]:
+                return [r for r in h.drain() if Record.FromString(r).data_type == 7]
+
+            await until(lambda: len(sevens()) == 4, what="both runs' good frames")
+            info = h.sup.slot_info("garbage")
+            assert info is not None
+            counters = info[2]
+            assert counters.too_large == 1
+            assert counters.malformed == 2  # one per run of good.bin
+            noise_info = h.sup.slot_info("noise")
+            assert noise_info is not None
+            await until(lambda: h.sup.slot_info("noise")[2].too_large >= 1)  # type: ignore[index]
+            # the agent did not stall: the streaming plugin still gets through
+            before = len(h.drain())
+            await asyncio.sleep(0.5)
+            assert len(h.drain()) > before + 3
+            assert len(sevens()) == 4  # two good frames per run, the garbage dropped
+            beats = {Record.FromString(b).data.fields["name"]: b for b in h.sup.heartbeats()}
+            fields = Record.FromString(beats["garbage"]).data.fields
+            assert fields["too_large_frames"] == "1"
+            assert fields["malformed_frames"] == "2"
+            assert fields["restarts"] == "1"
+
+    run(main())
+
+
+def test_frames_before_a_bad_length_in_the_same_read_are_delivered(tmp_path: Path) -> None:
+    good = record_frame(encode_record(7, 1, {"k": "v"}))
+    (tmp_path / "mixed.bin").write_bytes(good * 3 + b"\xff\xff\xff\xff")
+    exe = sh_plugin(f"cat '{tmp_path}/mixed.bin' >&4; exec cat <&3 >/dev/null")
+    install_plugin(tmp_path, "mixed", exe)
+
+    async def main() -> None:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync([local_spec("mixed", exe)])
+            await until(lambda: h.sup.slot_info("mixed")[2].too_large == 1)  # type: ignore[index]
+            assert h.drain()[:3] == [good[4:]] * 3
+
+    run(main())
+
+
+def test_backpressure_stops_reading_and_loses_nothing(tmp_path: Path) -> None:
+    n = 20000
+    exe = py_plugin("flood", COUNT=str(n))
+    install_plugin(tmp_path, "flood", exe)
+
+    async def main() -> None:
+        # A 256 KiB buffer: the plugin's 6 MB can only get through as the consumer drains.
+        async with Harness(tmp_path, max_bytes=256 * 1024) as h:
+            await h.sup.sync([local_spec("flood", exe)])
+            await asyncio.sleep(1.0)
+            assert h.buffer.queued_bytes <= 256 * 1024
+            seqs: list[int] = []
+            deadline = time.monotonic() + 30
+            while len(seqs) < n and time.monotonic() < deadline:
+                batch = h.buffer.take(64 * 1024)
+                seqs += [int(Record.FromString(r).data.fields["seq"]) for r in batch.records]
+                await asyncio.sleep(0.001)
+            assert seqs == list(range(n))
+            info = h.sup.slot_info("flood")
+            assert info is not None
+            assert info[2].backpressure_seconds > 0.5
+
+    run(main())
+
+
+def test_tasks_fail_for_unknown_dead_and_full(tmp_path: Path, fast_backoff: None) -> None:
+    stuck = sh_plugin("exec sleep 1000")  # never reads fd 3
+    dead = sh_plugin("exit 0")
+    install_plugin(tmp_path, "stuck", stuck)
+    install_plugin(tmp_path, "dead", dead)
+
+    async def main() -> None:
+        async with Harness(tmp_path, config=PluginsConfig(task_queue=4)) as h:
+            await h.sup.sync([local_spec("stuck", stuck), local_spec("dead", dead)])
+            with pytest.raises(TaskFailed, match="no such plugin: nope"):
+                await h.sup.send_task(TaskSpec(1, "nope", "", "t"))
+            await until(lambda: h.sup.slot_info("dead")[0] is State.BACKING_OFF)  # type: ignore[index]
+            with pytest.raises(TaskFailed, match="not running"):
+                await h.sup.send_task(TaskSpec(1, "dead", "", "t"))
+            await until(lambda: h.sup.slot_info("stuck")[3] is not None)  # type: ignore[index]
+            big = "x" * (1 << 20)  # a pipe holds 64 KiB: the writer blocks on the first task
+            for _ in range(4 + 1):  # the writer holds one, the queue four
+                await h.sup.send_task(TaskSpec(1, "stuck", big, "t"))
+                await asyncio.sleep(0.05)
+            with pytest.raises(TaskFailed, match="full"):
+                await h.sup.send_task(TaskSpec(1, "stuck", big, "t"))
+
+    run(main())
+
+
+def test_stop_closes_pipes_then_kills_the_group_within_10_s(tmp_path: Path) -> None:
+    polite = sh_plugin("exec cat <&3 >/dev/null")
+    # Ignores the closed pipes and SIGTERM, and has a child in its group.
+    stubborn = sh_plugin("trap '' TERM PIPE\nsleep 1000 &\nwhile :; do sleep 1; done")
+    install_plugin(tmp_path, "polite", polite)
+    install_plugin(tmp_path, "stubborn", stubborn)
+
+    async def main() -> tuple[float, list[int]]:
+        h = Harness(tmp_path)
+        async with h:
+            await h.sup.sync([local_spec("polite", polite), local_spec("stubborn", stubborn)])
+            await until(lambda: all(h.sup.slot_info(n)[3] for n in ("polite", "stubborn")))  # type: ignore[index]
+            pgid = h.sup.slot_info("stubborn")[3]  # type: ignore[index]
+            assert pgid is not None
+            await until(lambda: len(pids_in_group(pgid)) >= 2, what="the stubborn child")
+            group = pids_in_group(pgid)
+            began = time.monotonic()
+        return time.monotonic() - began, group
+
+    took, group = run(main())
+    assert 9.5 < took < 11.5
+    assert not any(alive(p) for p in group)
+
+
+def test_polite_plugins_stop_fast(tmp_path: Path) -> None:
+    polite = py_plugin("sdk_demo", DEMO_INTERVAL="0.05")
+    install_plugin(tmp_path, "demo", polite)
+
+    async def main() -> float:
+        h = Harness(tmp_path)
+        async with h:
+            await h.sup.sync([local_spec("demo", polite)])
+            await h.wait_records(2)
+            began = time.monotonic()
+        return time.monotonic() - began
+
+    assert run(main()) < 2.0
+
+
+def _supervisor_process(work: Path, *names: str) -> tuple[subprocess.Popen[str], list[int]]:
+    proc = subprocess.Popen(
+        [sys.executable, str(BIN / "run_supervisor.py"), str(work), *names],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().split()
+    assert line[:1] == ["ready"], line
+    return proc, [int(p) for p in line[1:]]
+
+
+def test_sigkilled_supervisor_leaves_plugins_that_the_next_one_reaps(tmp_path: Path) -> None:
+    # Survives its agent: ignores the broken pipes and never reads them.
+    orphan = sh_plugin("trap '' PIPE\nsleep 1000 &\nwhile :; do sleep 1; done")
+    install_plugin(tmp_path, "orphan", orphan)
+    proc, (pgid,) = _supervisor_process(tmp_path, "orphan")
+    time.sleep(0.3)
+    group = pids_in_group(pgid)
+    assert len(group) >= 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    assert all(alive(p) for p in group)  # the Go agent's issue 10: orphans stay
+
+    async def main() -> None:
+        async with Harness(tmp_path) as h:
+            await until(h.sup._ready.is_set)
+            await until(lambda: not any(alive(p) for p in group), limit=5, what="orphans reaped")
+
+    run(main())
+
+
+def test_sigterm_stops_every_plugin_within_10_s(tmp_path: Path) -> None:
+    names = ["a", "b", "c"]
+    for name in names:
+        install_plugin(tmp_path, name, sh_plugin("exec cat <&3 >/dev/null"))
+    install_plugin(tmp_path, "d", sh_plugin("trap '' TERM PIPE\nwhile :; do sleep 1; done"))
+    proc, pgids = _supervisor_process(tmp_path, *names, "d")
+    groups = [p for g in pgids for p in pids_in_group(g)]
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    assert time.monotonic() - began < 11.5
+    assert not any(alive(p) for p in groups)
