@@ -5,6 +5,7 @@ on a background thread."""
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 
 from elkeid_center.certs import CertFiles
@@ -26,6 +27,7 @@ class LocalCenter:
         file_port: int = 0,
         files_dir: str | os.PathLike[str] | None = None,
         server_tls: ServerTls | None = None,
+        files_ssl: ssl.SSLContext | None = None,
     ) -> None:
         self.certs = certs
         self.host = host
@@ -36,7 +38,7 @@ class LocalCenter:
         self.sd = ServiceDiscovery()
         self.files = FileServer(Path(files_dir) if files_dir is not None else None)
         self.sd_http = HttpServer(self.sd.handle, host, sd_port)
-        self.file_http = HttpServer(self.files.handle, host, file_port)
+        self.file_http = HttpServer(self.files.handle, host, file_port, files_ssl)
 
     async def start(self) -> None:
         """Start everything; service discovery initially points at this center."""
@@ -51,4 +53,5 @@ class LocalCenter:
         await self.file_http.close()
 
     def file_url(self, name: str) -> str:
-        return f"http://{self.host}:{self.file_http.port}/{name.lstrip('/')}"
+        scheme = "https" if self.file_http.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.file_http.port}/{name.lstrip('/')}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,11 +251,13 @@ def generate_server_cert(
     directory: str | os.PathLike[str],
     *,
     names: tuple[str, ...] = ("wrong.example.com",),
+    stem: str = "server",
 ) -> tuple[Path, Path]:
-    """Sign a server cert for `names` (not `elkeid.com`) with the CA of `ca`.
+    """Sign a server cert for `names` (DNS names or IP literals) with the CA of `ca`.
 
-    Returns (cert path, key path) written into `directory` as server.crt / server.key,
-    for tests that check the agent verifies the name and not only the chain.
+    Returns (cert path, key path) written into `directory` as `<stem>.crt` /
+    `<stem>.key`. With the default name it serves tests that check the agent verifies
+    the name and not only the chain; `https_context` uses it for the file server.
     """
     ca_cert = x509.load_pem_x509_certificate(ca.ca.read_bytes())
     ca_key = serialization.load_pem_private_key(ca.ca_key.read_bytes(), password=None)
@@ -263,7 +266,16 @@ def generate_server_cert(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     cert, key = _make_leaf(ca_cert, ca_key, names[0], server=True, dns_names=names)
-    cert_path, key_path = out / SERVER_CERT, out / SERVER_KEY
+    cert_path, key_path = out / f"{stem}.crt", out / f"{stem}.key"
     _write_key(key_path, key)
     _write_cert(cert_path, cert)
     return cert_path, key_path
+
+
+def https_context(ca: CertFiles, host: str) -> ssl.SSLContext:
+    """A TLS server context for HTTP on `host` (an IP or a name) with a cert from the CA
+    of `ca`, so a client trusting only `ca.crt` can verify downloads over HTTPS."""
+    cert, key = generate_server_cert(ca, ca.directory, names=(host, "localhost"), stem="https")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx

@@ -29,7 +29,7 @@ import grpc
 from elkeid_agent._proto import grpc_pb2
 from elkeid_center.agent_config import Compression, write_agent_config
 from elkeid_center.center import LocalCenter
-from elkeid_center.certs import SERVER_NAME, CertFiles, ensure_certs
+from elkeid_center.certs import SERVER_NAME, CertFiles, ensure_certs, https_context
 from elkeid_center.httpd import BackendLike
 from elkeid_center.server import (
     ConfigLike,
@@ -148,6 +148,7 @@ class CenterThread:
     there; without it a temporary directory is used and removed on close.
     `server_cert`/`server_key` replace what the gRPC server presents (for tests with a
     wrong name or an unrelated CA); clients are still checked against `certs_dir`'s CA.
+    `files_tls` serves downloads over HTTPS with a cert for `host` from the same CA.
     """
 
     def __init__(
@@ -162,6 +163,7 @@ class CenterThread:
         server_cert: str | os.PathLike[str] | None = None,
         server_key: str | os.PathLike[str] | None = None,
         configs: Iterable[ConfigLike] | None = None,
+        files_tls: bool = False,
     ) -> None:
         self._tmp: str | None = None
         if certs_dir is None:
@@ -181,6 +183,7 @@ class CenterThread:
             file_port=file_port,
             files_dir=files_dir,
             server_tls=tls,
+            files_ssl=https_context(self.certs, host) if files_tls else None,
         )
         if configs is not None:
             self.center.grpc.set_configs(configs)

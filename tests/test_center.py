@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import socket
+import ssl
 import stat
 import struct
 import subprocess
@@ -634,3 +635,15 @@ def test_too_frequent_client_pings_close_the_connection(center: CenterThread) ->
             stream.recv(timeout=20)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "ping" in (err.value.details() or "").lower()
+
+
+def test_https_file_server_verifies_against_the_ca(certs: CertFiles, tmp_path: Path) -> None:
+    (tmp_path / "agent.bin").write_bytes(b"payload")
+    with CenterThread(certs.directory, files_dir=tmp_path, files_tls=True) as center:
+        url = center.file_url("agent.bin")
+        assert url.startswith("https://127.0.0.1:")
+        trusting = ssl.create_default_context(cafile=str(certs.ca))
+        with urllib.request.urlopen(url, timeout=10, context=trusting) as response:
+            assert response.read() == b"payload"
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(url, timeout=10, context=ssl.create_default_context())
