@@ -74,7 +74,7 @@ def test_a_stalled_body_times_out_and_nothing_is_left(tmp_path: Path) -> None:
     port = server.getsockname()[1]
 
     async def main(tmp: Path) -> None:
-        with pytest.raises(DownloadError, match="within 0.5 s"):
+        with pytest.raises(DownloadError, match=r"within 0\.5 s"):
             await download_verified([f"http://127.0.0.1:{port}/x"], "00" * 32, tmp, timeout=0.5)
 
     run(main(tmp_path))
