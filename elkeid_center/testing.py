@@ -248,6 +248,10 @@ class CenterThread:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(CALL_TIMEOUT_S)
 
     def _on_loop(self, fn: Callable[[], T]) -> T:
+        """Run `fn` where the server state lives: on the loop, or here before start()."""
+        if self._loop is None:
+            return fn()
+
         async def run() -> T:
             return fn()
 

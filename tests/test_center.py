@@ -254,6 +254,18 @@ def test_first_heartbeat_pushes_configs_once_per_stream(
         center.set_configs([{"name": "x", "bogus": 1}])
 
 
+def test_configs_can_be_set_before_start(certs: CertFiles) -> None:
+    center = CenterThread(certs.directory)
+    center.set_configs([{"name": "early", "version": "1"}])
+    assert center.send_task(1060, "elkeid-agent") == 0
+    with center, client_channel(center.address, certs) as ch:
+        stream = open_stream(ch)
+        stream.send(heartbeat())
+        command = stream.recv()
+        assert command is not None
+        assert [c.name for c in command.configs] == ["early"]
+
+
 def test_no_configs_set_means_no_push(center: CenterThread, channel: grpc.Channel) -> None:
     stream = open_stream(channel)
     stream.send(heartbeat())
