@@ -1,0 +1,481 @@
+"""The self-upgrade: the `Upgrader` the Dispatcher calls, and the start-up check.
+
+Two entry points, two processes:
+
+* `check_pending_upgrade(work_dir)` runs first thing in every agent start, before the event
+  loop. It finds the upgrade record, counts this start, and when the new version is out of
+  chances (more than `max_unconfirmed_starts` starts, or `confirm_bound` seconds since the
+  swap) it restores the previous executable, quarantines the version and tells the caller to
+  exit, so the service manager starts the old one again.
+* `UpgradeManager` lives in the running agent. `consider()` (from the Dispatcher) only
+  records the wish; `run()` (a task of the agent's TaskGroup) does the work one attempt at a
+  time: download and verify into `<work_dir>/tmp`, extract the candidate, probe it with
+  `--version`, swap, ask the agent to exit. In the new process it also waits for `confirm()`
+  (the first heartbeat went out on a stream) and rolls back when the bound passes first.
+
+Every state change goes through `state.UpgradeMachine`; the heartbeat reports `state` and
+`last_error`, and a failure also marks the agent abnormal through `errors["upgrade"]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import ssl
+import tempfile
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from elkeid_agent.childenv import child_env
+from elkeid_agent.commands import ConfigSpec, task_result
+from elkeid_agent.download import DownloadError, download_verified, sha256_file
+from elkeid_agent.upgrade import swap
+from elkeid_agent.upgrade.artifact import (
+    MAX_CANDIDATE_BYTES,
+    ArtifactKind,
+    BadArtifact,
+    extract_candidate,
+)
+from elkeid_agent.upgrade.probe import probe_verdict, run_bounded
+from elkeid_agent.upgrade.record import (
+    CorruptFile,
+    Method,
+    Quarantine,
+    UpgradeRecord,
+    Verdict,
+    decide_at_start,
+)
+from elkeid_agent.upgrade.state import Event, UpgradeMachine, UpgradeState
+from elkeid_agent.version import VERSION
+
+log = logging.getLogger(__name__)
+
+EXECUTABLE = "elkeid-agent"
+PREV_SUFFIX = ".prev"
+#: The token of the 5100 records reporting an upgrade's outcome (no task asked for it).
+RESULT_TOKEN = "upgrade"
+#: The key in the agent's `errors` (the heartbeat's state_detail).
+ERROR_KEY = "upgrade"
+#: `dpkg -S` / `rpm -qf` answer in well under a second; a stuck database lock should not
+#: hold the upgrade for long.
+OWNER_QUERY_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class UpgradeSettings:
+    confirm_bound: float = 600.0  # seconds from the swap to the new version's confirmation
+    max_unconfirmed_starts: int = 3
+    probe_timeout: float = 60.0  # `--version` under a 10 % CPU quota takes ~12 s (staticx)
+    quarantine_seconds: float = 24 * 3600.0
+    #: The same version and sha256 are not tried again this soon after a failed attempt
+    #: (the server pushes its Configs on every reconnect).
+    retry_after: float = 600.0
+    download_timeout: float = 600.0
+    max_artifact_bytes: int = 512 * 1024 * 1024
+    max_candidate_bytes: int = MAX_CANDIDATE_BYTES
+    package_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class StartupResult:
+    """What `check_pending_upgrade` found and did."""
+
+    exit: bool  # the previous executable is back in place: exit so it is started
+    state: UpgradeState
+    error: str = ""  # for the heartbeat: why the last upgrade failed or was rolled back
+    record: UpgradeRecord | None = None  # pending: this process must confirm it
+
+
+class UpgradeFailed(Exception):
+    """One step of an attempt failed; the message is the reason reported."""
+
+
+def _target(work_dir: Path) -> Path:
+    return work_dir / EXECUTABLE
+
+
+def _read_quarantine(work_dir: Path) -> Quarantine:
+    try:
+        return swap.read_quarantine(work_dir)
+    except CorruptFile as exc:
+        log.error("upgrade: %s; starting a new quarantine list", exc)
+        return Quarantine()
+
+
+def roll_back(
+    work_dir: Path, record: UpgradeRecord, reason: str, now: float, settings: UpgradeSettings
+) -> str:
+    """Quarantine `record.to_version`, mark the record rolled back, restore the previous
+    executable. In this order, so a kill at any point is finished by the next start (the
+    record says "rolled_back" before the executable changes). Returns the message."""
+    until = now + settings.quarantine_seconds
+    quarantine = _read_quarantine(work_dir).add(record.to_version, until, now)
+    swap.write_quarantine(work_dir, quarantine)
+    swap.write_record(work_dir, msgspec.structs.replace(record, phase="rolled_back",
+                                                        reason=reason))
+    prev, target = Path(record.prev), Path(record.target)
+    swap.copy_atomic(prev, target, swap.executable_mode(target))
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until))
+    message = (f"upgrade from {record.from_version} to {record.to_version} rolled back: "
+               f"{reason}; {record.to_version} quarantined until {stamp}")
+    if record.method != "file":
+        message += (f" (the {record.method} database still lists {record.to_version}; "
+                    f"the executable is {record.from_version})")
+    return message
+
+
+def check_pending_upgrade(
+    work_dir: Path,
+    version: str = VERSION,
+    settings: UpgradeSettings | None = None,
+    now: float | None = None,
+) -> StartupResult:
+    """The start-up check; call it before anything else starts. Blocking, fast."""
+    settings = settings or UpgradeSettings()
+    now = time.time() if now is None else now
+    try:
+        record = swap.read_record(work_dir)
+    except CorruptFile as exc:
+        log.error("upgrade: %s; removed", exc)
+        swap.remove_record(work_dir)
+        return StartupResult(False, UpgradeState.IDLE, f"corrupt upgrade record: {exc}")
+    decision = decide_at_start(record, version, now, bound=settings.confirm_bound,
+                               max_starts=settings.max_unconfirmed_starts)
+    verdict, kept = decision.verdict, decision.record
+    if verdict is Verdict.NONE:
+        return StartupResult(False, UpgradeState.IDLE)
+    if verdict is Verdict.AWAIT_CONFIRM:
+        assert kept is not None
+        swap.write_record(work_dir, kept)
+        log.info("upgrade from %s to %s: start %d of %d, confirming once connected",
+                 kept.from_version, version, kept.starts_without_confirm,
+                 settings.max_unconfirmed_starts)
+        return StartupResult(False, UpgradeState.SWAPPED, record=kept)
+    if verdict is Verdict.ROLL_BACK:
+        assert kept is not None
+        try:
+            message = roll_back(work_dir, kept, decision.reason, now, settings)
+        except OSError as exc:
+            # No way back (the saved executable is gone): running on beats exiting forever.
+            swap.remove_record(work_dir)
+            error = f"upgrade to {version} not confirmed, and rollback failed: {exc}"
+            log.critical("%s", error)
+            return StartupResult(False, UpgradeState.IDLE, error)
+        log.error("%s; exiting so that %s starts", message, kept.from_version)
+        return StartupResult(True, UpgradeState.ROLLED_BACK, message)
+    swap.remove_record(work_dir)
+    if verdict is Verdict.REPORT_ROLLBACK:
+        until = _read_quarantine(work_dir).until(record.to_version if record else "", now)
+        log.error("back on %s after a rollback: %s", version, decision.reason)
+        state = UpgradeState.QUARANTINED if until else UpgradeState.IDLE
+        return StartupResult(False, state, decision.reason)
+    if verdict is Verdict.NOT_TAKEN:
+        log.error("upgrade: %s", decision.reason)
+        return StartupResult(False, UpgradeState.IDLE, decision.reason)
+    log.warning("upgrade: %s", decision.reason)
+    return StartupResult(False, UpgradeState.IDLE)
+
+
+class UpgradeManager:
+    """The agent's Upgrader (commands.Upgrader) and the keeper of the upgrade state."""
+
+    def __init__(
+        self,
+        work_dir: Path,
+        *,
+        emit: Callable[[bytes], None],
+        errors: MutableMapping[str, str],
+        request_exit: Callable[[], None],
+        startup: StartupResult,
+        env: Mapping[str, str],
+        settings: UpgradeSettings | None = None,
+        version: str = VERSION,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.work_dir = work_dir
+        self.target = _target(work_dir)
+        self.emit = emit
+        self.errors = errors
+        self.request_exit = request_exit
+        self.env = env
+        self.settings = settings or UpgradeSettings()
+        self.version = version
+        self.ssl_context = ssl_context
+        self.machine = UpgradeMachine()
+        self.last_error = ""
+        self._record: UpgradeRecord | None = None  # ours to confirm
+        self._pending: ConfigSpec | None = None
+        self._wake = asyncio.Event()
+        self._retry_at: dict[tuple[str, str], float] = {}
+        self._said: set[str] = set()  # refusals already logged (log once)
+        if startup.state is UpgradeState.SWAPPED:
+            self.machine.handle(Event.RESUMED)
+            self._record = startup.record
+        elif startup.state is UpgradeState.QUARANTINED:
+            self.machine.handle(Event.RESTORED)
+        if startup.error:
+            self._set_error(startup.error)
+            self.emit(task_result(RESULT_TOKEN, False, startup.error))
+
+    # -- what the agent reads -------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self.machine.state.value
+
+    def _set_error(self, message: str) -> None:
+        self.last_error = message
+        self.errors[ERROR_KEY] = message
+
+    def _clear_error(self) -> None:
+        self.last_error = ""
+        self.errors.pop(ERROR_KEY, None)
+
+    def _say_once(self, key: str, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            log.warning("%s", message)
+
+    # -- Upgrader ---------------------------------------------------------------------------------
+
+    async def consider(self, config: ConfigSpec) -> None:
+        """Note the wish; `run()` acts on it. Never blocks the Dispatcher."""
+        if not config.version or config.version == self.version:
+            # The server wants what runs: any earlier failure is no longer news.
+            self._pending = None
+            if self.machine.state is not UpgradeState.SWAPPED:
+                self._clear_error()
+            return
+        refusal = self._refusal(config)
+        if refusal is not None:
+            self._say_once(f"{config.version}/{config.sha256}/{refusal}", refusal)
+            return
+        self._pending = config
+        self._wake.set()
+
+    def _refusal(self, config: ConfigSpec) -> str | None:
+        """Why `config` is not tried now (None: try it)."""
+        if self.machine.state is UpgradeState.SWAPPED:
+            return f"upgrade to {config.version} ignored: an upgrade is not confirmed yet"
+        now = time.time()
+        until = _read_quarantine(self.work_dir).until(config.version, now)
+        if until is not None:
+            return (f"upgrade to {config.version} ignored: quarantined for another "
+                    f"{until - now:.0f} s after a rollback")
+        retry = self._retry_at.get((config.version, config.sha256))
+        if retry is not None and retry > time.monotonic():
+            return (f"upgrade to {config.version} failed recently; retried in "
+                    f"{max(0.0, retry - time.monotonic()):.0f} s at the earliest")
+        return None
+
+    def confirm(self) -> None:
+        """The new version reached the server (a stream carried its first heartbeat)."""
+        record = self._record
+        if self.machine.state is not UpgradeState.SWAPPED or record is None:
+            return
+        swap.remove_record(self.work_dir)
+        self._record = None
+        self.machine.handle(Event.CONFIRMED)
+        self._clear_error()
+        message = f"upgraded from {record.from_version} to {self.version}: confirmed"
+        log.info("%s", message)
+        self.emit(task_result(RESULT_TOKEN, True, message))
+
+    # -- the worker -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """One attempt at a time; the confirmation bound while ours is unconfirmed."""
+        while True:
+            try:
+                async with asyncio.timeout(self._bound_left()):
+                    await self._wake.wait()
+            except TimeoutError:
+                self._bound_passed()
+                continue
+            self._wake.clear()
+            config, self._pending = self._pending, None
+            if config is None:
+                continue
+            refusal = self._refusal(config)
+            if refusal is not None:
+                self._say_once(f"{config.version}/{config.sha256}/{refusal}", refusal)
+                continue
+            await self._attempt(config)
+
+    def _bound_left(self) -> float | None:
+        if self._record is None or self.machine.state is not UpgradeState.SWAPPED:
+            return None
+        return max(0.0, self._record.started_at + self.settings.confirm_bound - time.time())
+
+    def _bound_passed(self) -> None:
+        record = self._record
+        if record is None or self.machine.state is not UpgradeState.SWAPPED:
+            return
+        reason = f"{self.version} did not reach the server within {self.settings.confirm_bound:g} s"
+        self._record = None
+        try:
+            message = roll_back(self.work_dir, record, reason, time.time(), self.settings)
+        except OSError as exc:
+            swap.remove_record(self.work_dir)
+            self.machine.handle(Event.CONFIRMED)
+            self._set_error(f"{reason}, and rollback failed: {exc}; keeping {self.version}")
+            log.critical("%s", self.last_error)
+            return
+        self.machine.handle(Event.ROLLED_BACK)
+        self.machine.handle(Event.QUARANTINED)
+        self._set_error(message)
+        log.error("%s; exiting so that %s starts", message, record.from_version)
+        self.request_exit()
+
+    async def _attempt(self, config: ConfigSpec) -> None:
+        self.machine.handle(Event.START)
+        self._clear_error()
+        log.info("upgrade from %s to %s: starting", self.version, config.version)
+        tmp = self.work_dir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        attempt_dir = Path(tempfile.mkdtemp(prefix="upgrade-", dir=tmp))
+        try:
+            await self._fetch_probe_swap(config, attempt_dir)
+        except UpgradeFailed as exc:
+            self._failed(config, str(exc))
+        finally:
+            shutil.rmtree(attempt_dir, ignore_errors=True)
+
+    def _failed(self, config: ConfigSpec, reason: str) -> None:
+        event = Event.SWAP_FAILED if self.machine.state is UpgradeState.SWAPPED else Event.FAILED
+        self.machine.handle(event)
+        self._retry_at[(config.version, config.sha256)] = (
+            time.monotonic() + self.settings.retry_after
+        )
+        message = f"upgrade from {self.version} to {config.version} failed: {reason}"
+        self._set_error(message)
+        log.error("%s", message)
+        self.emit(task_result(RESULT_TOKEN, False, message))
+
+    async def _fetch_probe_swap(self, config: ConfigSpec, attempt_dir: Path) -> None:
+        s = self.settings
+        try:
+            artifact = await download_verified(
+                config.download_urls, config.sha256, attempt_dir,
+                max_bytes=s.max_artifact_bytes, timeout=s.download_timeout,
+                ssl_context=self.ssl_context,
+            )
+        except DownloadError as exc:
+            raise UpgradeFailed(f"download: {exc}") from exc
+        candidate = attempt_dir / EXECUTABLE
+        kind = await asyncio.to_thread(_extract, artifact, candidate, s.max_candidate_bytes)
+        log.info("upgrade to %s: %s artifact verified, probing %s --version",
+                 config.version, kind, candidate)
+        result = await run_bounded(
+            [str(candidate), "--version"], child_env(self.env),
+            timeout=s.probe_timeout, output=attempt_dir / "probe.out",
+        )
+        reason = probe_verdict(result, config.version, s.probe_timeout)
+        if reason is not None:
+            raise UpgradeFailed(f"probe: {reason}")
+        if kind in (ArtifactKind.DEB, ArtifactKind.RPM) and await self._owned_by(kind):
+            await self._package_swap(config, kind, artifact, attempt_dir)
+        else:
+            await self._file_swap(config, candidate)
+
+    async def _owned_by(self, kind: ArtifactKind) -> bool:
+        """True if the package manager of `kind` installed the executable."""
+        tool, flag = swap.OWNER_QUERY[kind]
+        path = swap.find_tool(tool, self.env)
+        if path is None:
+            return False
+        with tempfile.NamedTemporaryFile(dir=self.work_dir / "tmp") as out:
+            result = await run_bounded([path, flag, str(self.target)], child_env(self.env),
+                                       timeout=OWNER_QUERY_TIMEOUT, output=Path(out.name))
+        return result.returncode == 0
+
+    def _new_record(self, config: ConfigSpec, method: Method) -> UpgradeRecord:
+        return UpgradeRecord(
+            from_version=self.version, to_version=config.version, started_at=time.time(),
+            target=str(self.target), prev=str(self._prev()), method=method,
+        )
+
+    def _prev(self) -> Path:
+        return self.target.with_name(EXECUTABLE + PREV_SUFFIX)
+
+    def _save_current(self) -> None:
+        try:
+            swap.copy_atomic(self.target, self._prev(), swap.executable_mode(self.target))
+        except OSError as exc:
+            raise UpgradeFailed(f"cannot save the running executable {self.target}: {exc}") from exc
+
+    async def _file_swap(self, config: ConfigSpec, candidate: Path) -> None:
+        # Order matters for a kill at any instant: the old executable is saved and the
+        # record written before the target changes, so the new process always finds both.
+        await asyncio.to_thread(self._save_current)
+        record = self._new_record(config, "file")
+        try:
+            await asyncio.to_thread(swap.write_record, self.work_dir, record)
+            await asyncio.to_thread(swap.copy_atomic, candidate, self.target,
+                                    swap.executable_mode(self.target))
+        except OSError as exc:
+            swap.remove_record(self.work_dir)
+            raise UpgradeFailed(f"cannot replace {self.target}: {exc}") from exc
+        self._swapped(record)
+
+    async def _package_swap(self, config: ConfigSpec, kind: ArtifactKind, artifact: Path,
+                            attempt_dir: Path) -> None:
+        await asyncio.to_thread(self._save_current)
+        method: Method = "dpkg" if kind is ArtifactKind.DEB else "rpm"
+        # The package manager wants a proper suffix; the download is a temporary file. (Not
+        # the version in the name: it comes from the server and may hold a "/".)
+        package = attempt_dir / f"candidate.{kind.value}"
+        await asyncio.to_thread(artifact.rename, package)
+        unit = f"elkeid-agent-upgrade-{int(time.time())}"
+        argv = swap.install_argv(kind, package, self.env, unit)
+        if argv is None:
+            raise UpgradeFailed(f"{method} is not installed")
+        record = self._new_record(config, method)
+        await asyncio.to_thread(swap.write_record, self.work_dir, record)
+        self.machine.handle(Event.SWAPPED)
+        self._record = None  # the new process confirms it, not us
+        log.info("upgrade to %s: running %s", config.version, " ".join(argv))
+        result = await run_bounded(argv, child_env(self.env), timeout=self.settings.package_timeout,
+                                   output=attempt_dir / "install.out", survive_cancel=True)
+        unchanged = await asyncio.to_thread(_same_file, self.target, self._prev())
+        if result.returncode != 0 and unchanged:
+            swap.remove_record(self.work_dir)
+            raise UpgradeFailed(
+                f"{' '.join(argv[-2:])} failed ({result.exec_error or result.returncode}): "
+                f"{result.output.strip()[-500:]}"
+            )
+        if result.returncode != 0:
+            log.warning("%s reported a failure but replaced the executable: %s",
+                        method, result.output.strip()[-500:])
+        self._announce_swap(record)
+
+    def _swapped(self, record: UpgradeRecord) -> None:
+        self.machine.handle(Event.SWAPPED)
+        self._announce_swap(record)
+
+    def _announce_swap(self, record: UpgradeRecord) -> None:
+        log.info("upgrade from %s to %s: %s swapped (%s); exiting so that it starts",
+                 record.from_version, record.to_version, record.target, record.method)
+        self.request_exit()
+
+
+def _extract(artifact: Path, candidate: Path, max_bytes: int) -> ArtifactKind:
+    try:
+        with artifact.open("rb") as src, candidate.open("xb") as out:
+            kind = extract_candidate(src, out, max_bytes=max_bytes)
+    except BadArtifact as exc:
+        raise UpgradeFailed(f"artifact: {exc}") from exc
+    candidate.chmod(0o700)
+    return kind
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return sha256_file(a) == sha256_file(b)
+    except OSError:
+        return False
