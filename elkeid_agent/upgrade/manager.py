@@ -41,7 +41,12 @@ from elkeid_agent.upgrade.artifact import (
     BadArtifact,
     extract_candidate,
 )
-from elkeid_agent.upgrade.probe import probe_verdict, run_bounded
+from elkeid_agent.upgrade.probe import (
+    ELF_HEAD_BYTES,
+    architecture_verdict,
+    probe_verdict,
+    run_bounded,
+)
 from elkeid_agent.upgrade.record import (
     CorruptFile,
     Method,
@@ -64,6 +69,9 @@ ERROR_KEY = "upgrade"
 #: `dpkg -S` / `rpm -qf` answer in well under a second; a stuck database lock should not
 #: hold the upgrade for long.
 OWNER_QUERY_TIMEOUT = 30.0
+#: The running program (the frozen executable, or the Python interpreter from source): the
+#: architecture a candidate must have.
+OWN_EXECUTABLE = Path("/proc/self/exe")
 
 
 @dataclass(frozen=True)
@@ -369,6 +377,9 @@ class UpgradeManager:
             raise UpgradeFailed(f"download: {exc}") from exc
         candidate = attempt_dir / EXECUTABLE
         kind = await asyncio.to_thread(_extract, artifact, candidate, s.max_candidate_bytes)
+        foreign = await asyncio.to_thread(_foreign_architecture, candidate)
+        if foreign is not None:
+            raise UpgradeFailed(f"probe: {foreign}")
         log.info("upgrade to %s: %s artifact verified, probing %s --version",
                  config.version, kind, candidate)
         result = await run_bounded(
@@ -472,6 +483,11 @@ def _extract(artifact: Path, candidate: Path, max_bytes: int) -> ArtifactKind:
         raise UpgradeFailed(f"artifact: {exc}") from exc
     candidate.chmod(0o700)
     return kind
+
+
+def _foreign_architecture(candidate: Path) -> str | None:
+    with candidate.open("rb") as theirs, OWN_EXECUTABLE.open("rb") as ours:
+        return architecture_verdict(theirs.read(ELF_HEAD_BYTES), ours.read(ELF_HEAD_BYTES))
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 import signal
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -130,6 +131,34 @@ async def run_bounded(
         timed_out=timed_out,
         too_much_output=too_much,
     )
+
+
+#: ELF e_machine values of the architectures Elkeid hosts run, for messages.
+ELF_MACHINES = {3: "x86", 8: "mips", 20: "ppc", 21: "ppc64", 22: "s390x", 40: "arm",
+                62: "x86-64", 183: "aarch64", 243: "riscv64", 258: "loongarch64"}
+ELF_HEAD_BYTES = 20
+
+
+def elf_machine(head: bytes) -> int | None:
+    """The e_machine of an ELF file from its first 20 bytes; None if it is not ELF."""
+    if len(head) < ELF_HEAD_BYTES or not head.startswith(b"\x7fELF"):
+        return None
+    order = "<" if head[5] == 1 else ">"
+    machine: int = struct.unpack_from(order + "H", head, 18)[0]
+    return machine
+
+
+def architecture_verdict(candidate_head: bytes, own_head: bytes) -> str | None:
+    """Why the candidate cannot be ours (None: same machine, or not both ELF).
+
+    Checked before the probe runs: a host with qemu registered in binfmt_misc would run a
+    foreign executable under emulation, and its `--version` would pass.
+    """
+    theirs, ours = elf_machine(candidate_head), elf_machine(own_head)
+    if theirs is None or ours is None or theirs == ours:
+        return None
+    return (f"built for {ELF_MACHINES.get(theirs, f'machine {theirs}')}, this agent runs on "
+            f"{ELF_MACHINES.get(ours, f'machine {ours}')}")
 
 
 def probe_verdict(result: RunResult, expected: str, timeout: float) -> str | None:
