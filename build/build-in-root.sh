@@ -19,6 +19,8 @@ work=${BUILD_WORK:-/var/tmp/elkeid-build}
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(date +%s)}
 # PyInstaller's own advice for reproducible output: fixed hash seed for its build.
 export PYTHONHASHSEED=0 PYTHONDONTWRITEBYTECODE=1
+# The PYZ of Python modules is compressed at level 6 by default (the rest at 9).
+export PYINSTALLER_ZLIB_COMPRESSION_LEVEL=9
 t0=$(date +%s)
 step() { echo "build-in-root: [$(( $(date +%s) - t0 ))s] $*" >&2; }
 

@@ -40,6 +40,10 @@ case $arch in
     amd64)
         root=${BUILD_ROOT:-build/cache/roots/bookworm-build-amd64}
         say "build root $root"
+        # One build at a time per root: they share its venv and work dir.
+        mkdir -p "$(dirname "$root")"
+        exec 9>"$root.lock"
+        flock 9
         build/mkroot.sh bookworm "$root" amd64 \
             python3,python3-venv,libpython3.11,patchelf,binutils,ca-certificates
         cp "$product" "$out/product.toml"

@@ -177,10 +177,11 @@ def check(path: Path, max_host_glibc: Version, tmp: Path) -> bool:
     provided |= {Path(e.name.split(":", 1)[1]).name for e in inner}
     provided |= {e.soname for e in inner if e.soname}
 
-    libc = [e for e in inner if e.glibc_defined is not None and (e.soname or "").startswith("libc.")]
-    bundled_glibc = max((e.glibc_defined for e in libc if e.glibc_defined), default=None)
+    libcs = [e for e in inner if (e.soname or "").startswith("libc.")]
+    bundled_glibc = max((e.glibc_defined for e in libcs if e.glibc_defined), default=None)
 
-    print(f"{'ELF (outer, staticx archive, PyInstaller archive)':60} {'machine':10} {'GLIBC':>6}  notes")
+    header = "ELF (outer, staticx archive, PyInstaller archive)"
+    print(f"{header:60} {'machine':10} {'GLIBC':>6}  notes")
     for e in [outer, *inner]:
         notes = []
         if e.static:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run a command inside a root filesystem with /proc, /sys, /dev and the project mounted:
 #
-#   build/run-in-root.sh ROOT [--bind HOST_DIR:ROOT_DIR[:ro]]... -- CMD ARGS...
+#   build/run-in-root.sh ROOT [--bind HOST_DIR:ROOT_DIR[:ro]]... [--tmpfs ROOT_DIR[:OPTS]]...
+#                        -- CMD ARGS...
 #
 # The mounts live in a private mount namespace (unshare -m), so they vanish with the
 # command even if it is killed. The environment is rebuilt from scratch: only the pip
@@ -11,9 +12,13 @@ set -euo pipefail
 root=$(cd "$1" && pwd)
 shift
 binds=()
+tmpfses=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do
-    [ "$1" = --bind ] || { echo "run-in-root: unknown option $1" >&2; exit 2; }
-    binds+=("$2")
+    case $1 in
+        --bind) binds+=("$2") ;;
+        --tmpfs) tmpfses+=("$2") ;;
+        *) echo "run-in-root: unknown option $1" >&2; exit 2 ;;
+    esac
     shift 2
 done
 [ "${1:-}" = "--" ] && shift
@@ -37,5 +42,10 @@ for spec in "${binds[@]}"; do
     if [ "${mode:-}" = ro ]; then
         mounts+=" && mount -o remount,bind,ro '$root$root_dir'"
     fi
+done
+for spec in "${tmpfses[@]}"; do
+    IFS=: read -r root_dir opts <<<"$spec"
+    mkdir -p "$root$root_dir"
+    mounts+=" && mount -t tmpfs -o '${opts:-mode=1777}' tmpfs '$root$root_dir'"
 done
 exec unshare -m --propagation private -- sh -c "$mounts && exec chroot '$root' env -i $(printf "'%s' " "${envs[@]}") \"\$@\"" run-in-root "$@"

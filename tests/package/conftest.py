@@ -1,0 +1,160 @@
+"""The x86-64 build, made once per test session, and the root filesystems its tests use.
+
+`amd64_dist` runs `build/dist.sh amd64` (what `make dist` runs) into a temporary
+DIST_DIR with a version of its own, then packages the same executable again as a higher
+version for the upgrade tests. Root filesystems are made with build/mkroot.sh and
+cached under build/cache/roots (about 40-80 s each the first time); tests that change a
+root work on a copy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ROOTS = REPO / "build" / "cache" / "roots"
+CERTS = REPO / "build" / "out" / "test-certs"
+# Distinct from the source's version, so no test passes on a stale or unstamped build.
+TEST_VERSION = "1.9.0.86"
+UPGRADE_VERSION = "1.9.0.87"
+# The port baked into build/product.default.toml: a package works with no config file.
+PRODUCT_PORT = 6751
+ROOT_SPECS = {
+    "bookworm": ("bookworm", ""),
+    "bullseye": ("bullseye", ""),
+    "bookworm-systemd": ("bookworm", "systemd,dbus,systemd-sysv"),
+}
+# Host tools the tests drive; a fresh CI machine may lack them.
+HOST_TOOLS = {
+    "debootstrap": "debootstrap",
+    "rpm": "rpm",
+    "systemd-nspawn": "systemd-container",
+    "nsenter": "util-linux",
+    "unshare": "util-linux",
+}
+
+
+@dataclass(frozen=True)
+class Dist:
+    version: str
+    exe: Path
+    onefile: Path
+    deb: Path
+    rpm: Path
+    deb_upgrade: Path
+    rpm_upgrade: Path
+    certs: Path
+    dir: Path
+
+
+def run(
+    cmd: Sequence[str | os.PathLike[str]],
+    timeout: float = 600,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command; on failure the assertion shows its output."""
+    proc = subprocess.run(
+        [str(c) for c in cmd],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    if check:
+        assert proc.returncode == 0, (
+            f"{cmd} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+def in_root(
+    root: Path,
+    *cmd: str,
+    binds: Sequence[str] = (),
+    tmpfs: Sequence[str] = (),
+    timeout: float = 300,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run cmd chrooted into root with /proc, /sys, /dev (build/run-in-root.sh)."""
+    args: list[str] = [str(REPO / "build" / "run-in-root.sh"), str(root)]
+    for b in binds:
+        args += ["--bind", b]
+    for t in tmpfs:
+        args += ["--tmpfs", t]
+    return run([*args, "--", *cmd], timeout=timeout, check=check)
+
+
+def _ensure_host_tools() -> None:
+    missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None})
+    if missing:
+        run(["apt-get", "update", "-qq"], timeout=600)
+        run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], timeout=900)
+
+
+@pytest.fixture(scope="session")
+def host_ready() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("packaging tests need root (chroot, mounts, debootstrap, dpkg --root)")
+    _ensure_host_tools()
+
+
+@pytest.fixture(scope="session")
+def amd64_dist(host_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Dist:
+    out = tmp_path_factory.mktemp("amd64-dist")
+    env = {**os.environ, "BUILD_VERSION": TEST_VERSION, "DIST_DIR": str(out)}
+    started = time.monotonic()
+    run([REPO / "build" / "dist.sh", "amd64"], timeout=1800, env=env)
+    seconds = time.monotonic() - started
+    exe = out / f"elkeid-agent-{TEST_VERSION}-linux-amd64"
+    # The same executable as a higher package version: what dpkg/rpm upgrades exercise.
+    run([REPO / "build" / "package.sh", "amd64", exe, UPGRADE_VERSION, CERTS, out])
+    (out / "build-seconds").write_text(f"{seconds:.0f}\n")
+    return Dist(
+        version=TEST_VERSION,
+        exe=exe,
+        onefile=REPO / "build" / "out" / "amd64" / "elkeid-agent.onefile",
+        deb=out / f"elkeid-agent_{TEST_VERSION}_amd64.deb",
+        rpm=out / f"elkeid-agent-{TEST_VERSION}.x86_64.rpm",
+        deb_upgrade=out / f"elkeid-agent_{UPGRADE_VERSION}_amd64.deb",
+        rpm_upgrade=out / f"elkeid-agent-{UPGRADE_VERSION}.x86_64.rpm",
+        certs=CERTS,
+        dir=out,
+    )
+
+
+def cached_root(name: str) -> Path:
+    """A pristine root from ROOT_SPECS, made once (build/mkroot.sh) and reused."""
+    suite, include = ROOT_SPECS[name]
+    root = ROOTS / f"{name}-min-amd64" if not include else ROOTS / f"{name}-amd64"
+    run([REPO / "build" / "mkroot.sh", suite, root, "amd64", include], timeout=900)
+    return root
+
+
+def copy_root(name: str, dest: Path) -> Path:
+    """A private copy of a cached root, for tests that install into it."""
+    src = cached_root(name)
+    run(["cp", "-a", "--reflink=auto", src, dest], timeout=600)
+    return dest
+
+
+RootCopy = Callable[[str], Path]
+
+
+@pytest.fixture
+def root_copy(host_ready: None, tmp_path: Path) -> RootCopy:
+    """make(name): a private copy of a cached root under this test's tmp_path."""
+
+    def make(name: str) -> Path:
+        return copy_root(name, tmp_path / f"root-{name}")
+
+    return make
