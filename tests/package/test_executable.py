@@ -126,7 +126,7 @@ def test_noexec_tmp_does_not_stop_it(amd64_dist: Dist) -> None:
         f"TMPDIR=/etc/elkeid/tmp {exe} --version && "
         f"TMPDIR=/etc/elkeid/tmp {exe} ctl --work-dir /etc/elkeid set --idc idc-noexec && "
         "cat /etc/elkeid/specified_env && "
-        "test -z \"$(ls -A /tmp)\" && test -z \"$(ls -A /etc/elkeid/tmp)\" && "
+        'test -z "$(ls -A /tmp)" && test -z "$(ls -A /etc/elkeid/tmp)" && '
         "mount | grep ' /tmp '"
     )
     out = in_root(

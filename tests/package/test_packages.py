@@ -1,0 +1,158 @@
+"""deb and rpm: exact contents, install, upgrade, removal, in Debian roots."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, UPGRADE_VERSION, Dist, RootCopy, in_root, run
+
+pytestmark = [pytest.mark.package, pytest.mark.timeout(1800)]
+
+# (mode, owner/group, path) as `dpkg-deb -c` shows them; nFPM adds the parents.
+DEB_CONTENTS = [
+    ("drwxr-xr-x", "root/root", "./etc/"),
+    ("drwxr-xr-x", "root/root", "./etc/elkeid/"),
+    ("drwxr-xr-x", "root/root", "./etc/elkeid/certs/"),
+    ("-rw-r--r--", "root/root", "./etc/elkeid/certs/ca.crt"),
+    ("-rw-r--r--", "root/root", "./etc/elkeid/certs/client.crt"),
+    ("-rw-------", "root/root", "./etc/elkeid/certs/client.key"),
+    ("-rwx------", "root/root", "./etc/elkeid/elkeid-agent"),
+    ("drwxr-xr-x", "root/root", "./etc/systemd/"),
+    ("drwxr-xr-x", "root/root", "./etc/systemd/system/"),
+    ("-rw-r--r--", "root/root", "./etc/systemd/system/elkeid-agent.service"),
+]
+# rpm owns only what it lists: /etc/systemd/system belongs to systemd.
+RPM_CONTENTS = [
+    ("drwxr-xr-x", "root", "root", "/etc/elkeid"),
+    ("drwxr-xr-x", "root", "root", "/etc/elkeid/certs"),
+    ("-rw-r--r--", "root", "root", "/etc/elkeid/certs/ca.crt"),
+    ("-rw-r--r--", "root", "root", "/etc/elkeid/certs/client.crt"),
+    ("-rw-------", "root", "root", "/etc/elkeid/certs/client.key"),
+    ("-rwx------", "root", "root", "/etc/elkeid/elkeid-agent"),
+    ("-rw-r--r--", "root", "root", "/etc/systemd/system/elkeid-agent.service"),
+]
+# What a running agent leaves in its work dir; purge/erase must take all of it.
+STATE = [
+    "machine-id",
+    "specified_env",
+    "status.json",
+    "plugin/p/p.bin",
+    "log/agent.log",
+    "tmp/staticx-abc/x",
+]
+
+
+def test_deb_lists_exactly_the_expected_contents(amd64_dist: Dist) -> None:
+    listing = run(["dpkg-deb", "-c", amd64_dist.deb]).stdout.splitlines()
+    assert [(f[0], f[1], f[5]) for f in (line.split() for line in listing)] == DEB_CONTENTS
+    size = next(int(line.split()[2]) for line in listing if line.endswith("/elkeid-agent"))
+    assert size == amd64_dist.exe.stat().st_size
+    fields = run(["dpkg-deb", "-f", amd64_dist.deb, "Package", "Version", "Architecture"])
+    assert fields.stdout.split("\n")[:3] == [
+        "Package: elkeid-agent",
+        f"Version: 3:{amd64_dist.version}-1",
+        "Architecture: amd64",
+    ]
+    # gzip members: Debian 11's dpkg cannot read zstd ones.
+    members = run(["ar", "t", amd64_dist.deb]).stdout.split()
+    assert members == ["debian-binary", "control.tar.gz", "data.tar.gz"]
+
+
+def test_rpm_lists_exactly_the_expected_contents(amd64_dist: Dist) -> None:
+    listing = run(["rpm", "-qlvp", amd64_dist.rpm]).stdout.splitlines()
+    assert [(f[0], f[2], f[3], f[-1]) for f in (line.split() for line in listing)] == (RPM_CONTENTS)
+    info = run(
+        [
+            "rpm",
+            "-qp",
+            "--qf",
+            "%{NAME} %{EPOCH} %{VERSION} %{ARCH} %{PAYLOADCOMPRESSOR}",
+            amd64_dist.rpm,
+        ]
+    ).stdout
+    assert info == f"elkeid-agent 3 {amd64_dist.version} x86_64 gzip"
+
+
+def test_packaging_refuses_an_executable_of_another_architecture(
+    amd64_dist: Dist, tmp_path: Path
+) -> None:
+    out = run(
+        [
+            REPO / "build" / "package.sh",
+            "arm64",
+            amd64_dist.exe,
+            "9.9.9",
+            amd64_dist.certs,
+            tmp_path,
+        ],
+        check=False,
+    )
+    assert out.returncode == 1
+    assert "not a 64-bit ELF for arm64" in out.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def _make_state(root: Path) -> None:
+    for rel in STATE:
+        path = root / "etc" / "elkeid" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("state\n")
+
+
+@pytest.mark.parametrize("name", ["bookworm", "bullseye"])
+def test_deb_installs_upgrades_and_purges(amd64_dist: Dist, root_copy: RootCopy, name: str) -> None:
+    root = root_copy(name)
+    bind = [f"{amd64_dist.dir}:/mnt/dist:ro"]
+    deb = f"/mnt/dist/{amd64_dist.deb.name}"
+    out = in_root(root, "dpkg", "-i", deb, binds=bind)
+    # No systemd runs in a chroot: the scripts say so instead of failing.
+    assert "systemd is not running here" in out.stderr
+    agent = root / "etc" / "elkeid" / "elkeid-agent"
+    assert agent.stat().st_mode & 0o777 == 0o700
+    assert (root / "etc/elkeid/certs/client.key").stat().st_mode & 0o777 == 0o600
+    assert (root / "etc/elkeid/tmp").is_dir()
+    assert in_root(root, "/etc/elkeid/elkeid-agent", "--version").stdout.strip() == (
+        amd64_dist.version
+    )
+
+    in_root(root, "dpkg", "-i", f"/mnt/dist/{amd64_dist.deb_upgrade.name}", binds=bind)
+    status = in_root(root, "dpkg-query", "-W", "-f", "${Version} ${Status}", "elkeid-agent")
+    assert status.stdout == f"3:{UPGRADE_VERSION}-1 install ok installed"
+
+    # remove keeps the host's identity and settings; purge takes everything.
+    _make_state(root)
+    in_root(root, "dpkg", "-r", "elkeid-agent")
+    assert not agent.exists()
+    assert (root / "etc/elkeid/machine-id").is_file()
+    assert not (root / "etc/elkeid/tmp").exists()
+    in_root(root, "dpkg", "-P", "elkeid-agent")
+    assert not (root / "etc" / "elkeid").exists()
+    assert not (root / "etc/systemd/system/elkeid-agent.service").exists()
+    listed = in_root(root, "dpkg-query", "-W", "elkeid-agent", check=False)
+    assert listed.returncode != 0
+
+
+def test_rpm_installs_upgrades_and_erases(amd64_dist: Dist, root_copy: RootCopy) -> None:
+    root = root_copy("bookworm")
+    # rpm --root runs the scriptlets chrooted into root, with its /bin/sh.
+    rpm = ["rpm", "--root", str(root), "--nodeps"]
+    run(["rpm", "--root", root, "--initdb"])
+    out = run([*rpm, "-i", amd64_dist.rpm])
+    assert "systemd is not running here" in out.stderr
+    assert (root / "etc/elkeid/elkeid-agent").stat().st_mode & 0o777 == 0o700
+    query = run(["rpm", "--root", root, "-q", "--qf", "%{EPOCH}:%{VERSION}", "elkeid-agent"])
+    assert query.stdout == f"3:{amd64_dist.version}"
+    run([*rpm, "-U", amd64_dist.rpm_upgrade])
+    query = run(["rpm", "--root", root, "-q", "--qf", "%{EPOCH}:%{VERSION}", "elkeid-agent"])
+    assert query.stdout == f"3:{UPGRADE_VERSION}"
+    assert (root / "etc/elkeid/elkeid-agent").is_file(), "upgrade's old-package scripts ran"
+    _make_state(root)
+    run([*rpm, "-e", "elkeid-agent"])
+    assert not (root / "etc" / "elkeid").exists()
+    assert not (root / "etc/systemd/system/elkeid-agent.service").exists()
+    assert re.search(
+        r"not installed", run(["rpm", "--root", root, "-q", "elkeid-agent"], check=False).stdout
+    )
