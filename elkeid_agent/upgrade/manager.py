@@ -89,6 +89,9 @@ class UpgradeSettings:
     package_timeout: float = 600.0
 
 
+DEFAULT_SETTINGS = UpgradeSettings()
+
+
 @dataclass(frozen=True)
 class StartupResult:
     """What `check_pending_upgrade` found and did."""
@@ -144,7 +147,7 @@ def check_pending_upgrade(
     now: float | None = None,
 ) -> StartupResult:
     """The start-up check; call it before anything else starts. Blocking, fast."""
-    settings = settings or UpgradeSettings()
+    settings = settings or DEFAULT_SETTINGS
     now = time.time() if now is None else now
     try:
         record = swap.read_record(work_dir)
@@ -211,7 +214,7 @@ class UpgradeManager:
         self.errors = errors
         self.request_exit = request_exit
         self.env = env
-        self.settings = settings or UpgradeSettings()
+        self.settings = settings or DEFAULT_SETTINGS
         self.version = version
         self.ssl_context = ssl_context
         self.machine = UpgradeMachine()
