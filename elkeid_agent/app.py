@@ -6,6 +6,7 @@ Task ownership (all children of `Agent.run`'s TaskGroup):
   uploads    Uploader.run: one 1050 at a time
   configs    Dispatcher.run_configs: Configs applied one sync at a time, latest wins
   plugins    PluginSupervisor.run (its own TaskGroup per plugin)
+  upgrade    UpgradeManager.run: one self-upgrade attempt at a time; the confirmation bound
   shutdown   waits for SIGTERM/SIGINT/1060, stops plugins first, flushes, then ends the group
 """
 
@@ -28,7 +29,6 @@ from elkeid_agent.buffer import RecordBuffer
 from elkeid_agent.commands import (
     Dispatcher,
     MetadataRequest,
-    NoUpgrade,
     TaskFailed,
     UploadRequest,
 )
@@ -43,6 +43,8 @@ from elkeid_agent.status import AgentStatus, write_status
 from elkeid_agent.transport.stream import TransferLoop
 from elkeid_agent.transport.tls import TlsError, TlsMaterial
 from elkeid_agent.transport.upload import Uploader
+from elkeid_agent.upgrade.manager import StartupResult, UpgradeManager, check_pending_upgrade
+from elkeid_agent.upgrade.state import UpgradeState
 from elkeid_agent.version import PRODUCT, VERSION
 from elkeid_agent.wire import Header, encode_record
 
@@ -51,6 +53,9 @@ log = logging.getLogger(__name__)
 AGENT_HEARTBEAT = 1000
 # How long shutdown waits for queued records (the 1060 result among them) to leave.
 FLUSH_ON_EXIT_SECONDS = 3.0
+# sysexits EX_TEMPFAIL: the start-up check restored the previous executable; the service
+# manager's restart runs it.
+EX_ROLLED_BACK = 75
 
 
 class _Stop(Exception):
@@ -58,7 +63,13 @@ class _Stop(Exception):
 
 
 class Agent:
-    def __init__(self, config: Config, tls: TlsMaterial, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        tls: TlsMaterial,
+        env: dict[str, str],
+        startup: StartupResult | None = None,
+    ) -> None:
         self.config = config
         self.work_dir = config.work_path
         self.env = env
@@ -71,7 +82,15 @@ class Agent:
         self._header = self._encode_header(self.facts)
         self.errors: dict[str, str] = {}
         self.plugins = PluginSupervisor(self.work_dir, self.buffer, config.plugins)
-        self.dispatcher = Dispatcher(self, self.plugins, NoUpgrade(), self.emit)
+        self.upgrader = UpgradeManager(
+            self.work_dir,
+            emit=self.emit,
+            errors=self.errors,
+            request_exit=self.stopping.set,
+            startup=startup or StartupResult(False, UpgradeState.IDLE),
+            env=env,
+        )
+        self.dispatcher = Dispatcher(self, self.plugins, self.upgrader, self.emit)
         self.transfer = TransferLoop(
             config, tls, self.buffer, self.header, self.dispatcher.handle, self.send_heartbeat
         )
@@ -138,6 +157,9 @@ class Agent:
         now = time.monotonic()
         elapsed = max(now - self._last_tick, 1e-9)
         stats = self.transfer.state.stats
+        if self.transfer.state.connected and stats.tx_messages:
+            # A stream is open and has carried this process's first heartbeat.
+            self.upgrader.confirm()
         current = (stats.tx_bytes, stats.tx_records, stats.rx_bytes, stats.rx_commands)
         tx_bytes, tx_records, rx_bytes, rx_commands = (
             c - p for c, p in zip(current, self._last_stats, strict=True)
@@ -165,6 +187,8 @@ class Agent:
             ngr=len(asyncio.all_tasks()) + threading.active_count(),
             extra=self.counters(),
         )
+        fields["upgrade_state"] = self.upgrader.state
+        fields["upgrade_error"] = self.upgrader.last_error
         timestamp = int(time.time())
         self.buffer.put_agent(encode_record(AGENT_HEARTBEAT, timestamp, fields))
         for record in self.plugins.heartbeats():
@@ -185,6 +209,7 @@ class Agent:
                 server=link.server,
                 last_heartbeat=self.last_heartbeat,
                 updated=time.time(),
+                upgrade_state=self.upgrader.state,
             ),
         )
 
@@ -234,6 +259,7 @@ class Agent:
                 tg.create_task(self.uploader.run(), name="uploads")
                 tg.create_task(self.dispatcher.run_configs(), name="configs")
                 tg.create_task(self.plugins.run(), name="plugins")
+                tg.create_task(self.upgrader.run(), name="upgrade")
                 tg.create_task(self._shutdown_when_asked(), name="shutdown")
                 sd_notify("READY=1")
                 log.info("elkeid-agent %s started, id %s", VERSION, self.agent_id)
@@ -286,11 +312,14 @@ def run_agent(config_path: str | None) -> int:
     for sub in ("plugin", "log", "tmp"):
         (work_dir / sub).mkdir(parents=True, exist_ok=True)
     setup_logging(work_dir, config.log)
+    startup = check_pending_upgrade(work_dir)
+    if startup.exit:
+        return EX_ROLLED_BACK
     clean_stale_unpack_dirs(work_dir / "tmp")
     import uvloop
 
     async def main() -> None:
-        await Agent(config, tls, env).run()
+        await Agent(config, tls, env, startup).run()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
