@@ -8,7 +8,16 @@ import lzma
 from pathlib import Path
 
 import pytest
-from conftest import SCRIPT, make_deb, make_deb_by_hand, make_rpm, make_tar_gz
+from upgradetools import (
+    SCRIPT,
+    ar_archive,
+    make_deb,
+    make_deb_by_hand,
+    make_rpm,
+    make_tar_gz,
+    need_dpkg_deb,
+    need_rpmbuild,
+)
 
 from elkeid_agent.upgrade.artifact import (
     ArtifactKind,
@@ -125,14 +134,14 @@ def test_tar_gz_decompression_bomb_stops_at_the_cap(tmp_path: Path) -> None:
         extract(path, max_unpacked=1_000_000)
 
 
-@pytest.mark.usefixtures("need_dpkg_deb")
+@need_dpkg_deb
 @pytest.mark.parametrize("compression", ["gzip", "xz"])
 def test_deb_from_dpkg_deb(tmp_path: Path, compression: str) -> None:
     path = make_deb(tmp_path / "a.deb", SCRIPT, compression=compression)
     assert extract(path) == (ArtifactKind.DEB, SCRIPT)
 
 
-@pytest.mark.usefixtures("need_dpkg_deb")
+@need_dpkg_deb
 def test_deb_zstd_is_refused_with_the_reason(tmp_path: Path) -> None:
     path = make_deb(tmp_path / "a.deb", SCRIPT, compression="zstd")
     with pytest.raises(BadArtifact, match="zst compression is not supported"):
@@ -153,8 +162,6 @@ def test_deb_with_a_symlink_member(tmp_path: Path) -> None:
 
 
 def test_deb_without_data_tar(tmp_path: Path) -> None:
-    from conftest import ar_archive
-
     path = tmp_path / "a.deb"
     path.write_bytes(ar_archive([("debian-binary", b"2.0\n"), ("control.tar.gz", b"x")]))
     with pytest.raises(BadArtifact, match=r"without data\.tar"):
@@ -169,7 +176,7 @@ def test_deb_truncated(tmp_path: Path) -> None:
         extract(path)
 
 
-@pytest.mark.usefixtures("need_rpmbuild")
+@need_rpmbuild
 @pytest.mark.parametrize("payload", ["w9.gzdio", "w6.xzdio", "w9.bzdio"])
 def test_rpm_from_rpmbuild(tmp_path: Path, payload: str) -> None:
     body = SCRIPT + bytes(range(256)) * 50  # not a multiple of 4: exercises cpio padding
@@ -177,21 +184,21 @@ def test_rpm_from_rpmbuild(tmp_path: Path, payload: str) -> None:
     assert extract(path) == (ArtifactKind.RPM, body)
 
 
-@pytest.mark.usefixtures("need_rpmbuild")
+@need_rpmbuild
 def test_rpm_zstd_payload_is_refused(tmp_path: Path) -> None:
     path = make_rpm(tmp_path / "a.rpm", SCRIPT, "w19.zstdio")
     with pytest.raises(BadArtifact, match="zstd compression is not supported"):
         extract(path)
 
 
-@pytest.mark.usefixtures("need_rpmbuild")
+@need_rpmbuild
 def test_rpm_with_a_symlink_member(tmp_path: Path) -> None:
     path = make_rpm(tmp_path / "a.rpm", SCRIPT, symlink=True)
     with pytest.raises(BadArtifact, match="symbolic link, not a file"):
         extract(path)
 
 
-@pytest.mark.usefixtures("need_rpmbuild")
+@need_rpmbuild
 def test_rpm_truncated_payload(tmp_path: Path) -> None:
     path = make_rpm(tmp_path / "a.rpm", bytes(range(256)) * 4000)
     path.write_bytes(path.read_bytes()[:-3000])

@@ -133,13 +133,7 @@ def make_rpm(
     return path
 
 
-@pytest.fixture
-def need_rpmbuild() -> None:
-    if shutil.which("rpmbuild") is None:
-        pytest.skip("rpmbuild is not installed")
-
-
-@pytest.fixture
-def need_dpkg_deb() -> None:
-    if shutil.which("dpkg-deb") is None:
-        pytest.skip("dpkg-deb is not installed")
+need_rpmbuild = pytest.mark.skipif(shutil.which("rpmbuild") is None,
+                                   reason="rpmbuild is not installed")
+need_dpkg_deb = pytest.mark.skipif(shutil.which("dpkg-deb") is None,
+                                   reason="dpkg-deb is not installed")
