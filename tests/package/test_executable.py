@@ -116,17 +116,17 @@ def test_elf_check_passes_and_has_teeth(amd64_dist: Dist) -> None:
     assert "from the host, more than 2.17" in onefile.stdout
 
 
-def test_noexec_tmp_does_not_stop_it(amd64_dist: Dist) -> None:
-    """/tmp mounted noexec (common hardening): with the unit's TMPDIR the agent starts,
-    and nothing is unpacked under /tmp."""
+def test_noexec_tmp_does_not_stop_it(amd64_dist: Dist, tmp_path: Path) -> None:
+    """/tmp mounted noexec (common hardening): with TMPDIR on an exec-capable dir, as the
+    unit sets it (/etc/elkeid/tmp), the agent starts and nothing is unpacked under /tmp."""
     root = cached_root("bookworm")
     exe = f"/mnt/dist/{amd64_dist.exe.name}"
+    (tmp_path / "tmp").mkdir(mode=0o700)
     script = (
-        "mkdir -p -m 0700 /etc/elkeid/tmp && "
-        f"TMPDIR=/etc/elkeid/tmp {exe} --version && "
-        f"TMPDIR=/etc/elkeid/tmp {exe} ctl --work-dir /etc/elkeid set --idc idc-noexec && "
-        "cat /etc/elkeid/specified_env && "
-        'test -z "$(ls -A /tmp)" && test -z "$(ls -A /etc/elkeid/tmp)" && '
+        f"TMPDIR=/mnt/work/tmp {exe} --version && "
+        f"TMPDIR=/mnt/work/tmp {exe} ctl --work-dir /mnt/work set --idc idc-noexec && "
+        "cat /mnt/work/specified_env && "
+        'test -z "$(ls -A /tmp)" && test -z "$(ls -A /mnt/work/tmp)" && '
         "mount | grep ' /tmp '"
     )
     out = in_root(
@@ -134,8 +134,8 @@ def test_noexec_tmp_does_not_stop_it(amd64_dist: Dist) -> None:
         "sh",
         "-c",
         script,
-        binds=[f"{amd64_dist.dir}:/mnt/dist:ro"],
-        tmpfs=["/tmp:noexec,mode=1777", "/etc/elkeid:mode=0755"],
+        binds=[f"{amd64_dist.dir}:/mnt/dist:ro", f"{tmp_path}:/mnt/work"],
+        tmpfs=["/tmp:noexec,mode=1777"],
     )
     lines = out.stdout.splitlines()
     assert lines[0] == amd64_dist.version

@@ -1,0 +1,218 @@
+"""The deb under a real systemd: a Debian 12 root booted with systemd-nspawn.
+
+One container per module (booting takes seconds); the tests run in order, each on the
+state the previous one left: install -> running and heartbeating -> watchdog pings ->
+SIGKILL and restart -> stop kills plugins -> purge. The container shares the host's
+network, so the packaged agent reaches the local center on 127.0.0.1 at the port baked
+into the test product config, with the packaged test certificates: no config file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from elkeid_center.testing import CenterThread
+
+from .conftest import PRODUCT_PORT, Dist, cached_root
+
+pytestmark = [pytest.mark.package, pytest.mark.timeout(1800)]
+
+UNIT = "elkeid-agent.service"
+RESTART_SEC = 45
+# A plugin that ignores SIGTERM and leaves a detached grandchild behind: only killing
+# the whole cgroup (KillMode=control-group) takes both.
+PLUGIN_MARK = "86399"
+PLUGIN = f"""#!/bin/sh
+trap '' TERM
+setsid sleep {PLUGIN_MARK} </dev/null >/dev/null 2>&1 &
+exec cat <&3 >/dev/null
+""".encode()
+
+
+class Container:
+    def __init__(self, root: Path, dist: Path, log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            [
+                "systemd-nspawn",
+                "-b",
+                "-x",
+                "-D",
+                str(root),
+                "--register=no",
+                "--keep-unit",
+                "--console=pipe",
+                f"--bind-ro={dist}:/mnt/dist",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        self.leader = self._wait_leader()
+
+    def _wait_leader(self) -> int:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text(errors="replace")
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+            pids = children.read_text().split() if children.exists() else []
+            if pids:
+                leader = int(pids[0])
+                state = self.sh("systemctl is-system-running", check=False, pid=leader)
+                if state.stdout.strip() in ("running", "degraded"):
+                    return leader
+            time.sleep(0.5)
+        raise AssertionError("container did not boot:\n" + self.log.read_text(errors="replace"))
+
+    def sh(
+        self, script: str, check: bool = True, timeout: float = 120, pid: int | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        target = pid if pid is not None else self.leader
+        proc = subprocess.run(
+            ["nsenter", "-t", str(target), "-a", "/bin/sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check:
+            assert proc.returncode == 0, f"{script}: {proc.returncode}\n{proc.stdout}{proc.stderr}"
+        return proc
+
+    def prop(self, name: str) -> str:
+        return self.sh(f"systemctl show {UNIT} -p {name} --value").stdout.strip()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.sh("systemctl poweroff", check=False, timeout=30)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_for(what: str, predicate: Callable[[], object], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s: {what}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def center(amd64_dist: Dist, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CenterThread]:
+    files = tmp_path_factory.mktemp("plugin-files")
+    (files / "stubborn").write_bytes(PLUGIN)
+    with CenterThread(amd64_dist.certs, files_dir=files, port=PRODUCT_PORT) as c:
+        c.set_configs(
+            [
+                {
+                    "name": "stubborn",
+                    "version": "1.0.0",
+                    "sha256": hashlib.sha256(PLUGIN).hexdigest(),
+                    "download_urls": [c.file_url("stubborn")],
+                }
+            ]
+        )
+        yield c
+
+
+@pytest.fixture(scope="module")
+def container(amd64_dist: Dist, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    if shutil.which("systemd-nspawn") is None:
+        pytest.skip("systemd-nspawn is missing")
+    root = cached_root("bookworm-systemd")
+    log = tmp_path_factory.mktemp("nspawn") / "console.log"
+    c = Container(root, amd64_dist.dir, log)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_install_starts_the_service_via_ready(
+    container: Container, center: CenterThread, amd64_dist: Dist
+) -> None:
+    container.sh(f"dpkg -i /mnt/dist/{amd64_dist.deb.name}")
+    verify = container.sh(f"systemd-analyze verify /etc/systemd/system/{UNIT} 2>&1")
+    assert verify.stdout == "", verify.stdout
+    # Type=notify: "active" only after READY=1 from the Python process (not the main pid).
+    wait_for("active (running)", lambda: container.prop("ActiveState") == "active", 120)
+    assert container.prop("SubState") == "running"
+    assert container.prop("UnitFileState") == "enabled"
+    center.wait_records(1000, timeout=120)
+
+
+def test_ctl_status_reports_the_running_agent(container: Container, amd64_dist: Dist) -> None:
+    def connected() -> bool:
+        out = container.sh("/etc/elkeid/elkeid-agent ctl status", check=False).stdout
+        return "connection: connected" in out and "last heartbeat: never" not in out
+
+    wait_for("ctl status shows a connected agent", connected, 120)
+    out = container.sh("/etc/elkeid/elkeid-agent ctl status").stdout
+    assert "service: active (running), enabled" in out
+    assert f"pid: {container.prop('MainPID')}" in out
+    assert f"version: {amd64_dist.version}" in out
+
+
+def test_watchdog_pings_arrive(container: Container) -> None:
+    """WatchdogSec=180: the agent must ping although it is not the unit's main pid."""
+    first = container.prop("WatchdogTimestampMonotonic")
+    wait_for(
+        "a WATCHDOG=1 ping",
+        lambda: container.prop("WatchdogTimestampMonotonic") != first,
+        100,
+    )
+
+
+def test_plugin_runs_in_the_unit(container: Container) -> None:
+    wait_for(
+        "the plugin's detached grandchild",
+        lambda: container.sh(f"pgrep -f 'sleep {PLUGIN_MARK}'", check=False).returncode == 0,
+        120,
+    )
+
+
+def test_sigkill_brings_it_back_after_restartsec(
+    container: Container, center: CenterThread
+) -> None:
+    pid = container.prop("MainPID")
+    restarts = int(container.prop("NRestarts"))
+    killed = time.monotonic()
+    container.sh(f"kill -KILL {pid}")
+    wait_for(
+        "the restart",
+        lambda: (
+            container.prop("NRestarts") == str(restarts + 1)
+            and container.prop("ActiveState") == "active"
+        ),
+        RESTART_SEC + 120,
+    )
+    assert time.monotonic() - killed >= RESTART_SEC - 1
+    assert container.prop("MainPID") != pid
+    center.clear()
+    center.wait_records(1000, timeout=120)
+
+
+def test_stop_leaves_no_plugin_process(container: Container) -> None:
+    test_plugin_runs_in_the_unit(container)
+    container.sh(f"systemctl stop {UNIT}")
+    assert container.sh(f"pgrep -f 'sleep {PLUGIN_MARK}'", check=False).returncode == 1
+    assert container.sh("pgrep -f /etc/elkeid/", check=False).returncode == 1
+    # Stopped cleanly (SIGTERM through both launchers): no unpack dir left behind.
+    assert container.sh("ls -A /etc/elkeid/tmp").stdout == ""
+
+
+def test_purge_disables_and_removes_everything(container: Container) -> None:
+    container.sh(f"systemctl start {UNIT}")
+    container.sh("dpkg --purge elkeid-agent")
+    assert container.prop("LoadState") == "not-found"
+    assert container.sh("test -e /etc/elkeid", check=False).returncode == 1
+    assert container.sh("pgrep -f /etc/elkeid/", check=False).returncode == 1
