@@ -87,9 +87,7 @@ class Outcome:
     """How a run ended: `reason` is for people (logs, heartbeat state_detail)."""
 
     reason: str
-    returncode: int | None
     run_seconds: float
-    stopped: bool
 
 
 def _describe(status: int) -> str:
@@ -389,7 +387,7 @@ class PluginProcess:
             self._release()
         if reason is None:
             reason = "stopped" if stopped else _describe(status)
-        return Outcome(reason, self.returncode, time.monotonic() - self.started, stopped)
+        return Outcome(reason, time.monotonic() - self.started)
 
     async def _stop_child(self, pump: asyncio.Task[None], exited: asyncio.Task[None]) -> None:
         self._close_task_pipe()
