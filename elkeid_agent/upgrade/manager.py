@@ -131,9 +131,14 @@ def roll_back(
                                                         reason=reason))
     prev, target = Path(record.prev), Path(record.target)
     swap.copy_atomic(prev, target, swap.executable_mode(target))
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until))
-    message = (f"upgrade from {record.from_version} to {record.to_version} rolled back: "
-               f"{reason}; {record.to_version} quarantined until {stamp}")
+    return rollback_message(record, reason, until)
+
+
+def rollback_message(record: UpgradeRecord, reason: str, until: float | None) -> str:
+    message = f"upgrade from {record.from_version} to {record.to_version} rolled back: {reason}"
+    if until is not None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until))
+        message += f"; {record.to_version} quarantined until {stamp}"
     if record.method != "file":
         message += (f" (the {record.method} database still lists {record.to_version}; "
                     f"the executable is {record.from_version})")
@@ -181,10 +186,12 @@ def check_pending_upgrade(
         return StartupResult(True, UpgradeState.ROLLED_BACK, message)
     swap.remove_record(work_dir)
     if verdict is Verdict.REPORT_ROLLBACK:
-        until = _read_quarantine(work_dir).until(record.to_version if record else "", now)
-        log.error("back on %s after a rollback: %s", version, decision.reason)
+        assert record is not None
+        until = _read_quarantine(work_dir).until(record.to_version, now)
+        message = rollback_message(record, decision.reason, until)
+        log.error("back on %s: %s", version, message)
         state = UpgradeState.QUARANTINED if until else UpgradeState.IDLE
-        return StartupResult(False, state, decision.reason)
+        return StartupResult(False, state, message)
     if verdict is Verdict.NOT_TAKEN:
         log.error("upgrade: %s", decision.reason)
         return StartupResult(False, UpgradeState.IDLE, decision.reason)

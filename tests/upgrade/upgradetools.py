@@ -3,13 +3,23 @@ dpkg-deb (and a hand-written ar writer for hostile ones), .rpm with rpmbuild."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = b"#!/bin/sh\necho B\n"
 
@@ -137,3 +147,126 @@ need_rpmbuild = pytest.mark.skipif(shutil.which("rpmbuild") is None,
                                    reason="rpmbuild is not installed")
 need_dpkg_deb = pytest.mark.skipif(shutil.which("dpkg-deb") is None,
                                    reason="dpkg-deb is not installed")
+
+
+# -- stand-ins for versions A and B of the agent ---------------------------------------------
+
+#: Runs the real agent from the source tree as "version X": `elkeid_agent.version.VERSION` is
+#: replaced before anything imports it (a test-only trick; the product has no such hook).
+#: Modes break B on purpose: "crash" dies right after the start-up check, "offline" never
+#: reaches a server, "hang" hangs on --version.
+RUNNER = """
+import os, sys, time
+version, mode = sys.argv[1], sys.argv[2]
+sys.argv = ["elkeid-agent", *sys.argv[3:]]
+if mode == "hang" and "--version" in sys.argv:
+    time.sleep(3600)
+import elkeid_agent.version
+elkeid_agent.version.VERSION = version
+from elkeid_agent.upgrade import manager
+manager.DEFAULT_SETTINGS = manager.UpgradeSettings(
+    confirm_bound=float(os.environ.get("TEST_UPGRADE_BOUND", "600")),
+    probe_timeout=float(os.environ.get("TEST_PROBE_TIMEOUT", "60")),
+)
+if mode == "crash":
+    from elkeid_agent import app
+
+    async def broken(self):
+        raise SystemExit("this build of the agent is broken")
+
+    app.Agent.run = broken
+elif mode == "offline":
+    from elkeid_agent.transport import stream
+
+    async def nowhere(self):
+        return None
+
+    stream.TransferLoop.connect = nowhere
+from elkeid_agent.cli import main
+raise SystemExit(main())
+"""
+
+
+def standin(runner_dir: Path, version: str, mode: str = "ok") -> bytes:
+    """The bytes of a stand-in executable that runs the agent from source as `version`."""
+    runner = runner_dir / "standin_runner.py"
+    if not runner.exists():
+        runner_dir.mkdir(parents=True, exist_ok=True)
+        runner.write_text(RUNNER)
+    return (f'#!/bin/sh\nexec "{sys.executable}" "{runner}" "{version}" "{mode}" "$@"\n'
+            ).encode()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Service:
+    """Plays the service manager: runs `<work>/elkeid-agent run --config C` and restarts it."""
+
+    def __init__(self, work: Path, config: Path, env: dict[str, str]) -> None:
+        self.work = work
+        self.config = config
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.exits: list[int] = []
+
+    def start(self) -> Service:
+        assert self.proc is None or self.proc.poll() is not None
+        self.proc = subprocess.Popen(
+            [str(self.work / "elkeid-agent"), "run", "--config", str(self.config)],
+            env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.starts += 1
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        self.exits.append(code)
+        return code
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        path = self.work / "log" / "elkeid-agent.log"
+        return path.read_text() if path.exists() else ""
+
+
+@contextmanager
+def truncating_server(body: bytes) -> Iterator[str]:
+    """An HTTP server announcing `body` whole but closing after half of it; yields the URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.close_connection = True
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/b"
+    finally:
+        server.shutdown()
+        server.server_close()
