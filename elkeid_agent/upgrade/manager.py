@@ -271,24 +271,28 @@ class UpgradeManager:
             return
         refusal = self._refusal(config)
         if refusal is not None:
-            self._say_once(f"{config.version}/{config.sha256}/{refusal}", refusal)
+            self._say_once(*refusal)
             return
         self._pending = config
         self._wake.set()
 
-    def _refusal(self, config: ConfigSpec) -> str | None:
-        """Why `config` is not tried now (None: try it)."""
+    def _refusal(self, config: ConfigSpec) -> tuple[str, str] | None:
+        """Why `config` is not tried now: (a key for logging it once, the message); None:
+        try it."""
         if self.machine.state is UpgradeState.SWAPPED:
-            return f"upgrade to {config.version} ignored: an upgrade is not confirmed yet"
+            return (f"unconfirmed/{config.version}",
+                    f"upgrade to {config.version} ignored: an upgrade is not confirmed yet")
         now = time.time()
         until = _read_quarantine(self.work_dir).until(config.version, now)
         if until is not None:
-            return (f"upgrade to {config.version} ignored: quarantined for another "
+            return (f"quarantined/{config.version}",
+                    f"upgrade to {config.version} ignored: quarantined for another "
                     f"{until - now:.0f} s after a rollback")
         retry = self._retry_at.get((config.version, config.sha256))
         if retry is not None and retry > time.monotonic():
-            return (f"upgrade to {config.version} failed recently; retried in "
-                    f"{max(0.0, retry - time.monotonic()):.0f} s at the earliest")
+            return (f"failed/{config.version}/{config.sha256}",
+                    f"upgrade to {config.version} failed recently; retried in "
+                    f"{retry - time.monotonic():.0f} s at the earliest")
         return None
 
     def confirm(self) -> None:
@@ -321,7 +325,7 @@ class UpgradeManager:
                 continue
             refusal = self._refusal(config)
             if refusal is not None:
-                self._say_once(f"{config.version}/{config.sha256}/{refusal}", refusal)
+                self._say_once(*refusal)
                 continue
             await self._attempt(config)
 
