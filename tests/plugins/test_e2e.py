@@ -158,3 +158,28 @@ def test_a_sigkilled_agent_leaves_plugins_the_next_one_reaps(
             timeout=20,
         )
         assert agent.stop() == 0
+
+
+def test_a_failed_sync_makes_the_agent_abnormal_until_a_good_one(
+    center: CenterThread, agent_config: AgentConfig, tmp_path: Path
+) -> None:
+    good = _publish(center, tmp_path / "files", "fine", sh_plugin("exec cat <&3 >/dev/null"))
+    bad = {**good, "name": "broken", "sha256": "00" * 32}
+    center.set_configs([good, bad])
+    with AgentProcess(agent_config(transport=FAST)) as agent:
+
+        def abnormal() -> dict[str, str] | None:
+            beats = center.records(1000)
+            return beats[-1].fields if beats and beats[-1].fields["state"] == "abnormal" else None
+
+        fields = center.wait_for(abnormal, timeout=20)
+        assert "plugin broken" in fields["state_detail"]
+        assert "sha256" in fields["state_detail"]
+        center.send_configs([good])
+
+        def running() -> bool:
+            beats = center.records(1000)
+            return bool(beats) and beats[-1].fields["state"] == "running"
+
+        center.wait_for(running, timeout=20)
+        assert agent.stop() == 0

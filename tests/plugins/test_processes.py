@@ -79,7 +79,7 @@ def test_crash_loop_backs_off_while_others_stream(
     # 0.1, 0.2, 0.4, 0.8 s: each gap at least its delay, and growing
     for gap, delay in zip(gaps, (0.1, 0.2, 0.4, 0.8), strict=True):
         assert gap >= delay * 0.95, gaps
-    assert gaps[3] > gaps[0] * 3, gaps
+    assert gaps[3] > gaps[0] + 0.4, gaps  # growing (loose: a busy machine delays spawns)
 
 
 def test_backoff_policy() -> None:
