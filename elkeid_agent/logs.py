@@ -51,6 +51,13 @@ class RecordHandler(logging.Handler):
         self.suppressed = 0
 
     def emit(self, record: logging.LogRecord) -> None:
+        # A handler must never raise into the code that logged (a TaskGroup task, say).
+        try:
+            self._send(record)
+        except Exception:  # noqa: BLE001 - logging's contract: report through handleError
+            self.handleError(record)
+
+    def _send(self, record: logging.LogRecord) -> None:
         now = time.monotonic()
         self._tokens = min(self._capacity, self._tokens + (now - self._last) * self._rate)
         self._last = now

@@ -76,9 +76,9 @@ def decode_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int
         pos += 1
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            if shift == 63 and byte > 1:
-                raise WireError("varint overflows 64 bits")
-            return result, pos
+            # Bits beyond 64 are dropped, as upb and gogo do: strictness here would make a
+            # frame's fate depend on the batch check or the per-frame walk.
+            return result & _U64, pos
         shift += 7
         if shift > 63:
             raise WireError("varint longer than ten bytes")
@@ -278,7 +278,7 @@ def record_prefix(length: int) -> bytes:
 def spliced_size(record: bytes) -> int:
     """Bytes a record takes inside PackagedData, prefix included."""
     n = len(record)
-    return n + (3 if n < 16384 else 1 + len(encode_varint(n)))
+    return n + (len(_PREFIX_CACHE[n]) if n < 16384 else 1 + len(encode_varint(n)))
 
 
 def splice_records(records: Iterable[bytes], header: bytes) -> bytes:

@@ -157,16 +157,13 @@ def test_record_handler_minimum_rate(logger: logging.Logger) -> None:
     assert handler.suppressed == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="logs.py RecordHandler.emit does not catch errors (getMessage(), the emit "
-    "callback) and call handleError, so a bad error-level log call raises in the caller",
-)
 def test_record_handler_never_raises_into_the_caller(logger: logging.Logger) -> None:
     emitted: list[bytes] = []
     handler = RecordHandler(emitted.append, per_minute=60)
     handler.handleError = lambda record: None  # type: ignore[method-assign]  # quiet stderr
-    logger.addHandler(handler)
-    logger.error("two placeholders %s %s", "one argument")  # noqa: PLE1206 (the bug)
-    logger.error("still working")
+    # Straight to the handler: pytest's own capture handler re-raises format errors on purpose.
+    bad = logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "two %s %s", ("one",), None)
+    handler.handle(bad)
+    handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 2, "still working",
+                                     (), None))
     assert [dict(r.data.fields)["msg"] for r in decode(emitted)] == ["still working"]
