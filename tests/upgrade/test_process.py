@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import AgentConfig
 from test_probe import aarch64_elf
-from upgradetools import Service, sha, standin, truncating_server
+from upgradetools import Service, http_files, sha, standin
 
 from elkeid_center.testing import CenterThread, DecodedRecord
 
@@ -112,9 +112,9 @@ def test_failed_probe_keeps_a_running_with_the_reason(
         b = standin(tmp_path / "runner", "B", mode="hang")
     serve(tmp_path, "b", b)
     service = Service(work, config, {"TEST_PROBE_TIMEOUT": "2"})
-    with truncating_server(b) as truncating:
+    with http_files({"/b": b}, truncate=True) as truncating:
         if case == "truncated":
-            url = truncating
+            url = truncating + "/b"
         center.set_configs([upgrade_config("B", b, url, digest)])
         try:
             service.start()

@@ -246,18 +246,27 @@ class Service:
 
 
 @contextmanager
-def truncating_server(body: bytes) -> Iterator[str]:
-    """An HTTP server announcing `body` whole but closing after half of it; yields the URL."""
+def http_files(
+    files: dict[str, bytes], truncate: bool = False, hits: list[str] | None = None
+) -> Iterator[str]:
+    """An HTTP server of `files` (path -> body); yields its base URL. `truncate`: announce
+    each body whole but close after half of it. Requested paths are appended to `hits`."""
+    seen = hits if hits is not None else []
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
+            seen.append(self.path)
+            body = files.get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body[: len(body) // 2])
-            self.close_connection = True
+            self.wfile.write(body[: len(body) // 2] if truncate else body)
+            self.close_connection = truncate
 
         def log_message(self, *args: object) -> None:
             pass
@@ -266,7 +275,7 @@ def truncating_server(body: bytes) -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}/b"
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
         server.server_close()

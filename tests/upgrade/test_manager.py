@@ -1,0 +1,273 @@
+"""The UpgradeManager in-process, with real files, real HTTP and real child processes: the
+package-manager path (a stand-in dpkg on PATH), one attempt at a time, refusals, and the
+start-up check's edge cases."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from upgradetools import http_files, make_deb, need_dpkg_deb, sha
+
+from elkeid_agent.commands import ConfigSpec
+from elkeid_agent.upgrade import swap
+from elkeid_agent.upgrade.manager import (
+    StartupResult,
+    UpgradeManager,
+    UpgradeSettings,
+    check_pending_upgrade,
+)
+from elkeid_agent.upgrade.record import UpgradeRecord
+from elkeid_agent.upgrade.state import UpgradeState
+
+A = b"#!/bin/sh\necho A\n"
+B = b"#!/bin/sh\necho B\n"
+HANG = b"#!/bin/sh\nexec sleep 300\n"
+
+# dpkg as the manager sees it: `-S` says whether it owns the path, `-i` installs the
+# package's /etc/elkeid/elkeid-agent over $TARGET (or fails, leaving it alone).
+FAKE_DPKG = """#!/bin/sh
+case "$1" in
+    -S) [ "$OWNED" = yes ] && echo "elkeid-agent: $2" && exit 0; exit 1 ;;
+    -i) echo "$2" >> "$DPKG_LOG"
+        [ "$INSTALL" = fail ] && echo "dpkg: error processing archive" && exit 1
+        dpkg-deb --fsys-tarfile "$2" | tar -xO ./etc/elkeid/elkeid-agent > "$TARGET.dpkg-new"
+        chmod 700 "$TARGET.dpkg-new" && mv "$TARGET.dpkg-new" "$TARGET" ;;
+esac
+"""
+
+
+class Harness:
+    def __init__(self, work: Path, env: dict[str, str] | None = None,
+                 startup: StartupResult | None = None, **settings: float) -> None:
+        self.records: list[bytes] = []
+        self.errors: dict[str, str] = {}
+        self.exit_requested = asyncio.Event()
+        self.manager = UpgradeManager(
+            work,
+            emit=self.records.append,
+            errors=self.errors,
+            request_exit=self.exit_requested.set,
+            startup=startup or StartupResult(False, UpgradeState.IDLE),
+            env=env or {"PATH": "/usr/bin:/bin"},
+            settings=UpgradeSettings(**settings),  # type: ignore[arg-type]
+            version="A",
+        )
+
+
+def setup_work(tmp_path: Path) -> Path:
+    work = tmp_path / "work"
+    (work / "tmp").mkdir(parents=True)
+    (work / "elkeid-agent").write_bytes(A)
+    (work / "elkeid-agent").chmod(0o700)
+    return work
+
+
+def spec(version: str, body: bytes, url: str) -> ConfigSpec:
+    return ConfigSpec(name="elkeid-agent", version=version, sha256=sha(body),
+                      download_urls=(url,))
+
+
+async def until(cond: Callable[[], object], limit: float = 15.0) -> None:
+    deadline = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met"
+        await asyncio.sleep(0.02)
+
+
+async def drive(h: Harness, *configs: ConfigSpec, done: Callable[[], object]) -> None:
+    async with asyncio.TaskGroup() as tg:
+        runner = tg.create_task(h.manager.run())
+        for config in configs:
+            await h.manager.consider(config)
+        await until(done)
+        runner.cancel()
+
+
+def fake_dpkg_env(tmp_path: Path, work: Path, owned: bool, install: str = "ok") -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dpkg").write_text(FAKE_DPKG)
+    (bin_dir / "dpkg").chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "OWNED": "yes" if owned else "no",
+            "INSTALL": install, "TARGET": str(work / "elkeid-agent"),
+            "DPKG_LOG": str(tmp_path / "dpkg.log")}
+
+
+@pytest.fixture(autouse=True)
+def no_systemd(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Whatever the test host runs, the package manager runs directly here.
+    monkeypatch.setattr(swap, "SYSTEMD_RUNNING", tmp_path / "no-systemd")
+
+
+@need_dpkg_deb
+def test_deb_owned_by_dpkg_is_installed_with_dpkg(tmp_path: Path) -> None:
+    work = setup_work(tmp_path)
+    deb = make_deb(tmp_path / "b.deb", B).read_bytes()
+    h = Harness(work, fake_dpkg_env(tmp_path, work, owned=True))
+    with http_files({"/b.deb": deb}) as base:
+        asyncio.run(drive(h, spec("B", deb, base + "/b.deb"), done=h.exit_requested.is_set))
+    assert h.manager.state == "swapped"
+    assert (work / "elkeid-agent").read_bytes() == B
+    assert (work / "elkeid-agent.prev").read_bytes() == A
+    record = swap.read_record(work)
+    assert record is not None
+    assert (record.method, record.from_version, record.to_version) == ("dpkg", "A", "B")
+    assert (tmp_path / "dpkg.log").read_text().strip().endswith("/candidate.deb")
+
+
+@need_dpkg_deb
+def test_dpkg_failure_leaves_a_and_reports(tmp_path: Path) -> None:
+    work = setup_work(tmp_path)
+    deb = make_deb(tmp_path / "b.deb", B).read_bytes()
+    h = Harness(work, fake_dpkg_env(tmp_path, work, owned=True, install="fail"))
+    with http_files({"/b.deb": deb}) as base:
+        asyncio.run(drive(h, spec("B", deb, base + "/b.deb"), done=lambda: h.errors))
+    assert h.manager.state == "idle"
+    assert "dpkg: error processing archive" in h.errors["upgrade"]
+    assert "-i" in h.manager.last_error
+    assert (work / "elkeid-agent").read_bytes() == A
+    assert swap.read_record(work) is None
+    assert not h.exit_requested.is_set()
+    assert b"failed" in h.records[-1]
+
+
+@need_dpkg_deb
+def test_deb_not_installed_by_dpkg_swaps_the_file(tmp_path: Path) -> None:
+    work = setup_work(tmp_path)
+    deb = make_deb(tmp_path / "b.deb", B).read_bytes()
+    h = Harness(work, fake_dpkg_env(tmp_path, work, owned=False))
+    with http_files({"/b.deb": deb}) as base:
+        asyncio.run(drive(h, spec("B", deb, base + "/b.deb"), done=h.exit_requested.is_set))
+    record = swap.read_record(work)
+    assert record is not None
+    assert record.method == "file"
+    assert (work / "elkeid-agent").read_bytes() == B
+    assert not (tmp_path / "dpkg.log").exists()
+
+
+def test_one_attempt_at_a_time_and_the_latest_wish_wins(tmp_path: Path) -> None:
+    work = setup_work(tmp_path)
+    hits: list[str] = []
+    c = b"#!/bin/sh\necho C\n"
+    h = Harness(work, probe_timeout=1.0)
+    attempt_dirs: list[int] = []
+
+    async def scenario(base: str) -> None:
+        async with asyncio.TaskGroup() as tg:
+            runner = tg.create_task(h.manager.run())
+            await h.manager.consider(spec("B", HANG, base + "/b"))
+            await until(lambda: h.manager.state == "probing")
+            # While B is being probed, the server changes its mind twice: only the last
+            # wish is tried, and only after B's attempt has ended.
+            await h.manager.consider(spec("X", b"x", base + "/x"))
+            await h.manager.consider(spec("C", c, base + "/c"))
+            while not h.exit_requested.is_set():
+                attempt_dirs.append(len(list((work / "tmp").glob("upgrade-*"))))
+                await asyncio.sleep(0.01)
+            runner.cancel()
+
+    with http_files({"/b": HANG, "/c": c, "/x": b"x"}, hits=hits) as base:
+        asyncio.run(scenario(base))
+    assert hits == ["/b", "/c"]
+    assert max(attempt_dirs) == 1
+    assert (work / "elkeid-agent").read_bytes() == c
+    assert b"did not finish within 1 s" in h.records[0]
+
+
+def test_refusals_are_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    work = setup_work(tmp_path)
+    swap.write_quarantine(work, swap.read_quarantine(work).add("B", time.time() + 100,
+                                                               time.time()))
+    h = Harness(work)
+
+    async def scenario() -> None:
+        for _ in range(5):
+            await h.manager.consider(spec("B", B, "http://127.0.0.1:9/b"))
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+    assert sum("ignored: quarantined" in r.getMessage() for r in caplog.records) == 1
+    assert not h.manager._wake.is_set()
+
+
+def test_no_new_attempt_while_unconfirmed_then_the_bound_rolls_back(tmp_path: Path) -> None:
+    work = setup_work(tmp_path)
+    (work / "elkeid-agent.prev").write_bytes(A)
+    (work / "elkeid-agent").write_bytes(B)
+    record = UpgradeRecord(from_version="Z", to_version="A", started_at=time.time(),
+                           target=str(work / "elkeid-agent"),
+                           prev=str(work / "elkeid-agent.prev"))
+    swap.write_record(work, record)
+    start = check_pending_upgrade(work, "A")
+    assert start.state is UpgradeState.SWAPPED
+    h = Harness(work, startup=start, confirm_bound=1.0)
+
+    async def scenario() -> None:
+        await h.manager.consider(spec("C", B, "http://127.0.0.1:9/c"))
+        assert not h.manager._wake.is_set()
+        await drive(h, done=h.exit_requested.is_set)
+
+    asyncio.run(scenario())
+    assert h.manager.state == "quarantined"
+    assert "did not reach the server within 1 s" in h.errors["upgrade"]
+    assert (work / "elkeid-agent").read_bytes() == A
+    assert "A" in swap.read_quarantine(work).versions
+
+
+def test_confirm_removes_the_record_once(tmp_path: Path) -> None:
+    work = setup_work(tmp_path)
+    swap.write_record(work, UpgradeRecord(from_version="Z", to_version="A",
+                                          started_at=time.time(),
+                                          target=str(work / "elkeid-agent"),
+                                          prev=str(work / "elkeid-agent.prev")))
+    h = Harness(work, startup=check_pending_upgrade(work, "A"))
+    h.manager.confirm()
+    h.manager.confirm()
+    assert h.manager.state == "confirmed"
+    assert swap.read_record(work) is None
+    assert len(h.records) == 1
+    assert b"upgraded from Z to A" in h.records[0]
+
+
+def test_start_up_with_a_corrupt_record(tmp_path: Path) -> None:
+    work = setup_work(tmp_path)
+    (work / "upgrade.json").write_text("{not json")
+    start = check_pending_upgrade(work, "A")
+    assert (start.exit, start.state) == (False, UpgradeState.IDLE)
+    assert "corrupt upgrade record" in start.error
+    assert not (work / "upgrade.json").exists()
+
+
+def test_start_up_rollback_without_the_saved_executable_keeps_running(tmp_path: Path) -> None:
+    work = setup_work(tmp_path)
+    swap.write_record(work, UpgradeRecord(from_version="Z", to_version="A",
+                                          started_at=time.time() - 3600,
+                                          target=str(work / "elkeid-agent"),
+                                          prev=str(work / "elkeid-agent.prev")))
+    start = check_pending_upgrade(work, "A")
+    assert start.exit is False
+    assert "rollback failed" in start.error
+    assert (work / "elkeid-agent").read_bytes() == A
+    assert swap.read_record(work) is None
+
+
+def test_start_up_counts_starts_in_the_record(tmp_path: Path) -> None:
+    work = setup_work(tmp_path)
+    (work / "elkeid-agent.prev").write_bytes(b"#!/bin/sh\necho Z\n")
+    swap.write_record(work, UpgradeRecord(from_version="Z", to_version="A",
+                                          started_at=time.time(),
+                                          target=str(work / "elkeid-agent"),
+                                          prev=str(work / "elkeid-agent.prev")))
+    for expected in (1, 2, 3):
+        assert check_pending_upgrade(work, "A").exit is False
+        assert json.loads((work / "upgrade.json").read_text())["starts_without_confirm"] == (
+            expected)
+    start = check_pending_upgrade(work, "A")
+    assert start.exit is True
+    assert (work / "elkeid-agent").read_bytes() == b"#!/bin/sh\necho Z\n"
