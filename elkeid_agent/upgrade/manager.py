@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 EXECUTABLE = "elkeid-agent"
 PREV_SUFFIX = ".prev"
+#: Each attempt works in `<work_dir>/tmp/upgrade-XXXXXX`, removed when it ends.
+ATTEMPT_PREFIX = "upgrade-"
 #: The token of the 5100 records reporting an upgrade's outcome (no task asked for it).
 RESULT_TOKEN = "upgrade"
 #: The key in the agent's `errors` (the heartbeat's state_detail).
@@ -154,6 +156,10 @@ def check_pending_upgrade(
     """The start-up check; call it before anything else starts. Blocking, fast."""
     settings = settings or DEFAULT_SETTINGS
     now = time.time() if now is None else now
+    # No attempt runs before this process starts one: any attempt directory (a download
+    # of up to max_artifact_bytes) is a leftover of a killed process.
+    for stale in (work_dir / "tmp").glob(ATTEMPT_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         record = swap.read_record(work_dir)
     except CorruptFile as exc:
@@ -360,7 +366,7 @@ class UpgradeManager:
         log.info("upgrade from %s to %s: starting", self.version, config.version)
         tmp = self.work_dir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        attempt_dir = Path(tempfile.mkdtemp(prefix="upgrade-", dir=tmp))
+        attempt_dir = Path(tempfile.mkdtemp(prefix=ATTEMPT_PREFIX, dir=tmp))
         try:
             await self._fetch_probe_swap(config, attempt_dir)
         except UpgradeFailed as exc:

@@ -235,13 +235,17 @@ def test_confirm_removes_the_record_once(tmp_path: Path) -> None:
     assert b"upgraded from Z to A" in h.records[0]
 
 
-def test_start_up_with_a_corrupt_record(tmp_path: Path) -> None:
+def test_start_up_with_a_corrupt_record_and_a_killed_attempt(tmp_path: Path) -> None:
     work = setup_work(tmp_path)
     (work / "upgrade.json").write_text("{not json")
+    (work / "tmp" / "upgrade-x1y2z3").mkdir()
+    (work / "tmp" / "upgrade-x1y2z3" / ".download-abc").write_bytes(b"partial")
+    (work / "tmp" / "_MEI12345").mkdir()
     start = check_pending_upgrade(work, "A")
     assert (start.exit, start.state) == (False, UpgradeState.IDLE)
     assert "corrupt upgrade record" in start.error
     assert not (work / "upgrade.json").exists()
+    assert [p.name for p in (work / "tmp").iterdir()] == ["_MEI12345"]  # not ours to clean
 
 
 def test_start_up_rollback_without_the_saved_executable_keeps_running(tmp_path: Path) -> None:
