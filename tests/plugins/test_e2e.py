@@ -145,16 +145,16 @@ def test_a_sigkilled_agent_leaves_plugins_the_next_one_reaps(
     config = agent_config(transport=FAST)
     with AgentProcess(config) as agent:
         beat = center.wait_for(lambda: center.records(1001), timeout=20)[-1]
-        group = pids_in_group(int(beat.fields["pid"]))
+        pgid = int(beat.fields["pid"])
         agent.signal(signal.SIGKILL)
         agent.wait(5)
     time.sleep(0.5)
-    assert all(alive(p) for p in group)
+    assert alive(pgid)  # the Go agent's issue 10: the plugin outlives its agent
     with AgentProcess(config) as agent:
-        wait_until(lambda: not any(alive(p) for p in group), timeout=10)
+        wait_until(lambda: not pids_in_group(pgid), timeout=10)
         # and the new agent runs its own copy
         center.wait_for(
-            lambda: [r for r in center.records(1001) if int(r.fields["pid"]) not in group],
+            lambda: [r for r in center.records(1001) if int(r.fields["pid"]) != pgid],
             timeout=20,
         )
         assert agent.stop() == 0
