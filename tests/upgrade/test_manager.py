@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from upgradetools import http_files, make_deb, need_dpkg_deb, sha
+from upgradetools import http_files, make_deb, make_rpm, need_dpkg_deb, sha
 
 from elkeid_agent.commands import ConfigSpec
 from elkeid_agent.upgrade import swap
@@ -38,6 +39,16 @@ case "$1" in
         [ "$INSTALL" = fail ] && echo "dpkg: error processing archive" && exit 1
         dpkg-deb --fsys-tarfile "$2" | tar -xO ./etc/elkeid/elkeid-agent > "$TARGET.dpkg-new"
         chmod 700 "$TARGET.dpkg-new" && mv "$TARGET.dpkg-new" "$TARGET" ;;
+esac
+"""
+
+
+# rpm likewise; its -Uvh installs the executable staged at $NEW (how rpm unpacks is not
+# what these tests are about).
+FAKE_RPM = """#!/bin/sh
+case "$1" in
+    -qf) [ "$OWNED" = yes ] && echo "elkeid-agent-3:2.0-1.x86_64" && exit 0; exit 1 ;;
+    -Uvh) echo "$2" >> "$RPM_LOG"; cp "$NEW" "$TARGET.rpmnew" && mv "$TARGET.rpmnew" "$TARGET" ;;
 esac
 """
 
@@ -149,6 +160,27 @@ def test_deb_not_installed_by_dpkg_swaps_the_file(tmp_path: Path) -> None:
     assert record.method == "file"
     assert (work / "elkeid-agent").read_bytes() == B
     assert not (tmp_path / "dpkg.log").exists()
+
+
+@pytest.mark.skipif(shutil.which("rpmbuild") is None, reason="rpmbuild is not installed")
+def test_rpm_owned_by_rpm_is_installed_with_rpm(tmp_path: Path) -> None:
+    work = setup_work(tmp_path)
+    rpm = make_rpm(tmp_path / "b.rpm", B).read_bytes()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "rpm").write_text(FAKE_RPM)
+    (bin_dir / "rpm").chmod(0o755)
+    (tmp_path / "staged").write_bytes(B)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "OWNED": "yes", "NEW": str(tmp_path / "staged"),
+           "TARGET": str(work / "elkeid-agent"), "RPM_LOG": str(tmp_path / "rpm.log")}
+    h = Harness(work, env)
+    with http_files({"/b.rpm": rpm}) as base:
+        asyncio.run(drive(h, spec("B", rpm, base + "/b.rpm"), done=h.exit_requested.is_set))
+    record = swap.read_record(work)
+    assert record is not None
+    assert record.method == "rpm"
+    assert (tmp_path / "rpm.log").read_text().strip().endswith("/candidate.rpm")
+    assert (work / "elkeid-agent.prev").read_bytes() == A
 
 
 def test_one_attempt_at_a_time_and_the_latest_wish_wins(tmp_path: Path) -> None:
