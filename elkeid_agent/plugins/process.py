@@ -102,6 +102,20 @@ def _high_fd(fd: int) -> int:
     return new
 
 
+def _inheritable_fds() -> list[int]:
+    """Open fds without close-on-exec (listed from /proc/self/fd, Linux)."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            continue  # the directory listdir read from, closed by now
+        if not flags & fcntl.FD_CLOEXEC:
+            out.append(fd)
+    return out
+
+
 def _pipe() -> tuple[int, int]:
     # O_CLOEXEC: the agent's ends must never leak into any child; the spawn's dup2 onto
     # 3/4/5 yields fds without the flag, which is exactly what the child keeps.
@@ -168,9 +182,13 @@ class PluginProcess:
                 )
             )
             opened.append(stderr)
-            # Every other fd of the agent is close-on-exec (Python's default since PEP 446,
-            # and gRPC's), so the child holds exactly fds 0-5.
-            actions = [
+            # Every fd the agent opens is close-on-exec (Python's default since PEP 446, and
+            # gRPC's), but fds it inherited without the flag would pass on: close those in
+            # the child, so it holds exactly fds 0-5.
+            actions: list[tuple[int, ...]] = [
+                (os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > 5
+            ]
+            actions += [
                 (os.POSIX_SPAWN_DUP2, devnull, 0),
                 (os.POSIX_SPAWN_DUP2, devnull, 1),
                 (os.POSIX_SPAWN_DUP2, stderr, 2),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -333,3 +334,50 @@ def test_sigterm_stops_every_plugin_within_10_s(tmp_path: Path) -> None:
     assert proc.wait(15) == 0
     assert time.monotonic() - began < 11.5
     assert not any(alive(p) for p in groups)
+
+
+def test_what_a_plugin_inherits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The agent's own environment as a frozen bundle would leave it.
+    monkeypatch.setenv("_MEIPASS2", "/tmp/_MEI123")
+    monkeypatch.setenv("_PYI_APPLICATION_HOME_DIR", "/tmp/_MEI123")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/tmp/_MEI123")
+    monkeypatch.setenv("LD_LIBRARY_PATH_ORIG", "/opt/host/lib")
+    monkeypatch.setenv("DETAIL", "from the agent's environment")
+    # A plain Python script: the shell wrapper of py_plugin would add its own fds.
+    exe = f"#!{sys.executable}\n".encode() + (BIN / "introspect.py").read_bytes()
+    directory = install_plugin(tmp_path, "intro", exe)
+    # grep's own status: a waiting dash blocks every signal for itself.
+    signals = sh_plugin("exec grep -E '^Sig(Ign|Blk)' /proc/self/status > sig.txt")
+    sig_dir = install_plugin(tmp_path, "sig", signals)
+    stray = os.open(os.devnull, os.O_RDONLY)  # an agent fd (close-on-exec like all of them)
+    os.set_inheritable(stray, True)  # ... unless inherited from whoever started the agent
+
+    async def main() -> None:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync([local_spec("intro", exe), local_spec("sig", signals)])
+            out = directory / "introspect.json"
+            await until(lambda: out.exists() and out.stat().st_size > 0, what="introspection")
+            sig = sig_dir / "sig.txt"
+            await until(lambda: sig.exists() and sig.stat().st_size > 0, what="signals")
+
+    try:
+        run(main())
+    finally:
+        os.close(stray)
+    info = json.loads((directory / "introspect.json").read_text())
+    fds = info["fds"]
+    assert sorted(fds, key=int) == ["0", "1", "2", "3", "4", "5"]
+    assert fds["0"] == fds["1"] == "/dev/null"
+    assert fds["2"] == str(directory / "intro.stderr")
+    assert all(fds[n].startswith("pipe:") for n in "345")
+    assert info["cwd"] == str(directory)
+    assert info["pgid"] == info["pid"]
+    sig = dict(line.split(":") for line in (sig_dir / "sig.txt").read_text().splitlines())
+    assert int(sig["SigBlk"], 16) == 0
+    for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+        assert not int(sig["SigIgn"], 16) & (1 << (signum - 1))
+    env = info["env"]
+    assert env["ELKEID_PLUGIN_HIGH_PRIORITY_PIPE"] == "1"
+    assert "DETAIL" not in env  # the config has none
+    assert env["LD_LIBRARY_PATH"] == "/opt/host/lib"
+    assert not any(k.startswith(("_MEI", "_PYI")) for k in env)
