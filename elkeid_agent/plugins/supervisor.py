@@ -25,7 +25,7 @@ import shutil
 import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -104,7 +104,8 @@ class _Slot:
     failures: int = 0
     last_exit: str = ""
     sampler: ProcessGroupSampler | None = None
-    rate_base: tuple[float, Counters] | None = None
+    #: (when, counters) the next heartbeat's rates start from; reset at each spawn.
+    rate_base: tuple[float, Counters] = (0.0, Counters())
 
     def request_stop(self) -> None:
         if self.lifecycle.live:
@@ -224,7 +225,7 @@ class PluginSupervisor:
                 except psutil.Error:
                     continue
             c = slot.counters
-            since, base = slot.rate_base or (proc.started, Counters())
+            since, base = slot.rate_base
             elapsed = max(now - since, 1e-9)
             fields = build_plugin_heartbeat(
                 name=name,
@@ -243,7 +244,7 @@ class PluginSupervisor:
                     "task_queue": proc.tasks.qsize(),
                 },
             )
-            slot.rate_base = (now, Counters(**vars(c)))
+            slot.rate_base = (now, replace(c))
             out.append(encode_record(PLUGIN_HEARTBEAT, int(time.time()), fields))
         return out
 
@@ -346,6 +347,7 @@ class PluginSupervisor:
                     lifecycle.fire(Event.SPAWN_FAILED)
                 else:
                     slot.process = process
+                    slot.rate_base = (process.started, replace(slot.counters))
                     self._save_groups()
                     lifecycle.fire(Event.SPAWNED)
                     try:

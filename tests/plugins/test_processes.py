@@ -381,3 +381,27 @@ def test_what_a_plugin_inherits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert "DETAIL" not in env  # the config has none
     assert env["LD_LIBRARY_PATH"] == "/opt/host/lib"
     assert not any(k.startswith(("_MEI", "_PYI")) for k in env)
+
+
+def test_plugin_heartbeat_rates(tmp_path: Path) -> None:
+    install_plugin(tmp_path, "stream", STREAM)
+
+    async def main() -> dict[str, str]:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync([local_spec("stream", STREAM, version="3.1")])
+            await h.wait_records(5)
+            h.sup.heartbeats()
+            await asyncio.sleep(1.0)
+            (beat,) = h.sup.heartbeats()
+            record = Record.FromString(beat)
+            assert record.data_type == 1001
+            return dict(record.data.fields)
+
+    fields = run(main())
+    assert fields["name"] == "stream"
+    assert fields["pversion"] == "3.1"
+    assert 8 < float(fields["rx_tps"]) < 25  # one 7-byte frame every 50 ms
+    assert 56 < float(fields["rx_speed"]) < 200
+    assert fields["tx_tps"] == "0.00000000"
+    assert int(fields["nfd"]) >= 6
+    assert fields["restarts"] == "0"
