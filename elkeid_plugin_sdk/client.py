@@ -129,10 +129,15 @@ class Client:
         *,
         flush_interval: float | None = FLUSH_INTERVAL,
     ) -> None:
-        self._records = record_file or os.fdopen(RECORD_FD, "wb", buffering=0)
-        self._tasks = task_file or os.fdopen(TASK_FD, "rb", buffering=1024 * 1024)
-        if high_priority_file is None and record_file is None and os.environ.get(HIGH_PRIORITY_ENV):
-            high_priority_file = os.fdopen(HIGH_PRIORITY_FD, "wb", buffering=0)
+        if record_file is None:
+            record_file = os.fdopen(RECORD_FD, "wb", buffering=0)
+            if high_priority_file is None and os.environ.get(HIGH_PRIORITY_ENV):
+                high_priority_file = os.fdopen(HIGH_PRIORITY_FD, "wb", buffering=0)
+        if task_file is None:
+            # The Go library reads tasks through a 1 MiB buffer.
+            task_file = os.fdopen(TASK_FD, "rb", buffering=1024 * 1024)
+        self._records: BinaryIO = record_file
+        self._tasks: BinaryIO = task_file
         self._urgent = high_priority_file
         self._buf = bytearray()
         self._lock = threading.Lock()
