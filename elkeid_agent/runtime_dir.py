@@ -24,8 +24,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 UNPACK_PREFIXES = ("_MEI", "staticx-")
-# Unpacking takes 1-2 s unconstrained and ~12 s under the unit's 10 % CPU quota.
-MIN_AGE_S = 120.0
+# A launcher maps files from its new directory within seconds of creating it (~5 s under
+# the unit's 10 % CPU quota), and writing into it keeps its mtime fresh until then. Below
+# the unit's RestartSec (45 s), so a restart after SIGKILL clears its predecessor's dirs.
+MIN_AGE_S = 30.0
 
 
 def _own_dirs() -> set[Path]:
@@ -67,26 +69,28 @@ def _paths_in_use(tmp_dir: Path, proc: Path) -> set[str]:
 
 def clean_stale_unpack_dirs(tmp_dir: Path, *, proc: Path = Path("/proc")) -> int:
     """Remove unpack directories in tmp_dir that no process uses; return how many."""
+    now = time.time()
     try:
         tmp_dir = tmp_dir.resolve(strict=True)
-        candidates = [p for p in tmp_dir.iterdir() if p.name.startswith(UNPACK_PREFIXES)]
+        candidates = [
+            p
+            for p in tmp_dir.iterdir()
+            if p.name.startswith(UNPACK_PREFIXES)
+            and not p.is_symlink()
+            and p.is_dir()
+            and now - p.lstat().st_mtime >= MIN_AGE_S
+        ]
     except OSError:
         return 0
     if not candidates:
+        # The common start: skip reading every process's maps.
         return 0
     in_use = _paths_in_use(tmp_dir, proc)
     own = _own_dirs()
-    now = time.time()
     removed = 0
     for path in candidates:
         try:
-            if (
-                path.name in in_use
-                or path.resolve() in own
-                or path.is_symlink()
-                or not path.is_dir()
-                or now - path.lstat().st_mtime < MIN_AGE_S
-            ):
+            if path.name in in_use or path.resolve() in own:
                 continue
             shutil.rmtree(path)
         except OSError as exc:
