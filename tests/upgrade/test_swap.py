@@ -80,54 +80,69 @@ def _setup(work: Path) -> None:
     (work / "tmp" / "cand").write_bytes(B)
 
 
-def _run_child(code: str, work: Path, kill_after: float | None) -> subprocess.Popen[bytes]:
+def _run_child(
+    code: str, work: Path, kill_after: float | None, kill_when: Path | None = None
+) -> bool:
+    """Run `code`; SIGKILL it `kill_after` seconds after it started, or after `kill_when`
+    appeared (then `kill_after` is the extra delay). True if it was killed mid-way."""
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(work)],
         env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
     )
+    if kill_when is not None:
+        while not kill_when.exists() and proc.poll() is None:
+            time.sleep(0.0005)
     if kill_after is not None:
         time.sleep(kill_after)
         proc.send_signal(signal.SIGKILL)
-    proc.wait(60)
-    assert proc.stdout is not None
-    proc.stdout.close()
-    return proc
+    code_ = proc.wait(60)
+    return code_ == -signal.SIGKILL
 
 
 def _measure(code: str, prepare: object, tmp_path: Path) -> float:
     work = tmp_path / "measure"
     prepare(work)  # type: ignore[operator]
     started = time.monotonic()
-    assert _run_child(code, work, None).returncode == 0
+    assert not _run_child(code, work, None)
     return time.monotonic() - started
+
+
+def _check_after_swap_kill(work: Path) -> str:
+    content = (work / "elkeid-agent").read_bytes()
+    assert content in (A, B), "partial target"
+    record = swap.read_record(work)
+    if content == B:
+        # The new executable is in place: it must find the record and the saved A.
+        assert record is not None
+        assert record.to_version == "B"
+        assert (work / "elkeid-agent.prev").read_bytes() == A
+        return "B"
+    # The old one starts again: a record, if any, says the swap did not happen.
+    assert check_pending_upgrade(work, "A").exit is False
+    assert swap.read_record(work) is None
+    return "A"
 
 
 def test_sigkill_during_the_swap_never_leaves_a_partial_target(tmp_path: Path) -> None:
     duration = _measure(SWAP_CHILD, _setup, tmp_path)
     rng = random.Random(6)
-    outcomes = set()
-    for i in range(25):
+    for i in range(15):
         work = tmp_path / f"w{i}"
         _setup(work)
-        _run_child(SWAP_CHILD, work, rng.uniform(0, duration * 1.1))
-        content = (work / "elkeid-agent").read_bytes()
-        assert content in (A, B), f"partial target after kill {i}"
-        record = swap.read_record(work)
-        if content == B:
-            # The new executable is in place: it must find the record and the saved A.
-            outcomes.add("B")
-            assert record is not None
-            assert record.to_version == "B"
-            assert (work / "elkeid-agent.prev").read_bytes() == A
-        else:
-            outcomes.add("A")
-            # The old one starts again: a record, if any, says the swap did not happen.
-            start = check_pending_upgrade(work, "A")
-            assert start.exit is False
-            assert swap.read_record(work) is None
-    # Both sides of the rename were hit (timing-dependent, but 25 tries cover both).
-    assert outcomes == {"A", "B"}
+        _run_child(SWAP_CHILD, work, rng.uniform(0, duration * 1.2))
+        _check_after_swap_kill(work)
+    # Aimed at the narrow window: once the staging copy of the target exists, kill within
+    # the next few milliseconds (during the copy, around the fsync, around the rename).
+    during_copy = 0
+    for i in range(15):
+        work = tmp_path / f"aimed{i}"
+        _setup(work)
+        staging = work / ".elkeid-agent.new"
+        killed = _run_child(SWAP_CHILD, work, rng.uniform(0, 0.03), kill_when=staging)
+        outcome = _check_after_swap_kill(work)
+        during_copy += killed and outcome == "A" and staging.exists()
+    assert during_copy > 0, "no kill landed while the new executable was being written"
 
 
 def _setup_rollback(work: Path) -> None:
@@ -149,7 +164,7 @@ def test_sigkill_during_the_rollback_is_finished_by_the_next_start(
     for i in range(20):
         work = tmp_path / f"w{i}"
         _setup_rollback(work)
-        _run_child(ROLLBACK_CHILD, work, rng.uniform(0, duration * 1.1))
+        _run_child(ROLLBACK_CHILD, work, rng.uniform(0, duration * 1.2))
         content = (work / "elkeid-agent").read_bytes()
         assert content in (A, B), f"partial target after kill {i}"
         # Whatever started next (B again, or A) ends with A in place and B quarantined.
