@@ -134,8 +134,7 @@ class PluginSupervisor:
         self._stopped = asyncio.Event()
         self._closing = False
         self._tg: asyncio.TaskGroup | None = None
-        self._ssl: ssl.SSLContext | None = None
-        #: Set by tests (plain-HTTP servers need none; a private CA needs its own context).
+        #: The TLS context for HTTPS downloads: the host's CA store unless replaced.
         self.ssl_context_factory: Callable[[], ssl.SSLContext] = host_ssl_context
         self.download_timeout = 600.0
 
@@ -279,13 +278,13 @@ class PluginSupervisor:
         directory = self.root / spec.name
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         install.clean_leftovers(directory)
-        if self._ssl is None and any(u.startswith("https:") for u in spec.download_urls):
-            self._ssl = self.ssl_context_factory()
+        # Built per install (a few ms), so a host CA store updated meanwhile is seen.
+        https = any(u.startswith("https:") for u in spec.download_urls)
         staged = await install.prepare(
             directory,
             spec,
             max_bytes=self.config.download_max_bytes,
-            ssl_context=self._ssl,
+            ssl_context=self.ssl_context_factory() if https else None,
             timeout=self.download_timeout,
         )
         try:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ssl
 import tarfile
 from pathlib import Path
 
 from plugtools import Files, Harness, alive, files_server, run, sh_plugin, sha, tar_gz, until
 
 from elkeid_agent.commands import ConfigSpec
+from elkeid_agent.http import host_ssl_context
 from elkeid_agent.plugins.lifecycle import State
 from elkeid_agent.plugins.supervisor import PluginSupervisor, plan_sync
+from elkeid_center.certs import generate_certs, generate_server_cert
 
 
 def _exe(tag: str) -> bytes:
@@ -290,5 +293,30 @@ def test_down_plugin_is_abnormal(tmp_path: Path) -> None:
                     what="backing off",
                 )
                 assert "exited with code 3" in " ".join(h.sup.errors())
+
+    run(main())
+
+
+def test_https_download_verifies_the_server(tmp_path: Path) -> None:
+    certs = generate_certs(tmp_path / "pki")
+    cert, key = generate_server_cert(certs, tmp_path / "srv", names=("localhost",))
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    exe = _exe("tls")
+
+    async def main() -> None:
+        with files_server(server_ctx) as files:
+            files.files["/p"] = exe
+            url = files.url("/p", "localhost")
+            spec = ConfigSpec(name="tls", version="1", sha256=sha(exe), download_urls=(url,))
+            async with Harness(tmp_path) as h:
+                # The host's CA store does not know this server: refused, nothing runs.
+                await h.sup.sync([spec])
+                assert "certificate verify failed" in h.sup.errors()[0]
+                assert h.sup.slot_info("tls") is None
+                # With the deployment's CA it goes through.
+                h.sup.ssl_context_factory = lambda: host_ssl_context(str(certs.ca))
+                await h.sup.sync([spec])
+                await _running(h.sup, "tls")
 
     run(main())
