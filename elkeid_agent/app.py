@@ -271,7 +271,7 @@ class Agent:
 
     async def _heartbeat_loop(self) -> None:
         interval = self.config.transport.heartbeat_interval
-        watchdog = watchdog_interval(self.env)
+        watchdog = watchdog_interval(self.env, {p.pid for p in hb.agent_processes()})
         tick = min(interval, watchdog) if watchdog else interval
         next_beat = time.monotonic() + interval
         while True:

@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import socket
+from collections.abc import Collection, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,15 @@ def sd_notify(message: str, env: dict[str, str] | None = None) -> bool:
     return True
 
 
-def watchdog_interval(env: dict[str, str] | None = None) -> float | None:
-    """Half the watchdog period systemd asked for (WATCHDOG_USEC), or None without one."""
-    env = env if env is not None else dict(os.environ)
+def watchdog_interval(env: Mapping[str, str], own_pids: Collection[int]) -> float | None:
+    """Half the watchdog period systemd asked for (WATCHDOG_USEC), or None without one.
+
+    systemd names the main pid in WATCHDOG_PID; under a onefile or staticx launcher that is
+    the launcher, an ancestor of this process, so any pid of the agent's own chain counts.
+    """
     usec = env.get("WATCHDOG_USEC", "")
     pid = env.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+    if not usec.isdigit() or (pid and not (pid.isdigit() and int(pid) in own_pids)):
         return None
     return int(usec) / 2_000_000
 
