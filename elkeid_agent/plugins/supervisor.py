@@ -182,6 +182,7 @@ class PluginSupervisor:
             await self._ready.wait()
             if self._closing:
                 return
+            await self._forget_stopped()
             running = {name: slot.spec.version for name, slot in self._slots.items()}
             plan = plan_sync(running, self._installed(), configs)
             errors = list(plan.rejected)
@@ -263,6 +264,13 @@ class PluginSupervisor:
         except FileNotFoundError:
             return []
         return [p.name for p in entries if p.is_dir() and install.valid_name(p.name)]
+
+    async def _forget_stopped(self) -> None:
+        """Drop slots told to stop by a sync that was cancelled before it could finish."""
+        for name, slot in list(self._slots.items()):
+            if not slot.lifecycle.live:
+                await self._stop_slot(slot)
+                del self._slots[name]
 
     async def _remove(self, name: str) -> None:
         slot = self._slots.get(name)

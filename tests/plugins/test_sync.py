@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import ssl
 import tarfile
 from pathlib import Path
 
+import pytest
 from plugtools import Files, Harness, alive, files_server, run, sh_plugin, sha, tar_gz, until
 
 from elkeid_agent.commands import ConfigSpec
 from elkeid_agent.http import host_ssl_context
+from elkeid_agent.plugins import process
 from elkeid_agent.plugins.lifecycle import State
 from elkeid_agent.plugins.supervisor import PluginSupervisor, plan_sync
 from elkeid_center.certs import generate_certs, generate_server_cert
@@ -318,5 +321,34 @@ def test_https_download_verifies_the_server(tmp_path: Path) -> None:
                 h.sup.ssl_context_factory = lambda: host_ssl_context(str(certs.ca))
                 await h.sup.sync([spec])
                 await _running(h.sup, "tls")
+
+    run(main())
+
+
+def test_a_cancelled_sync_leaves_a_consistent_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process, "STOP_DRAIN", 0.1)
+    monkeypatch.setattr(process, "STOP_GRACE", 1.0)
+    stubborn = sh_plugin("trap '' TERM PIPE\nwhile :; do sleep 0.1; done")
+
+    async def main() -> None:
+        with files_server() as files:
+            async with Harness(tmp_path) as h:
+                spec = _spec(files, "c", stubborn, "1")
+                await h.sup.sync([spec])
+                pid1 = await _running(h.sup, "c")
+                # A removal cancelled while the plugin is being stopped...
+                removal = asyncio.create_task(h.sup.sync([]))
+                await until(lambda: h.sup.slot_info("c")[0] is State.STOPPING)  # type: ignore[index]
+                removal.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await removal
+                # ... and the same version asked for again: it must run, not be "kept" dead.
+                await h.sup.sync([spec])
+                pid2 = await _running(h.sup, "c")
+                assert pid2 != pid1
+                assert not alive(pid1)
+                assert h.sup.errors() == []
 
     run(main())
