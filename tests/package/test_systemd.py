@@ -26,12 +26,14 @@ pytestmark = [pytest.mark.package, pytest.mark.timeout(1800)]
 
 UNIT = "elkeid-agent.service"
 RESTART_SEC = 45
-# A plugin that ignores SIGTERM and leaves a detached grandchild behind: only killing
-# the whole cgroup (KillMode=control-group) takes both.
+# A plugin that ignores SIGTERM and leaves a detached grandchild (another session, so
+# outside the plugin's process group) behind: only killing the whole cgroup
+# (KillMode=control-group) takes both. The grandchild starts before the trap, so it dies
+# on systemd's SIGTERM instead of holding every stop for TimeoutStopSec.
 PLUGIN_MARK = "86399"
 PLUGIN = f"""#!/bin/sh
-trap '' TERM
 setsid sleep {PLUGIN_MARK} </dev/null >/dev/null 2>&1 &
+trap '' TERM
 exec cat <&3 >/dev/null
 """.encode()
 
@@ -215,6 +217,9 @@ def test_sigkill_brings_it_back_after_restartsec(
     assert container.prop("MainPID") != pid
     center.clear()
     center.wait_records(1000, timeout=120)
+    # The restarted agent removed the unpack dir the killed launcher left behind.
+    left = container.sh("ls -A /etc/elkeid/tmp").stdout.split()
+    assert len([n for n in left if n.startswith("staticx-")]) == 1, left
 
 
 def test_stop_leaves_no_plugin_process(container: Container) -> None:
