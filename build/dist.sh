@@ -35,15 +35,15 @@ if [ -z "${CERTS_DIR:-}" ]; then
 fi
 
 mkdir -p "$out" "$dist"
+# One build per ARCH at a time: builds share build/out/ARCH and the build root (venv,
+# work dir). The lock goes with this process.
+exec 9>"$out.lock"
+flock 9
 rm -f "$out/elkeid-agent" "$out/elkeid-agent.onefile"
 case $arch in
     amd64)
         root=${BUILD_ROOT:-build/cache/roots/bookworm-build-amd64}
         say "build root $root"
-        # One build at a time per root: they share its venv and work dir.
-        mkdir -p "$(dirname "$root")"
-        exec 9>"$root.lock"
-        flock 9
         build/mkroot.sh bookworm "$root" amd64 \
             python3,python3-venv,libpython3.11,patchelf,binutils,ca-certificates
         cp "$product" "$out/product.toml"

@@ -156,3 +156,71 @@ def test_rpm_installs_upgrades_and_erases(amd64_dist: Dist, root_copy: RootCopy)
     assert re.search(
         r"not installed", run(["rpm", "--root", root, "-q", "elkeid-agent"], check=False).stdout
     )
+
+
+GO_NFPM = """\
+name: elkeid-agent
+arch: amd64
+platform: linux
+epoch: "3"
+version: 1.7.0.0
+release: "1"
+maintainer: go <go@localhost>
+description: stand-in for the Go agent's package
+contents:
+  - src: ./elkeid-agent
+    dst: /etc/elkeid/elkeid-agent
+    file_info: {mode: 0700}
+  - src: ./elkeidctl
+    dst: /etc/elkeid/elkeidctl
+    file_info: {mode: 0700}
+  - src: ./elkeid-agent.service
+    dst: /etc/elkeid/elkeid-agent.service
+    file_info: {mode: 0600}
+scripts:
+  postinstall: ./postinstall.sh
+deb:
+  compression: gzip
+"""
+# What the Go package's elkeidctl does at install: copy the unit where systemd looks and
+# write the host's identity and settings.
+GO_POSTINSTALL = """#!/bin/sh
+mkdir -p /etc/systemd/system
+cp /etc/elkeid/elkeid-agent.service /etc/systemd/system/elkeid-agent.service
+echo specified_id=go-agent-id > /etc/elkeid/specified_env
+echo 11111111-2222-3333-4444-555555555555 > /etc/elkeid/machine-id
+"""
+
+
+def test_deb_replaces_the_go_agent_package_in_place(
+    amd64_dist: Dist, root_copy: RootCopy, tmp_path: Path
+) -> None:
+    stage = tmp_path / "go"
+    stage.mkdir()
+    (stage / "nfpm.yaml").write_text(GO_NFPM)
+    (stage / "elkeid-agent").write_text("#!/bin/sh\necho 1.7.0.0\n")
+    (stage / "elkeidctl").write_text("#!/bin/sh\n")
+    (stage / "elkeid-agent.service").write_text("[Service]\nExecStart=/etc/elkeid/elkeid-agent\n")
+    (stage / "postinstall.sh").write_text(GO_POSTINSTALL)
+    go_deb = tmp_path / "elkeid-agent_1.7.0.0_amd64.deb"
+    nfpm = REPO / "build" / "cache" / "tools" / "bin" / "nfpm"
+    run(["sh", "-c", f"cd {stage} && {nfpm} package -p deb -f nfpm.yaml -t {go_deb}"])
+
+    root = root_copy("bookworm")
+    binds = [f"{amd64_dist.dir}:/mnt/dist:ro", f"{tmp_path}:/mnt/go:ro"]
+    in_root(root, "dpkg", "-i", f"/mnt/go/{go_deb.name}", binds=binds)
+    assert (root / "etc/systemd/system/elkeid-agent.service").is_file()
+
+    in_root(root, "dpkg", "-i", f"/mnt/dist/{amd64_dist.deb.name}", binds=binds)
+    status = in_root(root, "dpkg-query", "-W", "-f", "${Version}", "elkeid-agent")
+    assert status.stdout == f"3:{amd64_dist.version}-1"
+    etc = root / "etc" / "elkeid"
+    assert not (etc / "elkeidctl").exists()
+    assert not (etc / "elkeid-agent.service").exists()
+    # The unowned copy elkeidctl made is replaced by the packaged unit.
+    assert "Type=notify" in (root / "etc/systemd/system/elkeid-agent.service").read_text()
+    # The host keeps its identity and settings across the switch.
+    assert (etc / "machine-id").read_text().startswith("11111111-")
+    assert (etc / "specified_env").read_text() == "specified_id=go-agent-id\n"
+    out = in_root(root, "/etc/elkeid/elkeid-agent", "--version")
+    assert out.stdout.strip() == amd64_dist.version
