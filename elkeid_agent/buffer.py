@@ -19,13 +19,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
-from elkeid_agent.wire import spliced_size
+from elkeid_agent.wire import Frames, splice_records, unsplice
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_AGENT_LANE_BYTES = 4 * 1024 * 1024
+
+#: A queued chunk: PackagedData field-1 entries for `count` records, spliced once.
+Chunk = tuple[bytes, int]
 
 
 class Lane(IntEnum):
@@ -36,10 +40,29 @@ class Lane(IntEnum):
 
 @dataclass
 class Batch:
-    """Records taken for one message, in lane order, and how many came from each lane."""
+    """Chunks taken for one message, in lane order."""
 
-    records: list[bytes]
-    per_lane: tuple[int, int, int]
+    chunks: list[tuple[Lane, Chunk]]
+
+    @property
+    def spliced(self) -> bytes:
+        """The message's field-1 bytes (append the header for a PackagedData)."""
+        return b"".join(data for _, (data, _n) in self.chunks)
+
+    @property
+    def count(self) -> int:
+        return sum(n for _, (_data, n) in self.chunks)
+
+    @property
+    def per_lane(self) -> tuple[int, int, int]:
+        counts = [0, 0, 0]
+        for lane, (_data, n) in self.chunks:
+            counts[lane] += n
+        return counts[0], counts[1], counts[2]
+
+    @property
+    def records(self) -> list[bytes]:
+        return unsplice(self.spliced)
 
 
 @dataclass
@@ -59,13 +82,12 @@ class RecordBuffer:
         self,
         max_bytes: int = DEFAULT_MAX_BYTES,
         agent_lane_bytes: int = DEFAULT_AGENT_LANE_BYTES,
-        max_record_bytes: int | None = None,
     ) -> None:
         self.max_bytes = max_bytes
         self.agent_lane_bytes = agent_lane_bytes
-        self.max_record_bytes = max_record_bytes
-        self._lanes: tuple[deque[bytes], deque[bytes], deque[bytes]] = (deque(), deque(), deque())
+        self._lanes: tuple[deque[Chunk], deque[Chunk], deque[Chunk]] = (deque(), deque(), deque())
         self._lane_bytes = [0, 0, 0]
+        self._records = 0
         self._nonempty = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
@@ -77,27 +99,26 @@ class RecordBuffer:
 
     def put_agent(self, record: bytes) -> None:
         """Queue one of the agent's own records; never blocks, evicts the lane's oldest if full."""
-        if not self._admissible(record):
-            return
-        lane, size = self._lanes[Lane.AGENT], spliced_size(record)
-        while lane and self._lane_bytes[Lane.AGENT] + size > self.agent_lane_bytes:
-            self._lane_bytes[Lane.AGENT] -= spliced_size(lane.popleft())
-            self.stats.dropped_agent_overflow += 1
-        lane.append(record)
-        self._lane_bytes[Lane.AGENT] += size
-        self._nonempty.set()
-        self._empty.clear()
+        data = splice_records((record,), b"")
+        lane = self._lanes[Lane.AGENT]
+        while lane and self._lane_bytes[Lane.AGENT] + len(data) > self.agent_lane_bytes:
+            old, count = lane.popleft()
+            self._lane_bytes[Lane.AGENT] -= len(old)
+            self._records -= count
+            self.stats.dropped_agent_overflow += count
+        self._append(Lane.AGENT, (data, 1))
 
-    async def put_many(self, records: list[bytes], lane: Lane = Lane.PLUGIN) -> None:
+    async def put_many(self, records: Sequence[bytes], lane: Lane = Lane.PLUGIN) -> None:
         """Queue plugin records, waiting while the plugin budget is full.
 
         A batch is admitted whole once there is room for it, or at once into an empty buffer
-        (a batch larger than the budget must not wait forever).
+        (a batch larger than the budget must not wait forever). `Frames` from the decoder come
+        spliced already; other sequences are spliced here.
         """
-        records = [r for r in records if self._admissible(r)]
         if not records:
             return
-        size = sum(map(spliced_size, records))
+        data = records.spliced if isinstance(records, Frames) else splice_records(records, b"")
+        size = len(data)
         if self._plugin_bytes() and self._plugin_bytes() + size > self.max_bytes:
             self.stats.backpressure_waits += 1
             started = time.monotonic()
@@ -105,16 +126,14 @@ class RecordBuffer:
                 self._space.clear()
                 await self._space.wait()
             self.stats.backpressure_seconds += time.monotonic() - started
-        self._lanes[lane].extend(records)
-        self._lane_bytes[lane] += size
+        self._append(lane, (data, len(records)))
+
+    def _append(self, lane: Lane, chunk: Chunk) -> None:
+        self._lanes[lane].append(chunk)
+        self._lane_bytes[lane] += len(chunk[0])
+        self._records += chunk[1]
         self._nonempty.set()
         self._empty.clear()
-
-    def _admissible(self, record: bytes) -> bool:
-        if self.max_record_bytes is not None and len(record) > self.max_record_bytes:
-            self.stats.dropped_oversize += 1
-            return False
-        return True
 
     def _plugin_bytes(self) -> int:
         return self._lane_bytes[Lane.URGENT] + self._lane_bytes[Lane.PLUGIN]
@@ -124,50 +143,68 @@ class RecordBuffer:
     async def wait_nonempty(self) -> None:
         await self._nonempty.wait()
 
-    def take(self, max_bytes: int) -> Batch:
-        """Oldest records first, agent lane first, whose spliced size fits in `max_bytes`.
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
 
-        A record that alone exceeds max_bytes is dropped and counted; the caller sizes
-        max_bytes so that every admissible record fits.
+    def take(self, max_bytes: int) -> Batch:
+        """Oldest chunks first, agent lane first, whose spliced size fits in `max_bytes`.
+
+        A chunk too large for a whole message is split by record; a single record larger than
+        a message is dropped and counted (the caller sizes max_bytes so that none should be).
         """
-        out: list[bytes] = []
-        per_lane = [0, 0, 0]
+        taken: list[tuple[Lane, Chunk]] = []
         budget = max_bytes
-        for index, lane in enumerate(self._lanes):
-            taken = 0
-            while lane:
-                size = spliced_size(lane[0])
-                if size > budget:
-                    if not out and size > max_bytes:
-                        lane.popleft()
-                        taken += size
-                        self.stats.dropped_oversize += 1
-                        continue
-                    break
-                out.append(lane.popleft())
-                taken += size
-                budget -= size
-            self._lane_bytes[index] -= taken
-            per_lane[index] = len(out) - sum(per_lane)
-            if budget <= 0 or (lane and out):
+        for lane_id in Lane:
+            lane = self._lanes[lane_id]
+            while lane and len(lane[0][0]) <= budget:
+                chunk = lane.popleft()
+                taken.append((lane_id, chunk))
+                budget -= len(chunk[0])
+                self._lane_bytes[lane_id] -= len(chunk[0])
+                self._records -= chunk[1]
+            if lane and not taken:
+                self._split_head(lane_id, max_bytes)
+                return self.take(max_bytes)
+            if lane:
                 break
         self._after_take()
-        return Batch(out, (per_lane[0], per_lane[1], per_lane[2]))
+        return Batch(taken)
+
+    def _split_head(self, lane_id: Lane, max_bytes: int) -> None:
+        """Split the head chunk of a lane so that its first part fits in a message."""
+        lane = self._lanes[lane_id]
+        data, count = lane.popleft()
+        self._lane_bytes[lane_id] -= len(data)
+        self._records -= count
+        records = unsplice(data)
+        head: list[bytes] = []
+        size = 0
+        while records:
+            entry = len(splice_records(records[:1], b""))
+            if size + entry > max_bytes:
+                break
+            head.append(records.pop(0))
+            size += entry
+        if not head:
+            records.pop(0)
+            self.stats.dropped_oversize += 1
+        for part in (records, head):
+            if part:
+                spliced = splice_records(part, b"")
+                lane.appendleft((spliced, len(part)))
+                self._lane_bytes[lane_id] += len(spliced)
+                self._records += len(part)
+        self._after_take()
 
     def requeue(self, batch: Batch) -> None:
         """Put a batch whose delivery failed back at the head of its lanes, order kept."""
-        start = 0
-        for index, count in enumerate(batch.per_lane):
-            records = batch.records[start : start + count]
-            start += count
-            self._lanes[index].extendleft(reversed(records))
-            self._lane_bytes[index] += sum(map(spliced_size, records))
-        if batch.records:
+        for lane, chunk in reversed(batch.chunks):
+            self._lanes[lane].appendleft(chunk)
+            self._lane_bytes[lane] += len(chunk[0])
+            self._records += chunk[1]
+        if batch.chunks:
             self._nonempty.set()
             self._empty.clear()
-
-    async def wait_empty(self) -> None:
-        await self._empty.wait()
 
     def _after_take(self) -> None:
         if not any(self._lanes):
@@ -179,7 +216,7 @@ class RecordBuffer:
     # -- gauges ---------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return sum(map(len, self._lanes))
+        return self._records
 
     @property
     def queued_bytes(self) -> int:

@@ -49,9 +49,23 @@ class FrameTooLarge(WireError):
     so a caller can still deliver them.
     """
 
-    def __init__(self, message: str, frames: list[bytes] | None = None) -> None:
+    def __init__(self, message: str, frames: Frames | None = None) -> None:
         super().__init__(message)
-        self.frames: list[bytes] = frames or []
+        self.frames: Frames = frames if frames is not None else Frames()
+
+
+class Frames(list[bytes]):
+    """Valid Record frames from one pipe read, and the same frames already spliced.
+
+    `spliced` is what PackagedData field 1 holds for these records; validation builds it anyway,
+    so the buffer and the sender pass it along without touching each record again.
+    """
+
+    __slots__ = ("spliced",)
+
+    def __init__(self, frames: list[bytes] | None = None, spliced: bytes | None = None) -> None:
+        super().__init__(frames or ())
+        self.spliced = splice_records(self, b"") if spliced is None else spliced
 
 
 def encode_varint(value: int) -> bytes:
@@ -198,7 +212,7 @@ class FrameDecoder:
     _buf: bytearray = field(default_factory=bytearray)
     _pos: int = 0
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> Frames:
         buf = self._buf
         if self._pos:
             del buf[: self._pos]
@@ -212,7 +226,7 @@ class FrameDecoder:
         while end - pos >= 4:
             (length,) = unpack(buf, pos)
             if length > max_frame:
-                valid = self._validate(out) if out else []
+                valid = self._validate(out)
                 self.frames += len(valid)
                 raise FrameTooLarge(
                     f"frame length {length} exceeds the cap of {max_frame}", valid
@@ -223,14 +237,16 @@ class FrameDecoder:
             out.append(bytes(buf[pos + 4 : stop]))
             pos = stop
         self._pos = pos
-        if out:
-            out = self._validate(out)
-        self.frames += len(out)
-        return out
+        frames = self._validate(out)
+        self.frames += len(frames)
+        return frames
 
-    def _validate(self, frames: list[bytes]) -> list[bytes]:
-        if _batch_is_canonical(frames):
-            return frames
+    def _validate(self, frames: list[bytes]) -> Frames:
+        if not frames:
+            return Frames([], b"")
+        spliced = _canonical_splice(frames)
+        if spliced is not None:
+            return Frames(frames, spliced)
         valid = []
         for frame in frames:
             try:
@@ -239,7 +255,7 @@ class FrameDecoder:
                 self.malformed += 1
                 continue
             valid.append(frame)
-        return valid
+        return Frames(valid)
 
     @property
     def pending(self) -> int:
@@ -247,8 +263,8 @@ class FrameDecoder:
         return len(self._buf) - self._pos
 
 
-def _batch_is_canonical(frames: list[bytes]) -> bool:
-    """One C-speed parse of all frames as Records; True only if nothing was unknown or odd.
+def _canonical_splice(frames: list[bytes]) -> bytes | None:
+    """The frames spliced, if one C-speed parse proves them all canonical Records; else None.
 
     Parsing the batch, dropping unknown fields and comparing the re-encoded size catches
     truncation, bad lengths, wrong wire types (which the parser would keep as unknown fields)
@@ -259,9 +275,9 @@ def _batch_is_canonical(frames: list[bytes]) -> bool:
     try:
         batch = RecordBatch.FromString(spliced)
     except DecodeError:
-        return False
+        return None
     batch.DiscardUnknownFields()
-    return batch.ByteSize() == len(spliced)
+    return spliced if batch.ByteSize() == len(spliced) else None
 
 
 # Prefixes `0x0a <varint len>` for the common record sizes, computed once.
@@ -279,6 +295,21 @@ def spliced_size(record: bytes) -> int:
     """Bytes a record takes inside PackagedData, prefix included."""
     n = len(record)
     return n + (len(_PREFIX_CACHE[n]) if n < 16384 else 1 + len(encode_varint(n)))
+
+
+def unsplice(spliced: bytes | memoryview) -> list[bytes]:
+    """The records of PackagedData field-1 entries (the inverse of splice_records)."""
+    out = []
+    pos, end = 0, len(spliced)
+    while pos < end:
+        if spliced[pos] != 0x0A:
+            raise WireError(f"not a field-1 entry at offset {pos}")
+        length, pos = decode_varint(spliced, pos + 1, end)
+        if pos + length > end:
+            raise WireError("record runs past the end")
+        out.append(bytes(spliced[pos : pos + length]))
+        pos += length
+    return out
 
 
 def splice_records(records: Iterable[bytes], header: bytes) -> bytes:

@@ -30,7 +30,7 @@ from elkeid_agent.transport.discovery import (
 )
 from elkeid_agent.transport.grpc_env import grpc
 from elkeid_agent.transport.tls import TlsMaterial
-from elkeid_agent.wire import MAX_MESSAGE_BYTES, splice_records
+from elkeid_agent.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +208,9 @@ class TransferLoop:
         while len(self.buffer):
             header = self.header()
             batch = self.buffer.take(MAX_MESSAGE_BYTES - len(header))
-            if not batch.records:
+            if not batch.chunks:
                 return
-            message = splice_records(batch.records, header)
+            message = batch.spliced + header
             try:
                 await call.write(message)
             except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
@@ -221,7 +221,7 @@ class TransferLoop:
                 self.buffer.requeue(batch)
                 raise
             stats.tx_messages += 1
-            stats.tx_records += len(batch.records)
+            stats.tx_records += batch.count
             stats.tx_bytes += len(message)
 
     async def _receive_loop(self, call: grpc.aio.StreamStreamCall) -> None:
