@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from elkeid_agent._proto.shape_pb2 import RecordBatch
+from elkeid_agent._proto.shape_pb2 import RecordBatch, RecordTopBatch
 
 #: A PackagedData must stay under the server's 10 MiB limit; we keep 2 MiB of headroom.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -98,7 +98,15 @@ def decode_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int
             raise WireError("varint longer than ten bytes")
 
 
-def _skip_field(buf: bytes | memoryview, pos: int, end: int, wire_type: int) -> int:
+#: Wire types 3 and 4 (deprecated groups) may still appear as unknown fields; every parser
+#: involved (upb, gogo) skips them, so we do, nesting at most this deep.
+_GROUP_START, _GROUP_END = 3, 4
+MAX_GROUP_DEPTH = 32
+
+
+def _skip_field(
+    buf: bytes | memoryview, pos: int, end: int, wire_type: int, number: int = 0, depth: int = 0
+) -> int:
     if wire_type == VARINT:
         return decode_varint(buf, pos, end)[1]
     if wire_type == LEN:
@@ -108,11 +116,26 @@ def _skip_field(buf: bytes | memoryview, pos: int, end: int, wire_type: int) -> 
         pos += 8
     elif wire_type == I32:
         pos += 4
+    elif wire_type == _GROUP_START and depth < MAX_GROUP_DEPTH:
+        while True:
+            inner, inner_type, pos = _tag(buf, pos, end)
+            if inner_type == _GROUP_END:
+                if inner != number:
+                    raise WireError(f"group {number} closed as {inner}")
+                return pos
+            pos = _skip_field(buf, pos, end, inner_type, inner, depth + 1)
     else:
-        raise WireError(f"unsupported wire type {wire_type}")
+        raise WireError(f"unexpected wire type {wire_type}")
     if pos > end:
         raise WireError("field runs past the end of the message")
     return pos
+
+
+def _check_fields(buf: bytes | memoryview, pos: int, end: int) -> None:
+    """Well-formed fields of any number and type between pos and end."""
+    while pos < end:
+        number, wire_type, pos = _tag(buf, pos, end)
+        pos = _skip_field(buf, pos, end, wire_type, number)
 
 
 def _tag(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int, int]:
@@ -123,29 +146,24 @@ def _tag(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int, int]:
     return number, key & 7, pos
 
 
-def _check_map_entry(buf: bytes | memoryview, pos: int, end: int) -> None:
-    while pos < end:
-        number, wire_type, pos = _tag(buf, pos, end)
-        if number in (1, 2) and wire_type != LEN:
-            raise WireError(f"map entry field {number} has wire type {wire_type}")
-        pos = _skip_field(buf, pos, end, wire_type)
-
-
 def check_payload(buf: bytes | memoryview, pos: int, end: int) -> None:
-    """Validate a Payload (map<string,string> fields = 1) between pos and end."""
+    """Validate a Payload (map<string,string> fields = 1) between pos and end.
+
+    Structure only, as upb parses it: every field well-formed, every length-delimited field 1
+    (a map entry) itself well-formed fields. Fields of other types or numbers are unknown
+    fields, kept and tolerated; the server decodes a payload only when it needs it.
+    """
     while pos < end:
         number, wire_type, pos = _tag(buf, pos, end)
-        if number == 1:
-            if wire_type != LEN:
-                raise WireError(f"Payload.fields has wire type {wire_type}")
+        if number == 1 and wire_type == LEN:
             length, pos = decode_varint(buf, pos, end)
             entry_end = pos + length
             if entry_end > end:
                 raise WireError("map entry runs past the end of the payload")
-            _check_map_entry(buf, pos, entry_end)
+            _check_fields(buf, pos, entry_end)
             pos = entry_end
         else:
-            pos = _skip_field(buf, pos, end, wire_type)
+            pos = _skip_field(buf, pos, end, wire_type, number)
 
 
 def check_record(buf: bytes | memoryview) -> None:
@@ -172,7 +190,7 @@ def check_record(buf: bytes | memoryview) -> None:
             check_payload(buf, pos, data_end)
             pos = data_end
         else:
-            pos = _skip_field(buf, pos, end, wire_type)
+            pos = _skip_field(buf, pos, end, wire_type, number)
 
 
 def record_header(buf: bytes | memoryview) -> tuple[int, int]:
@@ -189,7 +207,7 @@ def record_header(buf: bytes | memoryview) -> tuple[int, int]:
             else:
                 timestamp = value - (1 << 64) if value >> 63 else value
         else:
-            pos = _skip_field(buf, pos, end, wire_type)
+            pos = _skip_field(buf, pos, end, wire_type, number)
     return data_type, timestamp
 
 
@@ -264,20 +282,23 @@ class FrameDecoder:
 
 
 def _canonical_splice(frames: list[bytes]) -> bytes | None:
-    """The frames spliced, if one C-speed parse proves them all canonical Records; else None.
+    """The frames spliced, if two C-speed parses prove them all valid; else None.
 
-    Parsing the batch, dropping unknown fields and comparing the re-encoded size catches
-    truncation, bad lengths, wrong wire types (which the parser would keep as unknown fields)
-    and non-canonical encodings alike; any of those sends the batch to the strict per-frame
-    check, which is slower but exact. Real plugins write canonical encodings.
+    The full shape parse proves the structure down to the map entries (lengths, varints,
+    truncation). The top-level parse, with unknown fields dropped and the re-encoded size
+    compared, proves that Record fields 1..3, which the server decodes eagerly, have their
+    declared wire types: a mistyped one would be kept as an unknown field and change the size.
+    Any doubt (also a merely non-canonical encoding) sends the batch to `check_record`, which
+    applies the same rule frame by frame.
     """
     spliced = splice_records(frames, b"")
     try:
-        batch = RecordBatch.FromString(spliced)
+        RecordBatch.FromString(spliced)
+        top = RecordTopBatch.FromString(spliced)
     except DecodeError:
         return None
-    batch.DiscardUnknownFields()
-    return spliced if batch.ByteSize() == len(spliced) else None
+    top.DiscardUnknownFields()
+    return spliced if top.ByteSize() == len(spliced) else None
 
 
 # Prefixes `0x0a <varint len>` for the common record sizes, computed once.

@@ -441,14 +441,34 @@ MALFORMED = {
     "data_type as LEN": bytes.fromhex("0a0101") + GOOD,
     "timestamp as fixed64": GOOD + bytes.fromhex("11") + b"\x00" * 8,
     "data as varint": bytes.fromhex("088f4e1801"),
-    "Payload.fields as varint": bytes.fromhex("1a020801"),
-    "map key as varint": bytes.fromhex("1a070a0508011201 76".replace(" ", "")),
-    "map value as fixed32": bytes.fromhex("1a090a070a016b1501020304"),
     "truncated varint": bytes.fromhex("08ff"),
     "data runs past the end": bytes.fromhex("1a05") + b"\x0a",
+    "map entry longer than it says": bytes.fromhex("1a090a070a016b1501020304"),
     "field number 0": bytes.fromhex("0001"),
     "group wire type": bytes.fromhex("0b"),
 }
+
+# Inside the payload only structure is checked: mistyped fields there are unknown fields to
+# upb (and the server decodes a payload lazily, per record), so both paths forward them.
+TOLERATED_IN_PAYLOAD = {
+    "Payload.fields as varint": bytes.fromhex("1a020801"),
+    "map key as varint": bytes.fromhex("1a070a0508011201 76".replace(" ", "")),
+    "map value as fixed32": bytes.fromhex("1a0a0a080a016b1501020304"),
+    "group in a map entry": bytes.fromhex("1a090a070a016b1b08011c"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOLERATED_IN_PAYLOAD))
+def test_mistyped_payload_fields_pass_on_both_paths(case: str) -> None:
+    body = TOLERATED_IN_PAYLOAD[case]
+    check_record(body)
+    alone = FrameDecoder()
+    assert alone.feed(record_frame(body)) == [body]
+    mixed = FrameDecoder()
+    odd = UNKNOWN_OK["unknown varint field 4"]  # sends the batch down the strict path
+    assert mixed.feed(record_frame(odd) + record_frame(body)) == [odd, body]
+    assert alone.malformed == mixed.malformed == 0
+
 
 UNKNOWN_OK = {
     "unknown varint field 4": GOOD + bytes.fromhex("2001"),

@@ -35,3 +35,19 @@ class RecordBatch(_message.Message):
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[RecordShape]
     def __init__(self, records: _Optional[_Iterable[_Union[RecordShape, _Mapping]]] = ...) -> None: ...
+
+class RecordTop(_message.Message):
+    __slots__ = ("data_type", "timestamp", "data")
+    DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data_type: int
+    timestamp: int
+    data: bytes
+    def __init__(self, data_type: _Optional[int] = ..., timestamp: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class RecordTopBatch(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[RecordTop]
+    def __init__(self, records: _Optional[_Iterable[_Union[RecordTop, _Mapping]]] = ...) -> None: ...
