@@ -43,7 +43,12 @@ from elkeid_agent.status import AgentStatus, write_status
 from elkeid_agent.transport.stream import TransferLoop
 from elkeid_agent.transport.tls import TlsError, TlsMaterial
 from elkeid_agent.transport.upload import Uploader
-from elkeid_agent.upgrade.manager import StartupResult, UpgradeManager, check_pending_upgrade
+from elkeid_agent.upgrade.manager import (
+    StartupResult,
+    UpgradeManager,
+    check_pending_upgrade,
+    settings_from,
+)
 from elkeid_agent.upgrade.state import UpgradeState
 from elkeid_agent.version import PRODUCT, VERSION
 from elkeid_agent.wire import Header, encode_record
@@ -89,6 +94,7 @@ class Agent:
             request_exit=self.stopping.set,
             startup=startup or StartupResult(False, UpgradeState.IDLE),
             env=env,
+            settings=settings_from(config.upgrade),
         )
         self.dispatcher = Dispatcher(self, self.plugins, self.upgrader, self.emit)
         self.transfer = TransferLoop(
@@ -312,7 +318,7 @@ def run_agent(config_path: str | None) -> int:
     for sub in ("plugin", "log", "tmp"):
         (work_dir / sub).mkdir(parents=True, exist_ok=True)
     setup_logging(work_dir, config.log)
-    startup = check_pending_upgrade(work_dir)
+    startup = check_pending_upgrade(work_dir, settings=settings_from(config.upgrade))
     if startup.exit:
         return EX_ROLLED_BACK
     clean_stale_unpack_dirs(work_dir / "tmp")

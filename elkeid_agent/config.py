@@ -69,6 +69,16 @@ class LogConfig(_Strict):
     records_per_minute: int = 60
 
 
+class UpgradeConfig(_Strict):
+    """Overrides of the self-upgrade's settings; unset keys keep the built-in values."""
+
+    confirm_bound: float | None = None
+    max_unconfirmed_starts: int | None = None
+    probe_timeout: float | None = None
+    quarantine_seconds: float | None = None
+    retry_after: float | None = None
+
+
 class Config(_Strict):
     work_dir: str = "/etc/elkeid"
     idc: str = "default"
@@ -79,6 +89,7 @@ class Config(_Strict):
     buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
     plugins: PluginsConfig = msgspec.field(default_factory=PluginsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    upgrade: UpgradeConfig = msgspec.field(default_factory=UpgradeConfig)
 
     @property
     def work_path(self) -> Path:

@@ -264,3 +264,15 @@ def test_cli_certificate_not_pem_names_file(tmp_path: Path, certs: Path) -> None
     assert len(lines) == 1, result.stderr
     assert "tls.ca" in lines[0]
     assert str(config) in lines[0] or str(junk) in lines[0]
+
+
+def test_upgrade_overrides_apply_over_builtin_settings(tmp_path: Path, certs: Path) -> None:
+    from elkeid_agent.upgrade.manager import DEFAULT_SETTINGS, settings_from
+
+    config = write(
+        tmp_path / "up.toml",
+        tls_section(certs) + "[upgrade]\nconfirm_bound = 30.0\nmax_unconfirmed_starts = 2\n",
+    )
+    settings = settings_from(load_config(config, env={}).upgrade)
+    assert (settings.confirm_bound, settings.max_unconfirmed_starts) == (30.0, 2)
+    assert settings.probe_timeout == DEFAULT_SETTINGS.probe_timeout

@@ -20,6 +20,7 @@ Every state change goes through `state.UpgradeMachine`; the heartbeat reports `s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import ssl
@@ -33,6 +34,7 @@ import msgspec
 
 from elkeid_agent.childenv import child_env
 from elkeid_agent.commands import ConfigSpec, task_result
+from elkeid_agent.config import UpgradeConfig
 from elkeid_agent.download import DownloadError, download_verified, sha256_file
 from elkeid_agent.upgrade import swap
 from elkeid_agent.upgrade.artifact import (
@@ -92,6 +94,12 @@ class UpgradeSettings:
 
 
 DEFAULT_SETTINGS = UpgradeSettings()
+
+
+def settings_from(config: UpgradeConfig) -> UpgradeSettings:
+    """The built-in settings with the operator's overrides applied."""
+    overrides = {k: v for k, v in msgspec.structs.asdict(config).items() if v is not None}
+    return dataclasses.replace(DEFAULT_SETTINGS, **overrides)
 
 
 @dataclass(frozen=True)
