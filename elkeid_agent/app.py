@@ -32,7 +32,7 @@ from elkeid_agent.commands import (
     TaskFailed,
     UploadRequest,
 )
-from elkeid_agent.config import EX_CONFIG, Config, ConfigError, load_config
+from elkeid_agent.config import EX_CONFIG, Config, ConfigError, load_config, work_dir_hint
 from elkeid_agent.host import HostFacts, read_host_facts
 from elkeid_agent.identity import load_agent_id
 from elkeid_agent.logs import RecordHandler, setup_logging
@@ -313,6 +313,10 @@ def run_agent(config_path: str | None) -> int:
         tls = TlsMaterial.load(config.tls)
     except (ConfigError, TlsError) as exc:
         sys.stderr.write(f"elkeid-agent: configuration error: {exc}\n")
+        # A new version that refuses the config it inherited counts as a failed start.
+        hint = work_dir_hint(config_path)
+        if hint.is_dir() and check_pending_upgrade(hint).exit:
+            return EX_ROLLED_BACK
         return EX_CONFIG
     work_dir = config.work_path
     for sub in ("plugin", "log", "tmp"):

@@ -171,6 +171,20 @@ def load_config(
     return config
 
 
+def work_dir_hint(path: str | Path | None) -> Path:
+    """The work dir a config names, read leniently, for when the config itself is refused.
+
+    A newly upgraded agent that refuses its config must still count its failed starts in the
+    work dir, so that the self-upgrade rolls it back.
+    """
+    candidate = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        value = tomllib.loads(candidate.read_text()).get("work_dir")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        value = None
+    return Path(value) if isinstance(value, str) and value else Path(Config().work_dir)
+
+
 def _check_files(config: Config, source: str) -> None:
     for key in ("ca", "cert", "key"):
         value = getattr(config.tls, key)
