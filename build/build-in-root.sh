@@ -77,7 +77,8 @@ if [ "${STATICX:-1}" = 1 ]; then
     step "staticx"
     args=()
     [ "${STATICX_COMPRESS:-0}" = 1 ] || args+=(--no-compress)
-    TMPDIR=$work "$venv/bin/staticx" "${args[@]}" "$work/dist/elkeid-agent" "$work/elkeid-agent"
+    TMPDIR=$work "$venv/bin/python" "$src/build/staticx-sde.py" "${args[@]}" \
+        "$work/dist/elkeid-agent" "$work/elkeid-agent"
     install -m 0755 "$work/elkeid-agent" "$out/elkeid-agent"
 else
     install -m 0755 "$work/dist/elkeid-agent" "$out/elkeid-agent"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -224,3 +225,13 @@ def test_deb_replaces_the_go_agent_package_in_place(
     assert (etc / "specified_env").read_text() == "specified_id=go-agent-id\n"
     out = in_root(root, "/etc/elkeid/elkeid-agent", "--version")
     assert out.stdout.strip() == amd64_dist.version
+
+
+def test_build_is_reproducible(amd64_dist: Dist, tmp_path: Path) -> None:
+    """Same checkout, version and SOURCE_DATE_EPOCH (dist.sh: the last commit's time):
+    the same executable, deb and rpm, byte for byte."""
+    env = {**os.environ, "BUILD_VERSION": amd64_dist.version, "DIST_DIR": str(tmp_path)}
+    run([REPO / "build" / "dist.sh", "amd64"], timeout=1800, env=env)
+    for artifact in (amd64_dist.exe, amd64_dist.deb, amd64_dist.rpm):
+        again = tmp_path / artifact.name
+        assert again.read_bytes() == artifact.read_bytes(), f"{artifact.name} differs"
