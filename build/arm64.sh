@@ -28,7 +28,9 @@ image=localhost/elkeid-build-base:bookworm-arm64
 # headers, libpython3.11 for PyInstaller, binutils, patchelf for staticx) plus gcc,
 # musl-tools and scons because staticx must be built from source on aarch64.
 root_packages=python3,python3-venv,python3-dev,libpython3.11,gcc,libc6-dev,binutils,patchelf,musl-tools,scons,ca-certificates,file
-host_packages=(qemu-user-static binfmt-support debootstrap podman runc file)
+host_packages=(qemu-user-static binfmt-support debootstrap file)
+# Without them the chroot fallback still works, so failing to install them is no error.
+engine_packages=(podman runc)
 export CONTAINERS_CONF=$here/docker/containers.conf
 
 say() { echo "arm64: $*" >&2; }
@@ -48,19 +50,32 @@ timed() {
 
 native_arm64() { [ "$(uname -m)" = aarch64 ]; }
 
-ensure_host_packages() {
-    local missing=() p
-    for p in "${host_packages[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+missing_packages() {
+    local p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || echo "$p"
     done
-    [ ${#missing[@]} -eq 0 ] && return 0
-    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null ||
-        die "needs root and apt-get to install: ${missing[*]} (or install them yourself)"
-    say "installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >&2 || {
-        apt-get update >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >&2
+}
+
+apt_install() {
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || return 1
+    say "installing $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >&2 || {
+        apt-get update -q >&2 &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >&2
     }
+}
+
+ensure_host_packages() {
+    local missing
+    missing=$(missing_packages "${host_packages[@]}" | tr '\n' ' ')
+    if [ -n "$missing" ]; then
+        apt_install $missing || die "needs these Debian packages: $missing(as root: apt-get install)"
+    fi
+    missing=$(missing_packages "${engine_packages[@]}" | tr '\n' ' ')
+    if [ -n "$missing" ]; then
+        apt_install $missing || say "could not install $missing; building without podman"
+    fi
 }
 
 binfmt_ready() {
@@ -115,7 +130,10 @@ pick_engine() {
             want=chroot
         fi
     fi
-    echo "$want"
+    case $want in
+    buildx | podman | chroot) echo "$want" ;;
+    *) die "ARM64_ENGINE=$want: want auto, buildx, podman or chroot" ;;
+    esac
 }
 
 prepare() {
@@ -183,6 +201,7 @@ run_podman() {
         --secret id=pipenv,src="$ctx.pipenv" \
         -f "$here/docker/Dockerfile" --output type=local,dest="$out" "$ctx"
     podman rmi "$(cat "$ctx.iid")" >/dev/null
+    rm -f "$ctx.iid"
 }
 
 # Fallback without a container engine: the same entry point through the shared
