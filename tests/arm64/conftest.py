@@ -57,8 +57,9 @@ def arm64_dist(tmp_path_factory: pytest.TempPathFactory) -> Arm64Dist:
 
 
 @pytest.fixture(scope="session")
-def arm64_min_root() -> Path:
-    """A pristine arm64 Debian 12 minbase root (no Python), made once and cached."""
+def arm64_min_root(arm64_dist: Arm64Dist) -> Path:
+    """A pristine arm64 Debian 12 minbase root (no Python), made once and cached. After
+    the build, whose preparation installed debootstrap and registered binfmt."""
     root = CACHE / "minroot"
     log = CACHE / "minroot-pytest.log"
     CACHE.mkdir(parents=True, exist_ok=True)

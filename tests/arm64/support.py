@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / "build" / "cache" / "arm64"
 # Distinct from the source's version, so a test cannot pass on a stale or unstamped build.
 TEST_VERSION = "1.9.0.64"
-# A cold build (debootstrap, pip, staticx compiled under emulation) measured ~25 min on a
-# busy 2-core machine; the limit leaves room without letting a hang eat the CI budget.
+# A cold build (debootstrap, pip, staticx compiled under emulation) took ~12 min on a busy
+# 2-core machine (docs/aarch64.md); the limit leaves room for a slower one without letting
+# a hang eat the CI budget.
 BUILD_TIMEOUT_S = 45 * 60
 
 
