@@ -9,21 +9,19 @@ status file it rewrites on every heartbeat. Every external command runs with
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from elkeid_agent import specified_env
 from elkeid_agent.childenv import child_env
 from elkeid_agent.runtime_dir import UNPACK_PREFIXES, clean_stale_unpack_dirs
 from elkeid_agent.status import read_status
 
 SERVICE = "elkeid-agent.service"
 DEFAULT_WORK_DIR = Path("/etc/elkeid")
-SPECIFIED_ENV = "specified_env"
 # Directories `cleanup` empties; machine-id, specified_env and the certs stay.
 CLEANUP_DIRS = ("plugin", "log", "tmp")
 # A status record older than this means the agent is not heartbeating (it writes one
@@ -80,22 +78,6 @@ def run_ctl(args: argparse.Namespace) -> int:
 # --- set -------------------------------------------------------------------------
 
 
-def update_env_lines(lines: list[str], values: dict[str, str]) -> list[str]:
-    """Set (or, for an empty value, remove) keys in key=value lines; keep all others."""
-    out: list[str] = []
-    seen: set[str] = set()
-    for line in lines:
-        key = line.split("=", 1)[0].strip() if "=" in line else None
-        if key in values:
-            seen.add(key)
-            if values[key]:
-                out.append(f"{key}={values[key]}")
-            continue
-        out.append(line)
-    out.extend(f"{k}={v}" for k, v in values.items() if v and k not in seen)
-    return out
-
-
 def _set(work_dir: Path, *, idc: str | None, region: str | None, agent_id: str | None) -> int:
     values: dict[str, str] = {}
     if idc is not None:
@@ -109,26 +91,11 @@ def _set(work_dir: Path, *, idc: str | None, region: str | None, agent_id: str |
     if not values:
         sys.stderr.write("ctl set: give at least one of --idc, --region, --id\n")
         return 2
-    for key, value in values.items():
-        if "\n" in value or "\0" in value:
-            sys.stderr.write(f"ctl set: {key} must be a single line\n")
-            return 2
-    path = work_dir / SPECIFIED_ENV
     try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        lines = []
-    text = "".join(line + "\n" for line in update_env_lines(lines, values))
-    work_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".specified_env.", dir=work_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        path = specified_env.write(work_dir, values)
+    except ValueError as exc:
+        sys.stderr.write(f"ctl set: {exc}\n")
+        return 2
     sys.stdout.write(f"wrote {path}; run `elkeid-agent ctl restart` to apply\n")
     return 0
 

@@ -50,7 +50,7 @@ def write(work_dir: Path, values: Mapping[str, str]) -> Path:
     """Update keys atomically (temp file + rename), keeping every other line."""
     for key, value in values.items():
         if "\n" in value or "\0" in value:
-            raise ValueError(f"{key} must be a single line")
+            raise ValueError(f"{key} must be a single line without NUL")
     path = work_dir / FILE_NAME
     try:
         lines = path.read_text().splitlines()
