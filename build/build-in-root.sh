@@ -87,6 +87,16 @@ fi
     echo "built executable does not report $version" >&2
     exit 1
 }
+# Import smoke test: `run` imports the agent (grpc, protobuf, cryptography...) before it
+# reads its config, so a module PyInstaller missed (C-level imports are invisible to it)
+# fails here with a traceback instead of the config error (EX_CONFIG, 78) on a host.
+rc=0
+"$out/elkeid-agent" run --config /nonexistent/elkeid-agent.toml >/dev/null 2>"$work/smoke.err" || rc=$?
+if [ "$rc" != 78 ]; then
+    cat "$work/smoke.err" >&2
+    echo "import smoke test: exit $rc, not 78 (configuration error)" >&2
+    exit 1
+fi
 step "done"
 (cd "$out" && sha256sum elkeid-agent elkeid-agent.onefile)
 ls -l "$out/elkeid-agent" "$out/elkeid-agent.onefile" >&2

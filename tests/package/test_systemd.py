@@ -198,6 +198,17 @@ def test_plugin_runs_in_the_unit(container: Container) -> None:
     )
 
 
+def test_plugin_environment_has_nothing_of_the_bundle(container: Container) -> None:
+    """The agent's own environment has LD_LIBRARY_PATH, _PYI_*, STATICX_*; a plugin's
+    (and so its children's) must not."""
+    test_plugin_runs_in_the_unit(container)
+    pid = container.processes(f"sleep {PLUGIN_MARK}")[0].split()[0]
+    env = container.sh(f"tr '\\0' '\\n' < /proc/{pid}/environ").stdout.splitlines()
+    names = {line.split("=", 1)[0] for line in env}
+    leaked = {n for n in names if n.startswith(("_MEI", "_PYI", "STATICX_", "LD_LIBRARY_PATH"))}
+    assert not leaked, env
+
+
 def test_sigkill_brings_it_back_after_restartsec(
     container: Container, center: CenterThread
 ) -> None:
