@@ -25,6 +25,9 @@ CERTS = REPO / "build" / "out" / "test-certs"
 # Distinct from the source's version, so no test passes on a stale or unstamped build.
 TEST_VERSION = "1.9.0.86"
 UPGRADE_VERSION = "1.9.0.87"
+# Fixed for the session's builds, so a rebuild must match byte for byte even when commits
+# land in between (dist.sh's default is the last commit's time).
+SOURCE_DATE_EPOCH = "1764000000"
 # The port baked into build/product.default.toml: a package works with no config file.
 PRODUCT_PORT = 6751
 ROOT_SPECS = {
@@ -53,6 +56,7 @@ class Dist:
     rpm_upgrade: Path
     certs: Path
     dir: Path
+    source_date_epoch: str = SOURCE_DATE_EPOCH
 
 
 def run(
@@ -85,10 +89,16 @@ def in_root(
     timeout: float = 300,
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """Run cmd chrooted into root with /proc, /sys, /dev (build/run-in-root.sh)."""
+    """Run cmd chrooted into root with /proc, /sys, /dev (build/run-in-root.sh).
+
+    /tmp is a fresh tmpfs unless tmpfs names one: the executable unpacks there, and a
+    cached root must not change while another test copies it.
+    """
     args: list[str] = [str(REPO / "build" / "run-in-root.sh"), str(root)]
     for b in binds:
         args += ["--bind", b]
+    if not any(t.split(":", 1)[0] == "/tmp" for t in tmpfs):
+        tmpfs = [*tmpfs, "/tmp:mode=1777"]
     for t in tmpfs:
         args += ["--tmpfs", t]
     return run([*args, "--", *cmd], timeout=timeout, check=check)
@@ -111,10 +121,18 @@ def host_ready() -> None:
 @pytest.fixture(scope="session")
 def amd64_dist(host_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Dist:
     out = tmp_path_factory.mktemp("amd64-dist")
-    env = {**os.environ, "BUILD_VERSION": TEST_VERSION, "DIST_DIR": str(out)}
+    env = {
+        **os.environ,
+        "BUILD_VERSION": TEST_VERSION,
+        "DIST_DIR": str(out),
+        "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH,
+    }
     started = time.monotonic()
     run([REPO / "build" / "dist.sh", "amd64"], timeout=1800, env=env)
     seconds = time.monotonic() - started
+    # build/out/amd64 is shared with every later build (other sessions too): keep a copy.
+    onefile = out / "elkeid-agent.onefile"
+    shutil.copy2(REPO / "build" / "out" / "amd64" / "elkeid-agent.onefile", onefile)
     exe = out / f"elkeid-agent-{TEST_VERSION}-linux-amd64"
     # The same executable as a higher package version: what dpkg/rpm upgrades exercise.
     run([REPO / "build" / "package.sh", "amd64", exe, UPGRADE_VERSION, CERTS, out])
@@ -122,7 +140,7 @@ def amd64_dist(host_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Di
     return Dist(
         version=TEST_VERSION,
         exe=exe,
-        onefile=REPO / "build" / "out" / "amd64" / "elkeid-agent.onefile",
+        onefile=onefile,
         deb=out / f"elkeid-agent_{TEST_VERSION}_amd64.deb",
         rpm=out / f"elkeid-agent-{TEST_VERSION}.x86_64.rpm",
         deb_upgrade=out / f"elkeid-agent_{UPGRADE_VERSION}_amd64.deb",
@@ -143,7 +161,12 @@ def cached_root(name: str) -> Path:
 def copy_root(name: str, dest: Path) -> Path:
     """A private copy of a cached root, for tests that install into it."""
     src = cached_root(name)
-    run(["cp", "-a", "--reflink=auto", src, dest], timeout=600)
+    dest.mkdir()
+    # Without /tmp's contents: another session's test may be unpacking there right now.
+    run(
+        ["sh", "-c", f"tar -C '{src}' --exclude='./tmp/*' -cf - . | tar -C '{dest}' -xf -"],
+        timeout=600,
+    )
     return dest
 
 

@@ -68,6 +68,8 @@ def test_heartbeat_from_minimal_root(amd64_dist: Dist, name: str, tmp_path: Path
             f"{amd64_dist.certs}:/certs:ro",
             "--bind",
             f"{work}:/work",
+            "--tmpfs",
+            "/tmp:mode=1777",
             "--",
             "env",
             "TMPDIR=/work/tmp",
@@ -95,24 +97,24 @@ def test_heartbeat_from_minimal_root(amd64_dist: Dist, name: str, tmp_path: Path
 
 
 def test_elf_check_passes_and_has_teeth(amd64_dist: Dist) -> None:
-    check = [
-        str(REPO / "build" / "run-in-root.sh"),
-        str(BUILD_ROOT),
-        "--bind",
-        f"{REPO}:/src:ro",
-        "--bind",
-        f"{amd64_dist.dir}:/mnt/dist:ro",
-        "--",
-        "/opt/elkeid-build/venv/bin/python",
-        "/src/build/elfcheck.py",
-    ]
-    shipped = run([*check, f"/mnt/dist/{amd64_dist.exe.name}"])
+    def check(name: str) -> subprocess.CompletedProcess[str]:
+        return in_root(
+            BUILD_ROOT,
+            "/opt/elkeid-build/venv/bin/python",
+            "/src/build/elfcheck.py",
+            f"/mnt/dist/{name}",
+            binds=[f"{REPO}:/src:ro", f"{amd64_dist.dir}:/mnt/dist:ro"],
+            check=False,
+        )
+
+    shipped = check(amd64_dist.exe.name)
+    assert shipped.returncode == 0, shipped.stdout + shipped.stderr
     assert f"OK: {amd64_dist.exe.name} needs nothing from the host's C library" in shipped.stdout
     assert "libpython3.11.so.1.0" in shipped.stdout
     assert "cygrpc" in shipped.stdout, "the PyInstaller archive inside was not inspected"
     # PyInstaller's output alone needs the build host's glibc: the check must say so.
-    onefile = run([*check, f"/src/{amd64_dist.onefile.relative_to(REPO)}"], check=False)
-    assert onefile.returncode == 1
+    onefile = check(amd64_dist.onefile.name)
+    assert onefile.returncode == 1, onefile.stdout + onefile.stderr
     assert "from the host, more than 2.17" in onefile.stdout
 
 

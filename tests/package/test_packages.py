@@ -228,9 +228,14 @@ def test_deb_replaces_the_go_agent_package_in_place(
 
 
 def test_build_is_reproducible(amd64_dist: Dist, tmp_path: Path) -> None:
-    """Same checkout, version and SOURCE_DATE_EPOCH (dist.sh: the last commit's time):
-    the same executable, deb and rpm, byte for byte."""
-    env = {**os.environ, "BUILD_VERSION": amd64_dist.version, "DIST_DIR": str(tmp_path)}
+    """Same checkout, version and SOURCE_DATE_EPOCH: the same executable, deb and rpm,
+    byte for byte."""
+    env = {
+        **os.environ,
+        "BUILD_VERSION": amd64_dist.version,
+        "DIST_DIR": str(tmp_path),
+        "SOURCE_DATE_EPOCH": amd64_dist.source_date_epoch,
+    }
     run([REPO / "build" / "dist.sh", "amd64"], timeout=1800, env=env)
     for artifact in (amd64_dist.exe, amd64_dist.deb, amd64_dist.rpm):
         again = tmp_path / artifact.name
