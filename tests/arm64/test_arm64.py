@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from elkeid_center.testing import CenterThread
+from elkeid_center.testing import CenterThread, DecodedRecord
 
 from .support import BUILD_TIMEOUT_S, CACHE, REPO, Arm64Dist, ensure_host_tool, run_logged
 
@@ -101,15 +101,25 @@ def test_heartbeat_reports_aarch64(
     config = agent_config(transport=FAST)
     unpack = tmp_path / "unpack"
     unpack.mkdir()
-    proc = subprocess.Popen(
-        [str(arm64_dist.exe), "run", "--config", str(config)],
-        env={**os.environ, "TMPDIR": str(unpack)},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    # A file rather than a pipe: nothing reads it while the agent runs.
+    stderr_path = tmp_path / "agent.stderr"
+    with stderr_path.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [str(arm64_dist.exe), "run", "--config", str(config)],
+            env={**os.environ, "TMPDIR": str(unpack)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+
+    def heartbeats() -> list[DecodedRecord]:
+        if proc.poll() is not None:
+            tail = stderr_path.read_text(errors="replace")[-4000:]
+            pytest.fail(f"the agent exited {proc.returncode} before a heartbeat:\n{tail}")
+        return center.records(1000)
+
     try:
-        beat = center.wait_records(1000, timeout=EMULATED_START_S)[0]
+        beat = center.wait_for(heartbeats, timeout=EMULATED_START_S)[0]
         assert beat.fields["arch"] == "aarch64"
         header = center.packaged()[0].decoded
         assert header.version == arm64_dist.version
@@ -120,8 +130,6 @@ def test_heartbeat_reports_aarch64(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
 
 
 def in_root(root: Path, *cmd: str, binds: tuple[str, ...] = ()) -> str:
