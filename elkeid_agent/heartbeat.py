@@ -128,19 +128,25 @@ def agent_processes() -> list[psutil.Process]:
     """This process first, then the ancestors that are the same program.
 
     A PyInstaller onefile runs as a bootloader parent plus a Python child with the same
-    command line (staticx adds one more parent); together they are the agent.
+    command line; staticx adds a launcher above them whose argv[0] is the installed path while
+    theirs is the unpacked copy. So an ancestor is ours when its arguments after argv[0] equal
+    ours (the whole command line when we have no arguments, or any shell would match).
     """
     me = psutil.Process()
     group = [me]
     try:
         cmdline = me.cmdline()
         parent = me.parent()
-        while parent is not None and parent.pid > 1 and parent.cmdline() == cmdline:
+        while parent is not None and parent.pid > 1 and _same_program(parent.cmdline(), cmdline):
             group.append(parent)
             parent = parent.parent()
     except psutil.Error:
         pass  # an ancestor exited or is unreadable: the group ends there
     return group
+
+
+def _same_program(theirs: list[str], ours: list[str]) -> bool:
+    return theirs == ours or (len(ours) > 1 and theirs[1:] == ours[1:])
 
 
 def dir_usage(directory: Path, exclude: str = "") -> int:

@@ -387,3 +387,28 @@ def test_live_heartbeat_has_every_go_key_in_go_formats() -> None:
     }
     assert mismatched == {}
     assert fields["pid"] == str(os.getpid())
+
+
+
+LAUNCHED_GROUP = r"""
+import json, os, subprocess, sys
+from elkeid_agent.heartbeat import agent_processes
+if "LAUNCHED" not in os.environ:
+    # Like staticx's launcher: the same arguments, the child's argv[0] another path.
+    import psutil
+    argv = ["/unpacked/elkeid-agent", *psutil.Process().cmdline()[1:]]
+    # With a made-up argv[0] Python cannot find its venv: hand it the path.
+    env = {**os.environ, "LAUNCHED": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run(argv, executable=sys.executable, env=env, check=True)
+else:
+    print(json.dumps([os.getpid(), os.getppid(), [p.pid for p in agent_processes()]]))
+"""
+
+
+def test_agent_processes_include_a_launcher_with_another_argv0() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", LAUNCHED_GROUP, "run", "--config", "x.toml"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    child, launcher, group = json.loads(out)
+    assert group == [child, launcher]
