@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import gc
 import io
 import logging
@@ -59,11 +58,9 @@ def dump_tasks() -> None:
 def release_memory() -> None:
     """SIGUSR2: collect garbage and give freed heap back to the OS."""
     collected = gc.collect()
-    trimmed = False
-    libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        try:
-            trimmed = bool(ctypes.CDLL(libc_name).malloc_trim(0))
-        except (OSError, AttributeError):
-            trimmed = False
+    # By soname, not find_library: that runs ldconfig or gcc, in the bundle's environment.
+    try:
+        trimmed = bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        trimmed = False
     log.warning("SIGUSR2: gc collected %d objects, malloc_trim released=%s", collected, trimmed)

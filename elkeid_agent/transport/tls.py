@@ -1,12 +1,15 @@
-"""Mutual-TLS material, read and checked once at start so a bad file is a clear error."""
+"""Mutual-TLS material, read and checked once at start so a bad file is a clear error.
+
+The check uses the `ssl` module the executable carries anyway (cryptography's 4 MB extension
+would be in the binary for this alone): the CA must load as trust roots, the certificate must
+be PEM, and the key must be the certificate's unencrypted private key.
+"""
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from elkeid_agent.config import TlsConfig
 from elkeid_agent.transport.grpc_env import grpc
@@ -28,16 +31,27 @@ class TlsMaterial:
         ca = _read(config.ca, "tls.ca")
         cert = _read(config.cert, "tls.cert")
         key = _read(config.key, "tls.key")
-        for data, name, path in ((ca, "tls.ca", config.ca), (cert, "tls.cert", config.cert)):
-            try:
-                x509.load_pem_x509_certificates(data)
-            except ValueError as exc:
-                raise TlsError(f"key {name}: {path} is not a PEM certificate ({exc})") from exc
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         try:
-            load_pem_private_key(key, password=None)
-        except (ValueError, TypeError) as exc:
+            context.load_verify_locations(cadata=ca.decode("ascii"))
+        except (ssl.SSLError, ValueError) as exc:
+            raise TlsError(f"key tls.ca: {config.ca} is not a PEM certificate ({exc})") from exc
+        try:
+            ssl.PEM_cert_to_DER_cert(cert.decode("ascii"))
+        except ValueError as exc:
             raise TlsError(
-                f"key tls.key: {config.key} is not an unencrypted PEM private key ({exc})"
+                f"key tls.cert: {config.cert} is not a PEM certificate ({exc})"
+            ) from exc
+        def refuse_encrypted() -> bytes:
+            # An encrypted key must fail here, not prompt on a terminal.
+            raise TlsError(f"key tls.key: {config.key} is encrypted; the agent needs it plain")
+
+        try:
+            context.load_cert_chain(config.cert, config.key, password=refuse_encrypted)
+        except ssl.SSLError as exc:
+            raise TlsError(
+                f"key tls.key: {config.key} is not the unencrypted private key of "
+                f"{config.cert} ({exc.reason or exc})"
             ) from exc
         return cls(ca, cert, key, config.server_name)
 

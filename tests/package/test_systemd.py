@@ -174,12 +174,6 @@ def test_ctl_status_reports_the_running_agent(container: Container, amd64_dist: 
     assert f"version: {amd64_dist.version}" in out
 
 
-@pytest.mark.xfail(
-    reason="service.watchdog_interval ignores WATCHDOG_PID of the staticx launcher (the unit's "
-    "main pid, an ancestor of the Python process), so no WATCHDOG=1 is sent and systemd "
-    "would abort the agent after WatchdogSec; fix pending in elkeid_agent/service.py",
-    strict=False,
-)
 def test_watchdog_pings_arrive(container: Container) -> None:
     """WatchdogSec=180: the agent must ping although it is not the unit's main pid."""
     first = container.prop("WatchdogTimestampMonotonic")
