@@ -102,7 +102,8 @@ class Agent:
         )
         self.uploader = Uploader(lambda: self.transfer.channel, self.emit)
         self.record_handler = RecordHandler(self.emit, config.log.records_per_minute)
-        self._sampler = hb.ProcessGroupSampler(hb.agent_processes())
+        self._own_processes = hb.agent_processes()
+        self._sampler = hb.ProcessGroupSampler(self._own_processes)
         self._cpu = hb.CpuUsageSampler()
         self._last_tick = time.monotonic()
         self._last_stats = (0, 0, 0, 0)
@@ -277,7 +278,7 @@ class Agent:
 
     async def _heartbeat_loop(self) -> None:
         interval = self.config.transport.heartbeat_interval
-        watchdog = watchdog_interval(self.env, {p.pid for p in hb.agent_processes()})
+        watchdog = watchdog_interval(self.env, {p.pid for p in self._own_processes})
         tick = min(interval, watchdog) if watchdog else interval
         next_beat = time.monotonic() + interval
         while True:
