@@ -111,7 +111,7 @@ async def sink(certs_dir: str, configs: list[dict[str, Any]], tally_file: str) -
 
     from elkeid_agent._proto import grpc_pb2
     from elkeid_center.certs import ensure_certs
-    from elkeid_center.server import SERVER_OPTIONS, ServerTls, configs_command
+    from elkeid_center.server import SERVER_OPTIONS, ServerTls, configs_command, transfer_handler
 
     tls = ServerTls.from_certs(ensure_certs(certs_dir))
     command = configs_command(configs)
@@ -139,20 +139,7 @@ async def sink(certs_dir: str, configs: list[dict[str, Any]], tally_file: str) -
                 yield command
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "grpc.Transfer",
-                {
-                    "Transfer": grpc.stream_stream_rpc_method_handler(
-                        transfer,
-                        request_deserializer=None,
-                        response_serializer=grpc_pb2.Command.SerializeToString,
-                    )
-                },
-            ),
-        )
-    )
+    server.add_generic_rpc_handlers((transfer_handler(transfer),))
     port = server.add_secure_port("127.0.0.1:0", tls.credentials())
     await server.start()
     save()

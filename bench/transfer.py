@@ -77,7 +77,7 @@ Compression = Literal["none", "gzip"]
 
 async def sink(certs_dir: str, expected: int) -> None:
     from elkeid_center.certs import ensure_certs
-    from elkeid_center.server import SERVER_OPTIONS, ServerTls
+    from elkeid_center.server import SERVER_OPTIONS, ServerTls, transfer_handler
 
     tls = ServerTls.from_certs(ensure_certs(certs_dir))
 
@@ -105,20 +105,7 @@ async def sink(certs_dir: str, expected: int) -> None:
     server = grpc.aio.server(
         options=[*SERVER_OPTIONS, ("grpc.compression_enabled_algorithms_bitset", 0b111)]
     )
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "grpc.Transfer",
-                {
-                    "Transfer": grpc.stream_stream_rpc_method_handler(
-                        transfer,
-                        request_deserializer=None,
-                        response_serializer=grpc_pb2.Command.SerializeToString,
-                    )
-                },
-            ),
-        )
-    )
+    server.add_generic_rpc_handlers((transfer_handler(transfer),))
     port = server.add_secure_port("127.0.0.1:0", tls.credentials())
     await server.start()
     print(f"PORT {port}", flush=True)

@@ -47,6 +47,22 @@ Target = Literal["all", "latest"]
 ConfigLike = grpc_pb2.Config | Mapping[str, Any]
 
 
+def transfer_handler(behaviour: Any) -> grpc.GenericRpcHandler:
+    """`/grpc.Transfer/Transfer` taking raw PackagedData bytes (no deserializer, as the real
+    AgentCenter's identity codec) and sending Commands; `behaviour(request_iterator, context)`
+    is an async generator of Commands."""
+    return grpc.method_handlers_generic_handler(
+        "grpc.Transfer",
+        {
+            "Transfer": grpc.stream_stream_rpc_method_handler(
+                behaviour,
+                request_deserializer=None,
+                response_serializer=grpc_pb2.Command.SerializeToString,
+            )
+        },
+    )
+
+
 @dataclass(frozen=True)
 class ServerTls:
     """What the server presents (cert, key) and which CA its clients must come from."""
@@ -146,16 +162,7 @@ class AgentCenterServer:
         )
         server.add_generic_rpc_handlers(
             (
-                grpc.method_handlers_generic_handler(
-                    "grpc.Transfer",
-                    {
-                        "Transfer": grpc.stream_stream_rpc_method_handler(
-                            self._transfer,
-                            request_deserializer=None,
-                            response_serializer=grpc_pb2.Command.SerializeToString,
-                        )
-                    },
-                ),
+                transfer_handler(self._transfer),
                 grpc.method_handlers_generic_handler(
                     "grpc.FileExt",
                     {
