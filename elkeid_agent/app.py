@@ -26,13 +26,10 @@ import msgspec
 from elkeid_agent import heartbeat as hb
 from elkeid_agent import specified_env
 from elkeid_agent.buffer import RecordBuffer
-from elkeid_agent.commands import (
-    Dispatcher,
-    MetadataRequest,
-    TaskFailed,
-    UploadRequest,
-)
+from elkeid_agent.commands import Dispatcher, MetadataRequest, UploadRequest
 from elkeid_agent.config import EX_CONFIG, Config, ConfigError, load_config, work_dir_hint
+from elkeid_agent.errors import TaskFailed
+from elkeid_agent.health import Health
 from elkeid_agent.host import HostFacts, read_host_facts
 from elkeid_agent.identity import load_agent_id
 from elkeid_agent.logs import RecordHandler, setup_logging
@@ -86,6 +83,7 @@ class Agent:
         self.facts = read_host_facts()
         self._header = self._encode_header(self.facts)
         self.errors: dict[str, str] = {}
+        self.health = Health()
         self.plugins = PluginSupervisor(self.work_dir, self.buffer, config.plugins)
         self.upgrader = UpgradeManager(
             self.work_dir,
@@ -135,7 +133,7 @@ class Agent:
         ).encode()
 
     def state_detail(self) -> list[str]:
-        return [*self.errors.values(), *self.plugins.errors()]
+        return [*self.errors.values(), *self.health.details(), *self.plugins.errors()]
 
     def counters(self) -> dict[str, int | float]:
         b = self.buffer.snapshot()
@@ -157,6 +155,7 @@ class Agent:
             "command_failures": self.dispatcher.failures,
             "uploads_completed": self.uploader.completed,
             "uploads_failed": self.uploader.failed,
+            **self.health.counters,
         }
 
     def send_heartbeat(self) -> None:

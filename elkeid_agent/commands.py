@@ -18,6 +18,7 @@ import msgspec
 from google.protobuf.message import DecodeError
 
 from elkeid_agent._proto import grpc_pb2
+from elkeid_agent.errors import TaskFailed
 from elkeid_agent.version import PRODUCT
 from elkeid_agent.wire import encode_record
 
@@ -27,10 +28,6 @@ TASK_RESULT = 5100
 UPLOAD_FILE = 1050
 SET_METADATA = 1051
 SHUTDOWN = 1060
-
-
-class TaskFailed(Exception):
-    """A task that cannot be carried out; the message goes back to the server in a 5100."""
 
 
 class ConfigSpec(msgspec.Struct, frozen=True):

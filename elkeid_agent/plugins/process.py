@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elkeid_agent.buffer import Lane, RecordBuffer
-from elkeid_agent.commands import TaskFailed
+from elkeid_agent.errors import TaskFailed
 from elkeid_agent.wire import FrameDecoder, FrameTooLarge
 
 log = logging.getLogger(__name__)

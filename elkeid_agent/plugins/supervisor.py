@@ -32,9 +32,10 @@ import psutil
 
 from elkeid_agent.buffer import RecordBuffer
 from elkeid_agent.childenv import child_env
-from elkeid_agent.commands import ConfigSpec, TaskFailed, TaskSpec
+from elkeid_agent.commands import ConfigSpec, TaskSpec
 from elkeid_agent.config import PluginsConfig
 from elkeid_agent.download import DownloadError, UnsafeArchive
+from elkeid_agent.errors import TaskFailed
 from elkeid_agent.heartbeat import (
     PLUGIN_HEARTBEAT,
     ProcessGroupSampler,

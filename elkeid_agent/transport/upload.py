@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from elkeid_agent._proto import grpc_pb2
-from elkeid_agent.commands import TaskFailed, UploadRequest, task_result
+from elkeid_agent.commands import UploadRequest, task_result
+from elkeid_agent.errors import TaskFailed
 from elkeid_agent.transport.grpc_env import grpc
 
 log = logging.getLogger(__name__)

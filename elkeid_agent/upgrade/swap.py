@@ -19,6 +19,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+from elkeid_agent.fsutil import atomic_write, fsync_dir, open_staging, publish, staging_path
 from elkeid_agent.upgrade.artifact import ArtifactKind
 from elkeid_agent.upgrade.record import (
     QUARANTINE_FILE,
@@ -34,50 +35,20 @@ from elkeid_agent.upgrade.record import (
 COPY_CHUNK = 1024 * 1024
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _staging(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.new")
-
-
-def _publish(staged: Path, dest: Path) -> None:
-    os.rename(staged, dest)
-    fsync_dir(dest.parent)
-
-
-def _open_staging(dest: Path, mode: int) -> int:
-    staged = _staging(dest)
-    # A leftover of a killed attempt; O_EXCL below then guarantees a fresh inode of ours.
-    with contextlib.suppress(FileNotFoundError):
-        staged.unlink()
-    return os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                   mode)
-
-
-def write_atomic(dest: Path, data: bytes, mode: int = 0o600) -> None:
-    fd = _open_staging(dest, mode)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    _publish(_staging(dest), dest)
-
-
 def copy_atomic(src: Path, dest: Path, mode: int) -> None:
     """Make `dest` a complete copy of `src` with `mode`, in one atomic step."""
-    fd = _open_staging(dest, mode)
-    with src.open("rb") as source, os.fdopen(fd, "wb") as out:
-        shutil.copyfileobj(source, out, COPY_CHUNK)
-        out.flush()
-        os.fchmod(out.fileno(), mode)  # the umask may have narrowed os.open's mode
-        os.fsync(out.fileno())
-    _publish(_staging(dest), dest)
+    fd = open_staging(dest, mode)
+    try:
+        with src.open("rb") as source, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(source, out, COPY_CHUNK)
+            out.flush()
+            os.fchmod(out.fileno(), mode)  # the umask may have narrowed os.open's mode
+            os.fsync(out.fileno())
+        publish(dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            staging_path(dest).unlink()
+        raise
 
 
 def executable_mode(path: Path) -> int:
@@ -101,7 +72,7 @@ def read_record(work_dir: Path) -> UpgradeRecord | None:
 
 
 def write_record(work_dir: Path, record: UpgradeRecord) -> None:
-    write_atomic(work_dir / RECORD_FILE, encode_record(record))
+    atomic_write(work_dir / RECORD_FILE, encode_record(record))
 
 
 def remove_record(work_dir: Path) -> None:
@@ -120,7 +91,7 @@ def read_quarantine(work_dir: Path) -> Quarantine:
 
 
 def write_quarantine(work_dir: Path, q: Quarantine) -> None:
-    write_atomic(work_dir / QUARANTINE_FILE, encode_quarantine(q), 0o644)
+    atomic_write(work_dir / QUARANTINE_FILE, encode_quarantine(q), 0o644)
 
 
 # -- package managers ------------------------------------------------------------------------

@@ -28,8 +28,9 @@ from plugtools import (
 )
 
 from elkeid_agent._proto.bridge_pb2 import Record
-from elkeid_agent.commands import TaskFailed, TaskSpec
+from elkeid_agent.commands import TaskSpec
 from elkeid_agent.config import PluginsConfig
+from elkeid_agent.errors import TaskFailed
 from elkeid_agent.plugins import lifecycle, process
 from elkeid_agent.plugins.lifecycle import State
 from elkeid_agent.wire import encode_record, record_frame

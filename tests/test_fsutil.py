@@ -1,0 +1,41 @@
+"""The shared atomic write and the health registry."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from elkeid_agent.fsutil import atomic_write, staging_path
+from elkeid_agent.health import Health
+
+
+def test_atomic_write_replaces_with_mode(tmp_path: Path) -> None:
+    dest = tmp_path / "f"
+    dest.write_bytes(b"old")
+    atomic_write(dest, b"new", 0o640)
+    assert dest.read_bytes() == b"new"
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o640
+    assert not staging_path(dest).exists()
+
+
+def test_failed_write_leaves_destination_and_no_staging(tmp_path: Path) -> None:
+    dest = tmp_path / "f"
+    dest.write_bytes(b"old")
+    os.mkdir(staging_path(dest))  # unlink of the stale staging fails: the write cannot start
+    with pytest.raises(OSError):
+        atomic_write(dest, b"new")
+    assert dest.read_bytes() == b"old"
+
+
+def test_health_faults_clear_and_count() -> None:
+    h = Health()
+    h.fault("status file", "ENOSPC", counter="file_write_failures")
+    h.fault("status file", "ENOSPC", counter="file_write_failures")
+    assert h.details() == ["status file: ENOSPC"]
+    assert h.counters["file_write_failures"] == 2
+    h.clear("status file")
+    assert h.details() == []
+    assert h.counters["file_write_failures"] == 2
