@@ -28,7 +28,7 @@ from elkeid_agent import heartbeat as hb
 from elkeid_agent import specified_env
 from elkeid_agent.buffer import RecordBuffer
 from elkeid_agent.commands import Dispatcher, MetadataRequest, UploadRequest
-from elkeid_agent.config import EX_CONFIG, Config, ConfigError, load_config, work_dir_hint
+from elkeid_agent.config import EX_CONFIG, Config, ConfigError, load_run_config, work_dir_hint
 from elkeid_agent.errors import TaskFailed
 from elkeid_agent.health import Health
 from elkeid_agent.host import HostFacts, read_host_facts
@@ -326,13 +326,8 @@ class Agent:
 
 
 def run_agent(config_path: str | None) -> int:
-    env = dict(os.environ)
     try:
-        config = load_config(config_path, env)
-        persisted = specified_env.read(config.work_path)
-        if persisted:
-            env.update(persisted)
-            config = load_config(config_path, env)
+        config, env = load_run_config(config_path, os.environ)
         tls = TlsMaterial.load(config.tls)
     except (ConfigError, TlsError) as exc:
         sys.stderr.write(f"elkeid-agent: configuration error: {exc}\n")

@@ -233,4 +233,4 @@ def _over_tls(sock: socket.socket, tls: TlsMaterial, peer: str, timeout: float) 
         sock.close()
     if isinstance(outcome, ProbeResult):
         return ProbeResult(outcome.step, outcome.reason, peer)
-    return ProbeResult(Step.OK, f"ok, {peer}, round trip {outcome * 1000:.1f} ms", peer, outcome)
+    return ProbeResult(Step.OK, f"{peer} answered (TLS, HTTP/2), round trip {outcome * 1000:.1f} ms", peer, outcome)
