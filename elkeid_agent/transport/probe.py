@@ -233,4 +233,5 @@ def _over_tls(sock: socket.socket, tls: TlsMaterial, peer: str, timeout: float) 
         sock.close()
     if isinstance(outcome, ProbeResult):
         return ProbeResult(outcome.step, outcome.reason, peer)
-    return ProbeResult(Step.OK, f"{peer} answered (TLS, HTTP/2), round trip {outcome * 1000:.1f} ms", peer, outcome)
+    rtt = f"round trip {outcome * 1000:.1f} ms"
+    return ProbeResult(Step.OK, f"{peer} answered (TLS, HTTP/2), {rtt}", peer, outcome)
