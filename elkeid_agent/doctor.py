@@ -154,25 +154,27 @@ def check_connections(config: Config) -> Iterator[Check]:
 
 
 def check_work_dir(work_dir: Path) -> Iterator[Check]:
-    if not work_dir.is_dir():
-        yield _fail("work dir", f"{work_dir} does not exist (run creates it, as root)")
-        return
+    # `run` creates a missing work dir: then what matters is the directory it would go in.
+    base = work_dir
+    while not base.is_dir() and base != base.parent:
+        base = base.parent
     try:
-        with tempfile.NamedTemporaryFile(dir=work_dir, prefix=".doctor."):
+        with tempfile.NamedTemporaryFile(dir=base, prefix=".doctor."):
             pass
     except OSError as exc:
-        yield _fail("work dir", f"{work_dir} is not writable: {exc.strerror}")
+        yield _fail("work dir", f"{base} is not writable: {exc.strerror}")
     else:
-        yield _ok("work dir", f"{work_dir} is writable")
-    usage = shutil.disk_usage(work_dir)
+        later = "" if base == work_dir else f" does not exist yet; run creates it in {base}, which"
+        yield _ok("work dir", f"{work_dir}{later} is writable")
+    usage = shutil.disk_usage(base)
     free = f"{usage.free / 2**30:.1f} GiB free"
     if usage.free < MIN_FREE_BYTES:
         need = f"{MIN_FREE_BYTES >> 20} MiB"
-        yield _fail("free space", f"{work_dir}: only {free} (plugins need {need})")
+        yield _fail("free space", f"{base}: only {free} (plugins need {need})")
     else:
-        yield _ok("free space", f"{work_dir}: {free}")
+        yield _ok("free space", f"{base}: {free}")
     unpack = work_dir / "tmp"
-    where = unpack if unpack.is_dir() else work_dir
+    where = unpack if unpack.is_dir() else base
     if os.statvfs(where).f_flag & os.ST_NOEXEC:
         yield _fail(
             "exec", f"{where} is on a noexec mount: the executable cannot unpack and run there"

@@ -228,8 +228,8 @@ def test_doctor_reads_specified_env(center: CenterThread, agent_config: AgentCon
 def test_doctor_work_dir_checks(center: CenterThread, agent_config: AgentConfig) -> None:
     config = agent_config()
     found = {c.name: c for c in checks(str(config), dict(os.environ))}
-    assert found["work dir"].verdict is Verdict.FAIL
-    assert "does not exist" in found["work dir"].detail
+    assert found["work dir"].verdict is Verdict.OK
+    assert "does not exist yet; run creates it in" in found["work dir"].detail
     work = read_work_dir(config)
     work.mkdir()
     found = {c.name: c for c in checks(str(config), dict(os.environ))}

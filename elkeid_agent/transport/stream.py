@@ -126,10 +126,10 @@ class TransferLoop:
                 async with asyncio.timeout(self.config.transport.dial_timeout):
                     nodes = await fetch_sd_nodes(region.service_discovery)
             except DiscoveryError as exc:
-                self._dial_failed(f"service discovery {region.service_discovery}: {exc}")
+                self._dial_failed(f"service discovery failed: {exc}")
             except TimeoutError:
                 self._dial_failed(
-                    f"service discovery {region.service_discovery}: no answer within "
+                    f"service discovery failed: {region.service_discovery}: no answer within "
                     f"{self.config.transport.dial_timeout:g} s"
                 )
         return candidates(region, nodes)
