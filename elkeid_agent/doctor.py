@@ -21,7 +21,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TextIO
 
-from elkeid_agent.config import Config, ConfigError, load_run_config, work_dir_hint
+from elkeid_agent.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    load_run_config,
+    work_dir_hint,
+)
 from elkeid_agent.transport.certinfo import CLIENT_AUTH, CertError, parse_pem, verify_client_cert
 from elkeid_agent.transport.discovery import DiscoveryError, candidates, fetch_sd_nodes
 from elkeid_agent.transport.probe import probe
@@ -194,7 +200,9 @@ def checks(config_path: str | None, env: dict[str, str]) -> Iterator[Check]:
         yield _fail("config", str(exc))
         yield from check_work_dir(work_dir_hint(config_path))
         return
-    source = config_path or "built-in defaults and /etc/elkeid/elkeid-agent.toml"
+    source = config_path or (
+        str(DEFAULT_CONFIG_PATH) if DEFAULT_CONFIG_PATH.is_file() else "built-in defaults"
+    )
     yield _ok(
         "config",
         f"{source}: work dir {config.work_dir}, idc {config.idc}, region {config.region}",

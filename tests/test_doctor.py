@@ -11,9 +11,11 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -313,14 +315,42 @@ def test_heartbeat_carries_the_dial_reason(
         agent.stop()
 
 
-def test_probe_against_good_center_measures_rtt(center: CenterThread) -> None:
-    tls = TlsMaterial.load(
+def test_probe_against_good_center_measures_rtt(
+    center: CenterThread, tls_material: TlsMaterial
+) -> None:
+    result = probe(center.address, tls_material, 5)
+    assert result.step is Step.OK
+    assert 0 < result.rtt < 5
+
+
+@pytest.fixture
+def tls_material(center: CenterThread) -> TlsMaterial:
+    return TlsMaterial.load(
         TlsConfig(
             ca=str(center.certs.ca),
             cert=str(center.certs.client_cert),
             key=str(center.certs.client_key),
         )
     )
-    result = probe(center.address, tls, 5)
-    assert result.step is Step.OK
-    assert 0 < result.rtt < 5
+
+
+def test_probe_names_a_server_that_closes_or_stays_silent(tls_material: TlsMaterial) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+
+        def close_at_once() -> None:
+            conn, _ = listener.accept()
+            conn.close()
+
+        closer = threading.Thread(target=close_at_once)
+        closer.start()
+        result = probe(address, tls_material, 5)
+        closer.join()
+        assert result.step is Step.CLOSED
+        assert "closed the connection during the TLS handshake" in result.reason
+        # Accepted by the kernel (backlog), never answered: a timeout, named as such.
+        result = probe(address, tls_material, 0.5)
+        assert result.step is Step.TIMEOUT
+        assert "did not finish TLS/HTTP/2 within 0.5 s" in result.reason
