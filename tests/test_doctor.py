@@ -354,3 +354,26 @@ def test_probe_names_a_server_that_closes_or_stays_silent(tls_material: TlsMater
         result = probe(address, tls_material, 0.5)
         assert result.step is Step.TIMEOUT
         assert "did not finish TLS/HTTP/2 within 0.5 s" in result.reason
+
+
+def test_service_discovery_failure_reaches_doctor_log_and_status(
+    center: CenterThread, agent_config: AgentConfig
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    config = agent_config()
+    data = patch_config(config, transport={"backoff_initial": 0.3, "backoff_max": 0.5})
+    text = data.read_text().replace(f'private = "{center.address}"',
+                                    f'service_discovery = "{dead}"')
+    config.write_text(text)
+    read_work_dir(config).mkdir()
+    found = {c.name: c for c in checks(str(config), dict(os.environ))}
+    sd = found[f"service discovery {dead}"]
+    assert sd.verdict is Verdict.FAIL
+    assert "refused" in sd.detail.lower() or "connect call failed" in sd.detail.lower()
+    with AgentProcess(config) as agent:
+        status = wait_until(lambda: (s := read_status(agent.work_dir)) and s.detail and s, 20)
+        assert any(f"service discovery failed: {dead}" in d for d in status.detail), status.detail
+        assert f"service discovery failed: {dead}" in agent.log()
+        agent.stop()

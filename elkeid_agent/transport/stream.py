@@ -126,7 +126,8 @@ class TransferLoop:
                 async with asyncio.timeout(self.config.transport.dial_timeout):
                     nodes = await fetch_sd_nodes(region.service_discovery)
             except DiscoveryError as exc:
-                self._dial_failed(f"service discovery failed: {exc}")
+                detail = str(exc).removeprefix("service discovery ")
+                self._dial_failed(f"service discovery failed: {detail}")
             except TimeoutError:
                 self._dial_failed(
                     f"service discovery failed: {region.service_discovery}: no answer within "
