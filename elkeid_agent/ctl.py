@@ -159,19 +159,23 @@ def _fmt_time(ts: float, now: float) -> str:
 
 
 def is_agent_process(pid: int, started: float) -> bool:
-    """Whether `pid` is alive and is the agent that wrote the record (not a reused pid)."""
+    """Whether `pid` is alive and is the agent that wrote the record (not a reused pid).
+
+    The process's start time, recorded by the agent, identifies it whatever launchers
+    (staticx, PyInstaller) made its command line look like; a record without it falls back
+    on the command line: `/etc/elkeid/elkeid-agent ...` or `python -m elkeid_agent ...`.
+    """
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
-        if started and abs(proc.create_time() - started) > 1.0:
-            return False
+        if started:
+            return abs(proc.create_time() - started) < 1.0
         cmdline = proc.cmdline()
     except psutil.NoSuchProcess:
         return False
     except psutil.AccessDenied:
-        return True  # it exists and its start time matched; its arguments are not ours to read
-    # argv[0] `/etc/elkeid/elkeid-agent`, or `python -m elkeid_agent`.
+        return True  # it exists; whose it is cannot be read without privileges
     return any(Path(part).name.startswith(AGENT_MARK) for part in cmdline[:3])
 
 
@@ -183,8 +187,9 @@ def status_report(
     if props:
         report["service"] = (
             f"{props.get('ActiveState', '?')} ({props.get('SubState', '?')}), "
-            f"{props.get('UnitFileState') or 'unknown'}, pid {props.get('MainPID', '0')}"
+            f"{props.get('UnitFileState') or 'unknown'}"
         )
+        report["service_pid"] = int(props.get("MainPID") or 0)
     else:
         report["service"] = "unknown (systemd is not running)"
     if st is None:
@@ -198,10 +203,13 @@ def status_report(
         state = "dead"
     else:
         state = st.state
-    connected = alive and st.connected and state != "stopped"
+    running = alive and state != "stopped"
+    connected = running and st.connected
+    stale = running and now - st.updated > STALE_AFTER_S
     report.update(
         state=state,
-        running=alive and state != "stopped",
+        running=running,
+        stale=stale,
         pid=st.pid,
         version=st.version,
         connected=connected,
@@ -216,34 +224,40 @@ def status_report(
     )
     if state == "dead":
         report["exit_reason"] = f"process {st.pid} is gone; its last record said {st.state}"
-    elif alive and now - st.updated > STALE_AFTER_S:
+    elif stale:
         report["detail"] = [*st.detail, f"no status update for {now - st.updated:.0f} s: hung?"]
     return report
 
 
 def format_report(report: dict[str, Any], now: float) -> str:
     lines = [f"service: {report['service']}"]
-    state = report["state"]
-    if "pid" in report:
-        lines.append(f"state: {state} (pid {report['pid']}, version {report['version']})")
-    else:
-        lines.append(f"state: {state}")
-    if state in ("stopped", "dead"):
+    if "service_pid" in report:
+        lines.append(f"pid: {report['service_pid']}")
+    if "pid" not in report:
+        lines += [f"agent: no status yet ({d})" for d in report["detail"]]
+        return "\n".join(lines) + "\n"
+    state = report["state"] + (" (stale record)" if report["stale"] else "")
+    lines += [
+        f"agent pid: {report['pid']}",
+        f"version: {report['version']}",
+        f"state: {state}",
+    ]
+    if report["state"] in ("stopped", "dead"):
         lines.append(f"exit reason: {report['exit_reason'] or 'unknown'}")
-    elif "connected" in report:
-        if report["connected"]:
-            since = _fmt_time(report["connected_since"], now)
-            lines.append(
-                f"connection: connected to {report['server']} ({report['net_mode']}) since {since}"
-            )
-        else:
-            lines.append("connection: disconnected")
-    lines += [f"detail: {d}" for d in report.get("detail", [])]
-    if "last_heartbeat" in report:
-        lines.append(f"last heartbeat: {_fmt_time(report['last_heartbeat'], now)}")
-        lines.append(f"upgrade: {report['upgrade_state']}")
-        lines.append(f"updated: {_fmt_time(report['updated'], now)}")
-    lines.append(f"work dir: {report['work_dir']}")
+    if report["connected"]:
+        since = _fmt_time(report["connected_since"], now)
+        lines.append(
+            f"connection: connected {report['server']} ({report['net_mode']}) since {since}"
+        )
+    else:
+        lines.append("connection: disconnected")
+    lines += [f"detail: {d}" for d in report["detail"]]
+    lines += [
+        f"last heartbeat: {_fmt_time(report['last_heartbeat'], now)}",
+        f"upgrade: {report['upgrade_state']}",
+        f"updated: {_fmt_time(report['updated'], now)}",
+        f"work dir: {report['work_dir']}",
+    ]
     return "\n".join(lines) + "\n"
 
 

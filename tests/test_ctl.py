@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from agentproc import REPO, AgentProcess, wait_until
 from conftest import AgentConfig
 
@@ -55,8 +56,9 @@ def test_status_through_a_life(center: CenterThread, agent_config: AgentConfig) 
         assert report["net_mode"] == "private"
         code, text = ctl_status(config)
         assert code == 0
-        assert f"state: running (pid {agent.pid}" in text
-        assert f"connection: connected to {center.address} (private) since" in text
+        assert f"agent pid: {agent.pid}\n" in text
+        assert "state: running\n" in text
+        assert f"connection: connected {center.address} (private) since" in text
         agent.signal(signal.SIGTERM)
         assert agent.wait(20) == 0
         code, report = status_json(config)
@@ -65,9 +67,9 @@ def test_status_through_a_life(center: CenterThread, agent_config: AgentConfig) 
         assert report["exit_reason"] == "SIGTERM"
         assert report["connected"] is False
         code, text = ctl_status(config)
-        assert "state: stopped" in text
-        assert "exit reason: SIGTERM" in text
-        assert "connected" not in text
+        assert "state: stopped\n" in text
+        assert "exit reason: SIGTERM\n" in text
+        assert "connection: disconnected\n" in text
 
 
 def test_status_of_an_agent_that_cannot_connect(
@@ -116,31 +118,43 @@ def record(**over: Any) -> AgentStatus:
 
 
 def test_pid_checks() -> None:
-    me = os.getpid()
-    assert is_agent_process(me, 0.0) is False  # pytest is not the agent
+    me = psutil.Process()
+    assert is_agent_process(me.pid, 0.0) is False  # pytest is not the agent
+    assert is_agent_process(me.pid, me.create_time()) is True
+    # The same pid started at another time is another process.
+    assert is_agent_process(me.pid, me.create_time() - 60) is False
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         assert is_agent_process(child.pid, 0.0) is False
     finally:
         child.kill()
         child.wait()
-    assert is_agent_process(child.pid, 0.0) is False
+    assert is_agent_process(child.pid, psutil.Process().create_time()) is False
 
 
 def test_report_is_stable(tmp_path: Path) -> None:
     now = 150.0
     report = status_report(tmp_path, record(), True, {}, now)
     assert list(report) == [
-        "work_dir", "service", "state", "running", "pid", "version", "connected", "server",
-        "net_mode", "connected_since", "last_heartbeat", "updated", "upgrade_state", "detail",
-        "exit_reason",
+        "work_dir", "service", "state", "running", "stale", "pid", "version", "connected",
+        "server", "net_mode", "connected_since", "last_heartbeat", "updated", "upgrade_state",
+        "detail", "exit_reason",
     ]
     text = format_report(report, now)
-    assert text.splitlines()[0] == "service: unknown (systemd is not running)"
-    assert "state: running (pid" in text
+    assert text.splitlines()[:4] == [
+        "service: unknown (systemd is not running)",
+        f"agent pid: {os.getpid()}",
+        "version: 1.9",
+        "state: running",
+    ]
+    props = {"ActiveState": "active", "SubState": "running", "UnitFileState": "enabled",
+             "MainPID": "41"}
+    text = format_report(status_report(tmp_path, record(), True, props, now), now)
+    assert text.splitlines()[:2] == ["service: active (running), enabled", "pid: 41"]
     # A live agent silent for long is flagged, not believed blindly.
     stale = status_report(tmp_path, record(), True, {}, 100.0 + 1000)
     assert any("no status update for 1000 s" in d for d in stale["detail"])
+    assert "state: running (stale record)" in format_report(stale, 1100.0)
     # A record claiming running whose process is gone is dead, not connected.
     dead = status_report(tmp_path, record(), False, {}, now)
     assert (dead["state"], dead["connected"], dead["running"]) == ("dead", False, False)
