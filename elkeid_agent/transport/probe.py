@@ -218,7 +218,10 @@ def _over_tls(sock: socket.socket, tls: TlsMaterial, peer: str, timeout: float) 
             conn.settimeout(timeout)
             outcome = _h2_ping(conn, tls)
     except ssl.SSLError as exc:
-        return ProbeResult(Step.TLS, tls_reason(exc, tls.server_name), peer)
+        closed = isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError)
+        return ProbeResult(
+            Step.CLOSED if closed else Step.TLS, tls_reason(exc, tls.server_name), peer
+        )
     except TimeoutError:
         return ProbeResult(
             Step.TIMEOUT, f"{peer} accepted but did not finish TLS/HTTP/2 within {timeout:g} s",
