@@ -164,6 +164,8 @@ class TransferLoop:
             reason = result.reason if not result.ok else ""
         except TimeoutError:
             reason = f"no diagnosis within {2 * PROBE_TIMEOUT:g} s (name resolution hangs?)"
+        except Exception as exc:  # noqa: BLE001 - a diagnosis must never end the transfer loop
+            reason = f"gRPC could not connect; the diagnosis failed: {exc!r}"
         if not reason:
             reason = (
                 f"gRPC dial timed out after {timeout:g} s" if timed_out
