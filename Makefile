@@ -31,15 +31,25 @@ bench: setup
 		$(BIN)/python bench/startup.py; else echo "bench/startup.py: run make dist first"; fi
 
 # The whole system on this machine: center, agent, a demo plugin, a task, a shutdown.
+# DEMO_ARGS="--keep" keeps its directory (config, agent work dir and log) afterwards.
 demo: setup
-	$(BIN)/python tools/demo.py
+	$(BIN)/python tools/demo.py $(DEMO_ARGS)
 
-# Interactive: `make center` in one terminal, `make agent` in another.
+# Interactive: `make center` in one terminal, `make agent` in another. The center prints every
+# record to its terminal and serves examples/plugins.json (the SDK's demo plugin); the agent
+# logs to its terminal and to .work/center/agent-work/log/elkeid-agent.log.
+CENTER_DIR := .work/center
 center: setup
-	$(BIN)/elkeid-center serve --dir .work/center
+	$(BIN)/elkeid-center serve --dir $(CENTER_DIR) --files examples/files \
+		--configs examples/plugins.json
 
 agent: setup
-	$(BIN)/elkeid-agent run --config .work/center/agent.toml
+	@test -f $(CENTER_DIR)/agent.toml || { echo "run \`make center\` first (in another terminal)"; exit 1; }
+	@echo "agent log: $(CENTER_DIR)/agent-work/log/elkeid-agent.log"
+	@echo "status:    $(BIN)/elkeid-agent ctl status --config $(CENTER_DIR)/agent.toml"
+	-$(BIN)/elkeid-agent doctor --config $(CENTER_DIR)/agent.toml
+	PATH="$(abspath $(BIN)):$$PATH" ELKEID_LOG_STDERR=1 \
+		$(BIN)/elkeid-agent run --config $(CENTER_DIR)/agent.toml
 
 clean:
 	rm -rf dist build/out

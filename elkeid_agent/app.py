@@ -22,12 +22,13 @@ import time
 from pathlib import Path
 
 import msgspec
+import psutil
 
 from elkeid_agent import heartbeat as hb
 from elkeid_agent import specified_env
 from elkeid_agent.buffer import RecordBuffer
 from elkeid_agent.commands import Dispatcher, MetadataRequest, UploadRequest
-from elkeid_agent.config import EX_CONFIG, Config, ConfigError, load_config, work_dir_hint
+from elkeid_agent.config import EX_CONFIG, Config, ConfigError, load_run_config, work_dir_hint
 from elkeid_agent.errors import TaskFailed
 from elkeid_agent.health import Health
 from elkeid_agent.host import HostFacts, read_host_facts
@@ -89,14 +90,15 @@ class Agent:
             self.work_dir,
             emit=self.emit,
             errors=self.errors,
-            request_exit=self.stopping.set,
+            request_exit=lambda: self.request_stop("restart for a self-upgrade"),
             startup=startup or StartupResult(False, UpgradeState.IDLE),
             env=env,
             settings=settings_from(config.upgrade),
         )
         self.dispatcher = Dispatcher(self, self.plugins, self.upgrader, self.emit)
         self.transfer = TransferLoop(
-            config, tls, self.buffer, self.header, self.dispatcher.handle, self.send_heartbeat
+            config, tls, self.buffer, self.header, self.dispatcher.handle, self.send_heartbeat,
+            on_down=self._write_status,
         )
         self.uploader = Uploader(lambda: self.transfer.channel, self.emit)
         self.record_handler = RecordHandler(self.emit, config.log.records_per_minute)
@@ -106,6 +108,8 @@ class Agent:
         self._last_tick = time.monotonic()
         self._last_stats = (0, 0, 0, 0)
         self.last_heartbeat = 0.0
+        self.exit_reason = ""
+        self._started = psutil.Process().create_time()
 
     # -- records --------------------------------------------------------------------------------
 
@@ -133,7 +137,11 @@ class Agent:
         ).encode()
 
     def state_detail(self) -> list[str]:
-        return [*self.errors.values(), *self.health.details(), *self.plugins.errors()]
+        link = self.transfer.state
+        connection = [] if link.connected else [f"connection: {e}" for e in link.dial_errors]
+        return [
+            *connection, *self.errors.values(), *self.health.details(), *self.plugins.errors()
+        ]
 
     def counters(self) -> dict[str, int | float]:
         b = self.buffer.snapshot()
@@ -200,24 +208,36 @@ class Agent:
         for record in self.plugins.heartbeats():
             self.buffer.put_agent(record)
         self.last_heartbeat = time.time()
-        self._write_status("abnormal" if detail else "running")
+        self._write_status()
 
-    def _write_status(self, state: str) -> None:
+    def _write_status(self, state: str = "") -> None:
+        """The one writer of status.json: at start, each heartbeat, link up/down, stop."""
         link = self.transfer.state
+        detail = self.state_detail()
         write_status(
             self.work_dir,
             AgentStatus(
                 pid=os.getpid(),
                 version=VERSION,
-                state=state,
+                state=state or ("abnormal" if detail else "running"),
                 net_mode=str(link.net_mode),
                 connected=link.connected,
                 server=link.server,
                 last_heartbeat=self.last_heartbeat,
                 updated=time.time(),
                 upgrade_state=self.upgrader.state,
+                started=self._started,
+                connected_since=link.connected_since if link.connected else 0.0,
+                detail=detail,
+                exit_reason=self.exit_reason,
             ),
         )
+
+    def request_stop(self, reason: str) -> None:
+        """Begin the orderly shutdown; the first reason is the one status.json keeps."""
+        if not self.stopping.is_set():
+            self.exit_reason = reason
+            self.stopping.set()
 
     # -- the agent's own tasks (commands.AgentTasks) ---------------------------------------------
 
@@ -248,16 +268,17 @@ class Agent:
 
     async def shutdown(self) -> None:
         log.info("shutdown requested by the server")
-        self.stopping.set()
+        self.request_stop("shutdown task (1060) from the server")
 
     # -- life -----------------------------------------------------------------------------------
 
     async def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self.stopping.set)
+            self.loop.add_signal_handler(sig, self.request_stop, sig.name)
         self.loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
         self.loop.add_signal_handler(signal.SIGUSR2, release_memory)
         logging.getLogger().addHandler(self.record_handler)
+        self._write_status("starting")
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.transfer.run(), name="transfer")
@@ -273,7 +294,9 @@ class Agent:
             pass
         finally:
             logging.getLogger().removeHandler(self.record_handler)
-        log.info("elkeid-agent stopped")
+            self.exit_reason = self.exit_reason or "ended by an error (see the log)"
+            self._write_status("stopped")
+        log.info("elkeid-agent stopped: %s", self.exit_reason)
 
     async def _heartbeat_loop(self) -> None:
         interval = self.config.transport.heartbeat_interval
@@ -303,13 +326,8 @@ class Agent:
 
 
 def run_agent(config_path: str | None) -> int:
-    env = dict(os.environ)
     try:
-        config = load_config(config_path, env)
-        persisted = specified_env.read(config.work_path)
-        if persisted:
-            env.update(persisted)
-            config = load_config(config_path, env)
+        config, env = load_run_config(config_path, os.environ)
         tls = TlsMaterial.load(config.tls)
     except (ConfigError, TlsError) as exc:
         sys.stderr.write(f"elkeid-agent: configuration error: {exc}\n")

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from elkeid_agent import specified_env
+
 DEFAULT_CONFIG_PATH = Path("/etc/elkeid/elkeid-agent.toml")
 PRODUCT_CONFIG_PATH = Path(__file__).with_name("product.toml")
 EX_CONFIG = 78  # sysexits EX_CONFIG: systemd and operators know it as "bad configuration"
@@ -169,6 +171,20 @@ def load_config(
     if config.region not in config.regions and config.regions:
         raise ConfigError(source, f"key region: no [regions.{config.region}] section")
     return config
+
+
+def load_run_config(
+    path: str | Path | None, env: Mapping[str, str]
+) -> tuple[Config, dict[str, str]]:
+    """The config and environment `run` uses: the layers, then the work dir's specified_env
+    (values a 1051 task or `ctl set` persisted) over the process environment."""
+    merged = dict(env)
+    config = load_config(path, merged)
+    persisted = specified_env.read(config.work_path)
+    if persisted:
+        merged.update(persisted)
+        config = load_config(path, merged)
+    return config, merged
 
 
 def work_dir_hint(path: str | Path | None) -> Path:

@@ -2,31 +2,40 @@
 
 Service operations go through systemctl (the unit is what keeps the agent's limits,
 restart policy and unpack directory); `status` adds what only the agent knows, from the
-status file it rewrites on every heartbeat. Every external command runs with
+status file it writes at start, on each heartbeat and link change, and at stop, and believes
+a running record only while its process is alive. Every external command runs with
 `child_env()`: systemctl is the host's, not the bundle's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 from elkeid_agent import specified_env
 from elkeid_agent.childenv import child_env
+from elkeid_agent.config import ConfigError, load_run_config, work_dir_hint
 from elkeid_agent.runtime_dir import UNPACK_PREFIXES, clean_stale_unpack_dirs
-from elkeid_agent.status import read_status
+from elkeid_agent.status import STATUS_FILE, AgentStatus, read_status
 
 SERVICE = "elkeid-agent.service"
 DEFAULT_WORK_DIR = Path("/etc/elkeid")
 # Directories `cleanup` empties; machine-id, specified_env and the certs stay.
 CLEANUP_DIRS = ("plugin", "log", "tmp")
-# A status record older than this means the agent is not heartbeating (it writes one
-# every 60 s heartbeat).
+# A live agent whose record is older than this is not heartbeating (it writes one every
+# 60 s heartbeat).
 STALE_AFTER_S = 180.0
+# How the agent's command line begins: the executable `elkeid-agent`, or `-m elkeid_agent`.
+AGENT_MARK = "elkeid"
 
 _SIMPLE = {
     "start": "start the service",
@@ -56,7 +65,11 @@ def add_ctl_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     set_p.add_argument("--id", dest="agent_id", help="agent id (empty string removes it)")
     for name, text in _SIMPLE.items():
         sub.add_parser(name, help=text)
-    sub.add_parser("status", help="service state, pid, version, connection, last heartbeat")
+    status = sub.add_parser(
+        "status", help="whether the agent runs, its connection, why it stopped"
+    )
+    status.add_argument("--config", help="read the work dir from this config, as run does")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser(
         "cleanup", help="remove plugins, logs and temporary files (service must be stopped)"
     )
@@ -64,12 +77,12 @@ def add_ctl_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
 
 def run_ctl(args: argparse.Namespace) -> int:
     """Run the parsed `ctl` subcommand; return the process exit code."""
-    work_dir: Path = args.work_dir
+    work_dir = _work_dir(args)
     cmd: str = args.ctl_command
     if cmd == "set":
         return _set(work_dir, idc=args.idc, region=args.region, agent_id=args.agent_id)
     if cmd == "status":
-        return _status(work_dir)
+        return _status(work_dir, args.json)
     if cmd == "cleanup":
         return _cleanup(work_dir)
     return _systemctl(cmd, SERVICE)
@@ -139,36 +152,140 @@ def _service_props(unit: str) -> dict[str, str]:
 
 
 def _fmt_time(ts: float, now: float) -> str:
+    if not ts:
+        return "never"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(ts))
     return f"{stamp} ({now - ts:.0f} s ago)"
 
 
-def _status(work_dir: Path) -> int:
-    """Print the service and agent state; exit 0 when the service runs, 3 when not."""
-    props = _service_props(SERVICE)
-    running = props.get("ActiveState") == "active"
+def is_agent_process(pid: int, started: float) -> bool:
+    """Whether `pid` is alive and is the agent that wrote the record (not a reused pid).
+
+    The process's start time, recorded by the agent, identifies it whatever launchers
+    (staticx, PyInstaller) made its command line look like; a record without it falls back
+    on the command line: `/etc/elkeid/elkeid-agent ...` or `python -m elkeid_agent ...`.
+    """
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if started:
+            return abs(proc.create_time() - started) < 1.0
+        cmdline = proc.cmdline()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True  # it exists; whose it is cannot be read without privileges
+    return any(Path(part).name.startswith(AGENT_MARK) for part in cmdline[:3])
+
+
+def status_report(
+    work_dir: Path, st: AgentStatus | None, alive: bool, props: dict[str, str], now: float
+) -> dict[str, Any]:
+    """What `ctl status` says, as stable keys (the --json output; text prints the same)."""
+    report: dict[str, Any] = {"work_dir": str(work_dir)}
     if props:
-        state = f"{props.get('ActiveState', '?')} ({props.get('SubState', '?')})"
-        print(f"service: {state}, {props.get('UnitFileState') or 'unknown'}")
-        print(f"pid: {props.get('MainPID', '0')}")
+        report["service"] = (
+            f"{props.get('ActiveState', '?')} ({props.get('SubState', '?')}), "
+            f"{props.get('UnitFileState') or 'unknown'}"
+        )
+        report["service_pid"] = int(props.get("MainPID") or 0)
     else:
-        print("service: unknown (systemd is not running)")
-    st = read_status(work_dir)
+        report["service"] = "unknown (systemd is not running)"
     if st is None:
-        print("agent: no status yet")
-        return 0 if running else 3
+        report.update(state="unknown", running=False,
+                      detail=[f"no {STATUS_FILE} in {work_dir}: the agent never started here"])
+        return report
+    if st.state == "stopped":
+        state = "stopped"
+    elif not alive:
+        # Killed (SIGKILL, OOM, power) before it could say so.
+        state = "dead"
+    else:
+        state = st.state
+    running = alive and state != "stopped"
+    connected = running and st.connected
+    stale = running and now - st.updated > STALE_AFTER_S
+    report.update(
+        state=state,
+        running=running,
+        stale=stale,
+        pid=st.pid,
+        version=st.version,
+        connected=connected,
+        server=st.server,
+        net_mode=st.net_mode,
+        connected_since=st.connected_since if connected else 0.0,
+        last_heartbeat=st.last_heartbeat,
+        updated=st.updated,
+        upgrade_state=st.upgrade_state,
+        detail=list(st.detail),
+        exit_reason=st.exit_reason,
+    )
+    if state == "dead":
+        report["exit_reason"] = f"process {st.pid} is gone; its last record said {st.state}"
+    elif stale:
+        report["detail"] = [*st.detail, f"no status update for {now - st.updated:.0f} s: hung?"]
+    return report
+
+
+def format_report(report: dict[str, Any], now: float) -> str:
+    lines = [f"service: {report['service']}"]
+    if "service_pid" in report:
+        lines.append(f"pid: {report['service_pid']}")
+    if "pid" not in report:
+        lines += [f"agent: no status yet ({d})" for d in report["detail"]]
+        return "\n".join(lines) + "\n"
+    state = report["state"] + (" (stale record)" if report["stale"] else "")
+    lines += [
+        f"agent pid: {report['pid']}",
+        f"version: {report['version']}",
+        f"state: {state}",
+    ]
+    if report["state"] in ("stopped", "dead"):
+        lines.append(f"exit reason: {report['exit_reason'] or 'unknown'}")
+    if report["connected"]:
+        since = _fmt_time(report["connected_since"], now)
+        lines.append(
+            f"connection: connected {report['server']} ({report['net_mode']}) since {since}"
+        )
+    else:
+        lines.append("connection: disconnected")
+    lines += [f"detail: {d}" for d in report["detail"]]
+    lines += [
+        f"last heartbeat: {_fmt_time(report['last_heartbeat'], now)}",
+        f"upgrade: {report['upgrade_state']}",
+        f"updated: {_fmt_time(report['updated'], now)}",
+        f"work dir: {report['work_dir']}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _status(work_dir: Path, as_json: bool) -> int:
+    """Print the agent's state; exit 0 while the agent runs, 3 when it does not (LSB)."""
+    st = read_status(work_dir)
+    alive = st is not None and is_agent_process(st.pid, st.started)
     now = time.time()
-    stale = now - st.updated > STALE_AFTER_S
-    print(f"agent pid: {st.pid}")
-    print(f"version: {st.version}")
-    print(f"state: {st.state}{' (stale record)' if stale else ''}")
-    conn = "connected" if st.connected else "disconnected"
-    print(f"connection: {conn} {st.server or '-'} ({st.net_mode or '-'})")
-    beat = _fmt_time(st.last_heartbeat, now) if st.last_heartbeat else "never"
-    print(f"last heartbeat: {beat}")
-    print(f"upgrade: {st.upgrade_state}")
-    print(f"updated: {_fmt_time(st.updated, now)}")
-    return 0 if running else 3
+    report = status_report(work_dir, st, alive, _service_props(SERVICE), now)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        sys.stdout.write(format_report(report, now))
+    return 0 if report["running"] else 3
+
+
+def _work_dir(args: argparse.Namespace) -> Path:
+    """`--config` names the work dir as `run` reads it; else `--work-dir`."""
+    config_path: str | None = getattr(args, "config", None)
+    if config_path is None:
+        work_dir: Path = args.work_dir
+        return work_dir
+    try:
+        config, _ = load_run_config(config_path, os.environ)
+    except ConfigError as exc:
+        sys.stderr.write(f"ctl: {exc}; reading work_dir from it leniently\n")
+        return work_dir_hint(config_path)
+    return config.work_path
 
 
 # --- cleanup ---------------------------------------------------------------------

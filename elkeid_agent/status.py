@@ -1,8 +1,11 @@
 """The agent's status file, `<work_dir>/status.json`, read by `elkeid-agent ctl status`.
 
-The running agent rewrites it on every heartbeat; `ctl` runs in another process (often
-while the agent is restarting), so the file is replaced atomically and a missing or
-unreadable file reads as "no status" rather than an error.
+The running agent writes it at start (`starting`), on every heartbeat, whenever the connection
+comes up or goes down (with the reason), and at stop (`stopped`, with the exit reason). `ctl`
+runs in another process (often while the agent is restarting), so the file is replaced
+atomically and a missing or unreadable file reads as "no status" rather than an error. A record
+that says running is believed only while its pid is alive and is that same process
+(`started`, the process's start time, tells a reused pid apart).
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ STATUS_FILE = "status.json"
 class AgentStatus(msgspec.Struct, kw_only=True):
     pid: int
     version: str
-    state: str
+    state: str  # starting, running, abnormal (see detail), stopped
     net_mode: str
     connected: bool
     server: str
     last_heartbeat: float  # unix time of the last heartbeat sent, 0 if none yet
     updated: float  # unix time this record was written
     upgrade_state: str = "idle"
+    started: float = 0.0  # unix time the process started (as the kernel counts it)
+    connected_since: float = 0.0  # unix time the current stream opened, 0 when not connected
+    detail: list[str] = msgspec.field(default_factory=list)  # the heartbeat's state_detail
+    exit_reason: str = ""  # why the agent stopped (state stopped)
 
 
 _encoder = msgspec.json.Encoder()

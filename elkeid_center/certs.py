@@ -96,17 +96,21 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
 
 
 def _builder(
-    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    valid: tuple[datetime.datetime, datetime.datetime] | None = None,
 ) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.UTC)
+    not_before, not_after = valid or (now - BACKDATE, now + VALIDITY)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(now + VALIDITY)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
 
@@ -143,11 +147,12 @@ def _make_leaf(
     *,
     server: bool,
     dns_names: tuple[str, ...] = (),
+    valid: tuple[datetime.datetime, datetime.datetime] | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
-        _builder(_name(common_name), ca_cert.subject, key.public_key())
+        _builder(_name(common_name), ca_cert.subject, key.public_key(), valid)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -259,10 +264,7 @@ def generate_server_cert(
     `<stem>.key`. With the default name it serves tests that check the agent verifies
     the name and not only the chain; `https_context` uses it for the file server.
     """
-    ca_cert = x509.load_pem_x509_certificate(ca.ca.read_bytes())
-    ca_key = serialization.load_pem_private_key(ca.ca_key.read_bytes(), password=None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise TypeError(f"{ca.ca_key}: expected an EC key")
+    ca_cert, ca_key = _load_ca(ca)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     cert, key = _make_leaf(ca_cert, ca_key, names[0], server=True, dns_names=names)
@@ -270,6 +272,37 @@ def generate_server_cert(
     _write_key(key_path, key)
     _write_cert(cert_path, cert)
     return cert_path, key_path
+
+
+def generate_client_cert(
+    ca: CertFiles,
+    directory: str | os.PathLike[str],
+    *,
+    expired: bool = False,
+    stem: str = "client",
+) -> tuple[Path, Path]:
+    """Sign another client cert with the CA of `ca` (`expired`: it ended yesterday).
+
+    Returns (cert path, key path) written into `directory` as `<stem>.crt` / `<stem>.key`.
+    """
+    ca_cert, ca_key = _load_ca(ca)
+    now = datetime.datetime.now(datetime.UTC)
+    valid = (now - 2 * VALIDITY, now - BACKDATE) if expired else None
+    cert, key = _make_leaf(ca_cert, ca_key, CLIENT_NAME, server=False, valid=valid)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = out / f"{stem}.crt", out / f"{stem}.key"
+    _write_key(key_path, key)
+    _write_cert(cert_path, cert)
+    return cert_path, key_path
+
+
+def _load_ca(ca: CertFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca_cert = x509.load_pem_x509_certificate(ca.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{ca.ca_key}: expected an EC key")
+    return ca_cert, ca_key
 
 
 def https_context(ca: CertFiles, host: str) -> ssl.SSLContext:

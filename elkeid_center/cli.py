@@ -4,13 +4,20 @@
     elkeid-center serve [--dir DIR] [--port P] [--files DIR] [--configs FILE.json]
     elkeid-center send [--dir DIR] (--task JSON | --configs FILE.json [--set])
                        [--target all|latest]
+
+Files uploaded by agents (task 1050) are saved under `DIR/uploads/`. In a Config, a download
+URL without a scheme names a file under the served directory and becomes its URL on this
+center; an empty sha256 becomes that file's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import itertools
 import json
+import re
 import signal
 import sys
 import urllib.error
@@ -24,23 +31,25 @@ from elkeid_center.center import LocalCenter
 from elkeid_center.certs import CertFiles, ensure_certs
 from elkeid_center.httpd import HttpServer, Request, Response
 from elkeid_center.server import Target, configs_command, task_command
-from elkeid_center.store import ConnectionInfo, DecodedRecord, ReceivedPackage
+from elkeid_center.store import ConnectionInfo, DecodedRecord, ReceivedPackage, Upload, record_name
 
 DEFAULT_DIR = Path(".work/center")
 DEFAULT_PORT = 6751
 ADMIN_PORT_FILE = "admin.port"
 AGENT_CONFIG_FILE = "agent.toml"
+UPLOADS_DIR = "uploads"
+UPLOAD_TASK = 1050
 TASK_KEYS = frozenset({"data_type", "object_name", "data", "token"})
 
 
 def format_record(record: DecodedRecord) -> str:
-    """One line per record: stream, data_type, timestamp, then the fields as JSON."""
+    """One line per record: stream, data_type and its name, timestamp, the fields as JSON."""
     body = (
         json.dumps(record.fields, ensure_ascii=False, sort_keys=True)
         if record.payload_ok
         else f"(not a Payload) {record.raw.hex()}"
     )
-    return f"[{record.connection}] {record.data_type} {record.timestamp} {body}"
+    return f"[{record.connection}] {record_name(record.data_type)} {record.timestamp} {body}"
 
 
 def _printer(out: TextIO) -> Any:
@@ -56,9 +65,17 @@ def _printer(out: TextIO) -> Any:
     return on_package
 
 
+def parse_json(text: str, source: str) -> Any:
+    """JSON, or a ValueError naming the source, line and column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
 def _read_configs(path: Path) -> list[dict[str, Any]]:
     """A JSON list of Config objects, or {"configs": [...]}."""
-    value = json.loads(path.read_text())
+    value = parse_json(path.read_text(), str(path))
     if isinstance(value, dict):
         value = value.get("configs")
     if not isinstance(value, list) or not all(isinstance(c, dict) for c in value):
@@ -66,18 +83,90 @@ def _read_configs(path: Path) -> list[dict[str, Any]]:
     return value
 
 
+def resolve_configs(
+    configs: list[dict[str, Any]], files_dir: Path, file_url: Any
+) -> list[dict[str, Any]]:
+    """Download URLs without a scheme name files under `files_dir`: make them this center's
+    URLs (`file_url(name)`), and fill an empty sha256 from the file. ValueError names the
+    Config and the file when it is missing."""
+    out = []
+    for config in configs:
+        urls = config.get("download_urls", [])
+        if not isinstance(urls, list):
+            raise ValueError(f"Config {config.get('name')!r}: download_urls is not a list")
+        local = [u for u in urls if isinstance(u, str) and "://" not in u]
+        resolved = dict(config)
+        resolved["download_urls"] = [file_url(u) if u in local else u for u in urls]
+        if local and not config.get("sha256"):
+            path = files_dir / local[0]
+            try:
+                resolved["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError as e:
+                raise ValueError(f"Config {config.get('name')!r}: {path}: {e.strerror}") from e
+        out.append(resolved)
+    return out
+
+
+class UploadSaver:
+    """Saves each complete 1050 upload under `directory` as `<token>[-<file name>]`; the file
+    name comes from the 1050 task this center sent with that token, when it did."""
+
+    def __init__(self, directory: Path, out: TextIO) -> None:
+        self.directory = directory
+        self.out = out
+        self._paths: dict[str, str] = {}
+        self._unnamed = itertools.count(1)
+
+    def expect(self, task: dict[str, Any]) -> None:
+        """Remember the path a 1050 task asks for, to name the file it brings."""
+        try:
+            data = task.get("data", "")
+            path = (json.loads(data) if isinstance(data, str) else data).get("path", "")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(path, str) and path:
+            self._paths[str(task.get("token", ""))] = path
+
+    def save(self, upload: Upload) -> Path:
+        token = _safe_name(upload.token) or f"upload-{next(self._unnamed)}"
+        source = self._paths.get(upload.token, "")
+        name = f"{token}-{_safe_name(Path(source).name)}" if source else token
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.directory / name
+        staging = target.with_name(f".{name}.part")
+        staging.write_bytes(upload.data)
+        staging.replace(target)
+        digest = hashlib.sha256(upload.data).hexdigest()
+        print(
+            f"upload {upload.token!r}{f' ({source})' if source else ''}: {len(upload.data)} "
+            f"bytes saved to {target} sha256 {digest}",
+            file=self.out,
+            flush=True,
+        )
+        return target
+
+
+def _safe_name(text: str) -> str:
+    # Tokens and paths come from the network: keep a plain file name.
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".")[:100]
+
+
 class Admin:
     """Loopback control endpoint: `POST /command` with {"task": {...}} or
     {"configs": [...], "set": bool}, and optional "target" ("all" or "latest")."""
 
-    def __init__(self, center: LocalCenter) -> None:
+    def __init__(
+        self, center: LocalCenter, files_dir: Path, uploads: UploadSaver | None = None
+    ) -> None:
         self.center = center
+        self.files_dir = files_dir
+        self.uploads = uploads
 
     async def handle(self, request: Request) -> Response:
         if request.path != "/command" or request.method != "POST":
             return Response.text(404)
         try:
-            body = json.loads(request.body)
+            body = parse_json(request.body.decode(errors="replace"), "request")
             target: Target = body.get("target", "all")
             if target not in ("all", "latest"):
                 raise ValueError(f"bad target {target!r}")
@@ -92,10 +181,13 @@ class Admin:
                     task.get("data", ""),
                     str(task.get("token", "")),
                 )
+                if command.task.data_type == UPLOAD_TASK and self.uploads is not None:
+                    self.uploads.expect(task)
             elif "configs" in body:
-                command = configs_command(body["configs"])
+                configs = resolve_configs(body["configs"], self.files_dir, self.center.file_url)
+                command = configs_command(configs)
                 if body.get("set", False):
-                    self.center.grpc.set_configs(body["configs"])
+                    self.center.grpc.set_configs(configs)
             else:
                 raise ValueError('expected "task" or "configs"')
         except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -115,15 +207,18 @@ async def serve(
     directory = certs.directory
     center = LocalCenter(certs, port=port, files_dir=files_dir)
     center.store.add_listener(_printer(out))
-    if configs is not None:
-        center.grpc.set_configs(configs)
-    admin = HttpServer(Admin(center).handle)
+    uploads = UploadSaver(directory / UPLOADS_DIR, out)
+    center.store.add_upload_listener(uploads.save)
+    admin = HttpServer(Admin(center, files_dir, uploads).handle)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await center.start()
     try:
+        if configs is not None:
+            # The file server's port is known now: local download URLs can be made absolute.
+            center.grpc.set_configs(resolve_configs(configs, files_dir, center.file_url))
         admin_port = await admin.start()
         (directory / ADMIN_PORT_FILE).write_text(f"{admin_port}\n")
         config = write_agent_config(
@@ -141,6 +236,7 @@ async def serve(
             f"AgentCenter (mTLS, name elkeid.com) on {center.grpc.address}\n"
             f"service discovery on http://{center.host}:{center.sd_http.port}/registry/detail\n"
             f"files from {files_dir} at {center.file_url('')}\n"
+            f"uploads (1050) saved under {directory / UPLOADS_DIR}\n"
             f"admin on 127.0.0.1:{admin_port}: elkeid-center send --dir {directory} --task JSON\n"
             f"start the agent with:\n"
             f"  .venv/bin/elkeid-agent run --config {config}",
@@ -210,11 +306,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         body: dict[str, Any] = {"target": args.target}
         if args.task is not None:
-            body["task"] = json.loads(args.task)
+            body["task"] = parse_json(args.task, "--task")
         else:
             body["configs"] = _read_configs(args.configs)
             body["set"] = args.set
-        answer = send(args.dir, body)
+        try:
+            answer = send(args.dir, body)
+        except RuntimeError as e:
+            # The center refused what the file says: name the file.
+            raise RuntimeError(f"{args.configs}: {e}" if args.configs else str(e)) from e
     except (OSError, ValueError, RuntimeError) as e:
         print(f"elkeid-center: {e}", file=sys.stderr)
         return 1

@@ -104,6 +104,23 @@ def decode_records(
 
 
 PackageListener = Callable[[ReceivedPackage, ConnectionInfo, list[DecodedRecord]], None]
+UploadListener = Callable[[Upload], None]
+
+#: What the agent's own records and the SDK demo plugin's records are (PROTOCOL.md section 3).
+RECORD_NAMES = {
+    1000: "heartbeat",
+    1001: "plugin heartbeat",
+    1010: "log",
+    5100: "task result",
+    5998: "demo task reply",
+    5999: "demo tick",
+}
+
+
+def record_name(data_type: int) -> str:
+    """`1000 heartbeat`, or the bare number for a type this center has no name for."""
+    name = RECORD_NAMES.get(data_type)
+    return f"{data_type} {name}" if name else str(data_type)
 
 
 class Store:
@@ -116,12 +133,18 @@ class Store:
         self._connections: dict[int, ConnectionInfo] = {}
         self._uploads: dict[str, _UploadState] = {}
         self._listeners: list[PackageListener] = []
+        self._upload_listeners: list[UploadListener] = []
         self.decode_errors = 0
 
     def add_listener(self, listener: PackageListener) -> None:
         """Call `listener` (on the receiving thread) for each package, after it is stored."""
         with self._lock:
             self._listeners.append(listener)
+
+    def add_upload_listener(self, listener: UploadListener) -> None:
+        """Call `listener` (on the receiving thread) with each upload once it is complete."""
+        with self._lock:
+            self._upload_listeners.append(listener)
 
     # --- connections -------------------------------------------------------------
 
@@ -214,8 +237,13 @@ class Store:
     def finish_upload(self, call_id: str) -> None:
         with self._lock:
             state = self._uploads.get(call_id)
-            if state is not None:
-                state.complete = True
+            if state is None:
+                return
+            state.complete = True
+            upload = state.snapshot()
+            listeners = list(self._upload_listeners)
+        for listener in listeners:
+            listener(upload)
 
     def uploads(self) -> dict[str, Upload]:
         """Uploads by token; a token used by several calls maps to the latest one."""

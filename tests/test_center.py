@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import shutil
 import socket
 import ssl
 import stat
@@ -33,7 +35,7 @@ from elkeid_center.certs import (
     generate_server_cert,
     generate_unrelated_certs,
 )
-from elkeid_center.cli import format_record
+from elkeid_center.cli import format_record, resolve_configs
 from elkeid_center.testing import (
     UPLOAD_METHOD,
     CenterThread,
@@ -542,7 +544,7 @@ def test_cli_serve_prints_records_and_send_pushes(tmp_path: Path) -> None:
     ) as proc:
         try:
             assert proc.stdout is not None
-            banner = [proc.stdout.readline() for _ in range(6)]
+            banner = [proc.stdout.readline() for _ in range(7)]
             assert banner[-1].strip().endswith(f"elkeid-agent run --config {directory}/agent.toml")
             config = tomllib.loads((directory / "agent.toml").read_text())
             assert config["work_dir"] == str(directory / "agent-work")
@@ -555,8 +557,8 @@ def test_cli_serve_prints_records_and_send_pushes(tmp_path: Path) -> None:
                 stream.send(packaged((1000, 1700000000, payload(state="running"))))
                 assert "stream from" in proc.stdout.readline()
                 line = proc.stdout.readline()
-                assert line.startswith("[1] 1000 1700000000 ")
-                assert json.loads(line.split(" ", 3)[3]) == {"state": "running"}
+                assert line.startswith("[1] 1000 heartbeat 1700000000 ")
+                assert json.loads(line.split(" ", 4)[4]) == {"state": "running"}
                 task = '{"data_type":1060,"object_name":"elkeid-agent","data":"","token":"t1"}'
                 sent = subprocess.run(
                     [*cmd, "send", "--dir", str(directory), "--task", task],
@@ -659,3 +661,149 @@ def test_https_file_server_verifies_against_the_ca(certs: CertFiles, tmp_path: P
             assert response.read() == b"payload"
         with pytest.raises(urllib.error.URLError):
             urllib.request.urlopen(url, timeout=10, context=ssl.create_default_context())
+
+
+# --- the CLI as a tool: uploads saved, examples served, errors that name the file -------------
+
+
+class Serve:
+    """`elkeid-center serve` as `make center` runs it, in a subprocess."""
+
+    def __init__(self, directory: Path, *extra: str) -> None:
+        self.directory = directory
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.cmd = [sys.executable, "-m", "elkeid_center"]
+        self.proc = subprocess.Popen(
+            [*self.cmd, "serve", "--dir", str(directory), "--port", "0", *extra],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=self.env,
+            cwd=REPO,
+        )
+        assert self.proc.stdout is not None
+        self.stdout = self.proc.stdout
+        self.banner = [self.stdout.readline() for _ in range(7)]
+        config = tomllib.loads((directory / "agent.toml").read_text())
+        self.address = config["regions"]["default"]["private"]
+
+    def send(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.cmd, "send", "--dir", str(self.directory), *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=REPO,
+            check=False,
+        )
+
+    def line_with(self, text: str) -> str:
+        while True:
+            line = self.stdout.readline()
+            assert line, f"serve ended before printing {text!r}"
+            if text in line:
+                return line
+
+    def close(self) -> None:
+        self.proc.terminate()
+        assert self.proc.wait(timeout=20) == 0
+        self.stdout.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    s = Serve(tmp_path / "center", "--files", str(REPO / "examples" / "files"),
+              "--configs", str(REPO / "examples" / "plugins.json"))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_cli_saves_uploads_with_path_and_sha256(serve: Serve) -> None:
+    task = json.dumps({"data_type": 1050, "object_name": "elkeid-agent", "token": "t/1",
+                       "data": json.dumps({"path": "/etc/host name", "buf_size": 4})})
+    with client_channel(serve.address, CertFiles(serve.directory)) as ch:
+        stream = open_stream(ch)
+        stream.send(heartbeat())
+        assert stream.recv() is not None  # the Configs
+        assert serve.send("--task", task).returncode == 0
+        assert upload(ch, "t/1", [b"abcd", b"ef"]).status == grpc_pb2.FileUploadResponse.SUCCESS
+        line = serve.line_with("upload ")
+        saved = serve.directory / "uploads" / "t_1-host_name"
+        digest = hashlib.sha256(b"abcdef").hexdigest()
+        assert line.strip() == (
+            f"upload 't/1' (/etc/host name): 6 bytes saved to {saved} sha256 {digest}"
+        )
+        assert saved.read_bytes() == b"abcdef"
+        # An upload nobody asked this center for is still kept, under its token.
+        upload(ch, "..", [b"x"])
+        assert "saved to" in serve.line_with("upload ")
+        assert [p.name for p in (serve.directory / "uploads").iterdir()].count("t_1-host_name")
+        stream.close()
+
+
+def test_make_center_serves_examples_plugins_as_is(serve: Serve) -> None:
+    with client_channel(serve.address, CertFiles(serve.directory)) as ch:
+        stream = open_stream(ch)
+        stream.send(heartbeat())
+        command = stream.recv()
+        assert command is not None
+        [config] = command.configs
+        assert config.name == "demo"
+        [url] = config.download_urls
+        assert url.startswith("http://127.0.0.1:")
+        assert url.endswith("/demo")
+        body = http_get(url)
+        assert body == (REPO / "examples" / "files" / "demo").read_bytes()
+        assert config.sha256 == hashlib.sha256(body).hexdigest()
+        stream.close()
+
+
+def test_examples_sha256_matches_the_plugin() -> None:
+    configs = json.loads((REPO / "examples" / "plugins.json").read_text())
+    files = REPO / "examples" / "files"
+    blank = [{**c, "sha256": ""} for c in configs]
+    computed = resolve_configs(blank, files, lambda name: f"http://x/{name}")
+    assert [c["sha256"] for c in computed] == [c["sha256"] for c in configs]
+    assert computed[0]["download_urls"] == ["http://x/demo"]
+    assert os.access(files / "demo", os.X_OK)
+    with pytest.raises(ValueError, match=r"Config 'demo'.*missing"):
+        resolve_configs([{**blank[0], "download_urls": ["missing"]}], files, str)
+
+
+def test_send_json_errors_name_file_and_line(serve: Serve, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n  {"name": "p",\n   "version": 1,,}\n]\n')
+    done = serve.send("--configs", str(bad))
+    assert done.returncode == 1
+    assert f"{bad}: line 3 column" in done.stderr
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text('[{"name": "p", "bogus": 1}]')
+    done = serve.send("--configs", str(unknown))
+    assert done.returncode == 1
+    assert str(unknown) in done.stderr
+    assert "bogus" in done.stderr
+    done = serve.send("--task", '{"data_type": 1060,')
+    assert done.returncode == 1
+    assert "--task: line 1 column" in done.stderr
+
+
+def test_demo_names_record_types_and_keeps_its_directory() -> None:
+    done = subprocess.run(
+        [sys.executable, "tools/demo.py", "--keep", "--seconds", "8"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "  1000 heartbeat: {" in done.stdout
+    assert "  5100 task result: {" in done.stdout
+    kept = Path(done.stdout.split("kept ", 1)[1].split(":", 1)[0])
+    try:
+        assert (kept / "agent.toml").is_file()
+        assert (kept / "work" / "log" / "elkeid-agent.log").is_file()
+        assert (kept / "work" / "status.json").is_file()
+    finally:
+        shutil.rmtree(kept)

@@ -1,15 +1,17 @@
 """`make demo`: the whole system on this machine in one command.
 
-Starts a local AgentCenter (mTLS on 127.0.0.1), serves the SDK's demo plugin for download,
-starts the real agent against it, prints what arrives for a while, sends the plugin a task and
-the agent a shutdown, and exits with the agent's status.
+Starts a local AgentCenter (mTLS on 127.0.0.1), serves examples/plugins.json (the SDK's demo
+plugin) for download, starts the real agent against it, prints what arrives for a while, sends
+the plugin a task and the agent a shutdown, and exits with the agent's status. With `--keep`
+the directory (certificates, the agent's config, its work dir and log) stays for a look.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,55 +21,49 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from elkeid_center.cli import resolve_configs  # noqa: E402
+from elkeid_center.store import DecodedRecord, record_name  # noqa: E402
 from elkeid_center.testing import CenterThread  # noqa: E402
 
-
-def demo_plugin(files: Path) -> tuple[str, str]:
-    """A plugin executable wrapping the SDK demo; returns (file name, sha256)."""
-    files.mkdir(parents=True, exist_ok=True)
-    plugin = files / "demo"
-    plugin.write_text(
-        f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m elkeid_plugin_sdk.demo\n"
-    )
-    plugin.chmod(0o755)
-    return plugin.name, hashlib.sha256(plugin.read_bytes()).hexdigest()
+EXAMPLES = ROOT / "examples"
+HEARTBEAT_KEYS = ("state", "net_mode", "cpu", "rss", "platform", "platform_version")
 
 
-def show(record_type: int, fields: dict[str, str]) -> str:
-    keys = ("net_mode", "state", "cpu", "rss", "platform", "platform_version")
-    if record_type == 1000:
-        brief = {k: fields[k] for k in keys if k in fields}
+def show(record: DecodedRecord) -> str:
+    fields = record.fields
+    if record.data_type == 1000:
+        brief = {k: fields[k] for k in HEARTBEAT_KEYS if k in fields}
+        if fields.get("state_detail", "[]") != "[]":
+            brief["state_detail"] = fields["state_detail"]
     else:
         brief = dict(list(fields.items())[:6])
-    return f"  {record_type}: {brief}"
+    return f"  {record_name(record.data_type)}: {json.dumps(brief, ensure_ascii=False)}"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=12.0)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="elkeid-demo-") as tmp, CenterThread(
-        Path(tmp) / "certs", files_dir=Path(tmp) / "files"
-    ) as center:
+def run(directory: Path, seconds: float) -> int:
+    files = EXAMPLES / "files"
+    with CenterThread(directory / "certs", files_dir=files) as center:
         center.start()
-        name, digest = demo_plugin(Path(tmp) / "files")
-        center.set_configs([{"name": "demo", "version": "1.0.0", "sha256": digest,
-                             "download_urls": [center.file_url(name)]}])
-        config = center.write_agent_config(Path(tmp) / "agent.toml", Path(tmp) / "work")
-        print(f"center on {center.address}; agent config {config}")
+        configs = json.loads((EXAMPLES / "plugins.json").read_text())
+        center.set_configs(resolve_configs(configs, files, center.file_url))
+        config = center.write_agent_config(directory / "agent.toml", directory / "work")
+        log = directory / "work" / "log" / "elkeid-agent.log"
+        print(f"center on {center.address}; agent config {config}; agent log {log}")
+        # The demo plugin runs the first python3 on PATH: this one.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         agent = subprocess.Popen(
             [sys.executable, "-m", "elkeid_agent", "run", "--config", str(config)],
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PATH": path},
         )
+        seen = 0
         try:
-            seen = 0
-            deadline = time.monotonic() + args.seconds
+            deadline = time.monotonic() + seconds
             task_sent = False
             while time.monotonic() < deadline:
                 time.sleep(0.5)
                 records = center.records()
                 for record in records[seen:]:
-                    print(show(record.data_type, record.fields))
+                    print(show(record))
                 seen = len(records)
                 if not task_sent and center.records(5999):
                     center.send_task(1, "demo", '{"hello": "plugin"}', "demo-task")
@@ -79,9 +75,30 @@ def main() -> int:
                 agent.kill()
                 agent.wait()
         for record in center.records()[seen:]:
-            print(show(record.data_type, record.fields))
+            print(show(record))
         print(f"agent exited with {status}; {len(center.records())} records received")
         return status
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the config, certificates and agent work dir"
+    )
+    args = parser.parse_args()
+    directory = Path(tempfile.mkdtemp(prefix="elkeid-demo-"))
+    try:
+        return run(directory, args.seconds)
+    finally:
+        if args.keep:
+            print(
+                f"kept {directory}: agent.toml, certs/, work/ (log in work/log/)\n"
+                f"  {Path(sys.executable).parent}/elkeid-agent ctl status "
+                f"--config {directory / 'agent.toml'}"
+            )
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

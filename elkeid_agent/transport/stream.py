@@ -29,6 +29,7 @@ from elkeid_agent.transport.discovery import (
     fetch_sd_nodes,
 )
 from elkeid_agent.transport.grpc_env import grpc
+from elkeid_agent.transport.probe import probe
 from elkeid_agent.transport.tls import TlsMaterial
 from elkeid_agent.wire import MAX_MESSAGE_BYTES
 
@@ -38,6 +39,8 @@ TRANSFER_METHOD = "/grpc.Transfer/Transfer"
 MAX_GRPC_MESSAGE = 10 * 1024 * 1024
 # A stream that lived this long was healthy: the next failure starts backing off from 1 s again.
 HEALTHY_STREAM_SECONDS = 30.0
+# The diagnosis of a failed dial (transport/probe.py) gets this long per step.
+PROBE_TIMEOUT = 5.0
 
 
 @dataclass
@@ -61,6 +64,8 @@ class LinkState:
     connected: bool = False
     connected_since: float = 0.0
     last_error: str = ""
+    # Why each step of the last failed connection round failed, one line each (state_detail).
+    dial_errors: list[str] = field(default_factory=list)
     stats: TransferStats = field(default_factory=TransferStats)
 
 
@@ -90,6 +95,7 @@ class TransferLoop:
         header: Callable[[], bytes],
         on_command: Callable[[bytes], Awaitable[None]],
         on_open: Callable[[], None],
+        on_down: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
         self.tls = tls
@@ -97,6 +103,8 @@ class TransferLoop:
         self.header = header
         self.on_command = on_command
         self.on_open = on_open
+        self.on_down = on_down
+        self._round_errors: list[str] = []
         self.state = LinkState()
         self.channel: grpc.aio.Channel | None = None
         t = config.transport
@@ -117,9 +125,19 @@ class TransferLoop:
             try:
                 async with asyncio.timeout(self.config.transport.dial_timeout):
                     nodes = await fetch_sd_nodes(region.service_discovery)
-            except (DiscoveryError, TimeoutError) as exc:
-                log.warning("service discovery failed: %s", exc or "timed out")
+            except DiscoveryError as exc:
+                detail = str(exc).removeprefix("service discovery ")
+                self._dial_failed(f"service discovery failed: {detail}")
+            except TimeoutError:
+                self._dial_failed(
+                    f"service discovery failed: {region.service_discovery}: no answer within "
+                    f"{self.config.transport.dial_timeout:g} s"
+                )
         return candidates(region, nodes)
+
+    def _dial_failed(self, reason: str) -> None:
+        self._round_errors.append(reason)
+        log.warning("%s", reason)
 
     async def _dial(self, candidate: Candidate) -> grpc.aio.Channel | None:
         channel = grpc.aio.secure_channel(
@@ -127,20 +145,45 @@ class TransferLoop:
             self.tls.credentials(),
             options=channel_options(self.tls.server_name, self.config.transport.keepalive_seconds),
         )
+        timeout = self.config.transport.dial_timeout
         try:
-            async with asyncio.timeout(self.config.transport.dial_timeout):
-                await channel.channel_ready()
+            async with asyncio.timeout(timeout):
+                ready = await _ready_or_failed(channel)
+            timed_out = False
         except TimeoutError:
-            await channel.close()
-            log.warning("dial %s (%s) timed out", candidate.address, candidate.net_mode)
-            return None
-        return channel
+            ready, timed_out = False, True
+        if ready:
+            return channel
+        await channel.close()
+        # gRPC says only UNAVAILABLE or nothing; the probe names the step that failed.
+        try:
+            async with asyncio.timeout(2 * PROBE_TIMEOUT):
+                result = await asyncio.to_thread(
+                    probe, candidate.address, self.tls, min(PROBE_TIMEOUT, timeout)
+                )
+            reason = result.reason if not result.ok else ""
+        except TimeoutError:
+            reason = f"no diagnosis within {2 * PROBE_TIMEOUT:g} s (name resolution hangs?)"
+        except Exception as exc:  # noqa: BLE001 - a diagnosis must never end the transfer loop
+            reason = f"gRPC could not connect; the diagnosis failed: {exc!r}"
+        if not reason:
+            reason = (
+                f"gRPC dial timed out after {timeout:g} s" if timed_out
+                else "gRPC could not connect, yet a plain TLS dial just succeeded"
+            )
+        self._dial_failed(f"dial {candidate.address} ({candidate.net_mode}): {reason}")
+        return None
 
     async def connect(self) -> tuple[grpc.aio.Channel, Candidate] | None:
-        for candidate in await self._ladder():
+        self._round_errors = []
+        ladder = await self._ladder()
+        if not ladder and not self._round_errors:
+            self._dial_failed(f"no address configured for region {self.config.region}")
+        for candidate in ladder:
             channel = await self._dial(candidate)
             if channel is not None:
                 return channel, candidate
+        self.state.dial_errors = self._round_errors
         return None
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -150,7 +193,8 @@ class TransferLoop:
             connected = await self.connect()
             if connected is None:
                 self.state.stats.connect_failures += 1
-                self.state.last_error = "no AgentCenter reachable"
+                self.state.last_error = "; ".join(self.state.dial_errors)
+                self.on_down()
                 delay = self.backoff.next()
                 log.warning("no AgentCenter reachable; retrying in %.1f s", delay)
                 await asyncio.sleep(delay)
@@ -161,11 +205,13 @@ class TransferLoop:
                 await self._session(channel, candidate)
             except StreamClosed as exc:
                 self.state.last_error = str(exc)
+                self.state.dial_errors = [f"stream to {candidate.address} ended: {exc}"]
                 log.warning("stream to %s ended: %s", candidate.address, exc)
             finally:
                 self.state.connected = False
                 self.channel = None
                 await channel.close()
+            self.on_down()
             if time.monotonic() - started >= HEALTHY_STREAM_SECONDS:
                 self.backoff.reset()
             await asyncio.sleep(self.backoff.next())
@@ -179,6 +225,8 @@ class TransferLoop:
         self.state.server = candidate.address
         self.state.connected = True
         self.state.connected_since = time.time()
+        self.state.last_error = ""
+        self.state.dial_errors = []
         self.state.stats.connects += 1
         log.info("connected to %s (%s)", candidate.address, candidate.net_mode)
         # The server pushes the full Configs after the first heartbeat of a connection.
@@ -233,6 +281,18 @@ class TransferLoop:
             stats.rx_commands += 1
             stats.rx_bytes += len(raw)
             await self.on_command(raw)
+
+
+async def _ready_or_failed(channel: grpc.aio.Channel) -> bool:
+    """True once the channel is ready, False as soon as its first attempt fails (a refused
+    port fails in milliseconds; `channel_ready()` would retry until the timeout)."""
+    state = channel.get_state(try_to_connect=True)
+    while state is not grpc.ChannelConnectivity.READY:
+        if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
+            return False
+        await channel.wait_for_state_change(state)
+        state = channel.get_state(try_to_connect=True)
+    return True
 
 
 class StreamClosed(Exception):

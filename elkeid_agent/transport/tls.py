@@ -25,6 +25,9 @@ class TlsMaterial:
     cert: bytes
     key: bytes
     server_name: str
+    # The files too: the standard library's ssl loads a certificate chain only from files.
+    cert_path: str = ""
+    key_path: str = ""
 
     @classmethod
     def load(cls, config: TlsConfig) -> TlsMaterial:
@@ -53,7 +56,7 @@ class TlsMaterial:
                 f"key tls.key: {config.key} is not the unencrypted private key of "
                 f"{config.cert} ({exc.reason or exc})"
             ) from exc
-        return cls(ca, cert, key, config.server_name)
+        return cls(ca, cert, key, config.server_name, config.cert, config.key)
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(

@@ -87,7 +87,14 @@ def test_status_without_systemd(
     assert ctl.run_ctl(_ctl(["--work-dir", str(tmp_path), "status"])) == 3
     assert "agent: no status yet" in capsys.readouterr().out
     write_status(tmp_path, _status())
+    # pid 42 is not an agent: the record is not believed.
     assert ctl.run_ctl(_ctl(["--work-dir", str(tmp_path), "status"])) == 3
+    out = capsys.readouterr().out
+    assert "state: dead" in out
+    assert "connection: disconnected" in out
+    # As if pid 42 were the live agent (tests/test_ctl.py runs a real one).
+    monkeypatch.setattr(ctl, "is_agent_process", lambda pid, started: True)
+    assert ctl.run_ctl(_ctl(["--work-dir", str(tmp_path), "status"])) == 0
     out = capsys.readouterr().out
     assert "service: unknown (systemd is not running)" in out
     assert "version: 1.9.0.9" in out
