@@ -327,6 +327,14 @@ async def _within(aw: Awaitable[T], deadline: _Deadline, where: str) -> T:
         raise HttpError(f"{where}: {exc or type(exc).__name__}") from exc
 
 
+async def _host_context() -> ssl.SSLContext:
+    try:
+        # Reading and parsing the host's CA bundle takes tens of milliseconds: not on the loop.
+        return await asyncio.to_thread(host_ssl_context)
+    except OSError as exc:  # ssl.SSLError included
+        raise HttpError(f"cannot load the host's CA certificates: {exc}") from exc
+
+
 @contextlib.asynccontextmanager
 async def _connection(
     url: Url, proxies: ProxySettings, ssl_context: ssl.SSLContext | None, deadline: _Deadline
@@ -336,7 +344,9 @@ async def _connection(
         proxy = proxies.proxy_for(url.scheme, url.host, url.port)
     except ProxyConfigError as exc:
         raise HttpError(str(exc)) from None
-    tls = (ssl_context or host_ssl_context()) if url.scheme == "https" else None
+    tls = None
+    if url.scheme == "https":
+        tls = ssl_context or await _host_context()
     if proxy is None:
         where = url.address
         reader, writer = await _within(

@@ -164,7 +164,8 @@ def _split_entry(entry: str) -> tuple[str, int | None]:
         return entry, None
     if not port_text:
         return host, None
-    return (host, int(port_text)) if port_text.isdigit() else ("", None)
+    # isascii: str.isdigit() also accepts characters int() refuses, such as "²".
+    return (host, int(port_text)) if port_text.isascii() and port_text.isdigit() else ("", None)
 
 
 def parse_proxy(variable: str, value: str) -> Proxy:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from elkeid_agent.proxyenv import Proxy, ProxyConfigError, ProxySettings, parse_proxy
 
 NO_PROXY = (
     "foobar.com, .barbaz.net, *.wildcard.io, 192.168.1.1, 192.168.1.2:81, 192.168.1.3:80, "
-    "10.0.0.0/30, 2001:db8::52:0:1, [2001:db8::52:0:3]:80, 2002:db8:a::45/64, bad.port:x, :80"
+    "10.0.0.0/30, 2001:db8::52:0:1, [2001:db8::52:0:3]:80, 2002:db8:a::45/64, bad.port:x, :80, "
+    "odd.port:\u00b2, 10.0.0.0/99, [::1"
 )
 SETTINGS = ProxySettings.from_env({"HTTP_PROXY": "proxy:3128", "NO_PROXY": NO_PROXY})
 
@@ -130,3 +135,10 @@ def test_unusable_proxy_values_name_the_variable(value: str, match: str) -> None
 def test_proxy_address() -> None:
     assert Proxy("fd00::1", 3128).address == "[fd00::1]:3128"
     assert Proxy("p", 1).address == "p:1"
+
+
+@given(st.text(max_size=60), st.text(max_size=60))
+def test_any_environment_parses_or_names_the_variable(no_proxy: str, proxy: str) -> None:
+    settings = ProxySettings.from_env({"HTTP_PROXY": proxy, "NO_PROXY": no_proxy})
+    with contextlib.suppress(ProxyConfigError):
+        settings.proxy_for("http", "example.com", 80)
