@@ -246,6 +246,9 @@ def test_a_refused_connection_names_the_address() -> None:
         ("http:///p", "no host"),
         ("http://127.0.0.1:0/p", "port 0"),
         ("", "scheme"),
+        # The resolver's IDNA encoding refuses these before any lookup (a ValueError).
+        ("http://a..b/p", "cannot connect to a..b:80"),
+        ("http://" + "a" * 64 + ".example/p", "cannot connect"),
     ],
 )
 def test_bad_urls_are_http_errors(url: str, match: str) -> None:
