@@ -51,7 +51,7 @@ if [ "$(cat "$venv/.stamp" 2>/dev/null)" != "$stamp" ]; then
     rm -rf "$venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q -c "$src/constraints.txt" \
-        uvloop grpcio protobuf psutil cryptography msgspec pyinstaller staticx
+        uvloop grpcio protobuf psutil cryptography msgspec h11 pyinstaller staticx
     echo "$stamp" >"$venv/.stamp"
 fi
 

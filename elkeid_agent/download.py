@@ -1,25 +1,33 @@
-"""Streamed, verified downloads and safe tar.gz extraction (plugins now, the self-upgrade later).
+"""Streamed, verified downloads and safe tar.gz extraction (plugins and the self-upgrade).
 
 Rules:
 * Never the whole artifact in memory: the body streams into a temporary file in the target
-  directory (same filesystem, so the final rename is atomic) while being hashed.
+  directory (same filesystem, so the final rename is atomic) and into the hash as it arrives,
+  a block at a time; writing, hashing, fsync and unlink run in worker threads, so the event
+  loop (and every plugin pipe it serves) never waits on the disk.
 * Nothing unverified is ever renamed into place: a wrong sha256 deletes the temporary file and
   the next URL is tried; the caller only ever sees a verified file.
-* Archives are checked member by member (`check_member`, pure) before anything is written:
-  no absolute names, no `..`, no links, devices or fifos, and a cap on the unpacked size.
+* A local write failure (a full disk) ends the download at once, other URLs would fill the same
+  disk; the partial file is removed and the reason names the OSError.
+* Archives are checked member by member (`check_member`, pure) in a first streaming pass before
+  anything is written: no absolute names, no `..`, no links, devices or fifos, at most
+  MAX_ARCHIVE_MEMBERS members and a cap on the unpacked size. A breach of either cap carries
+  the name of its heartbeat counter (`UnsafeArchive.counter`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import ssl
 import stat
 import tarfile
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from elkeid_agent import http
 
@@ -28,14 +36,30 @@ DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 #: A download that has not completed in this time is abandoned (the next URL is tried).
 DEFAULT_TIMEOUT = 600.0
 HASH_CHUNK = 1024 * 1024
+#: Bytes gathered from the network before one write (and hash update) in a worker thread.
+WRITE_BLOCK = 1024 * 1024
+#: Members of a plugin archive: a plugin ships an executable and a few files, not a tree.
+MAX_ARCHIVE_MEMBERS = 10_000
+#: Heartbeat counters of the archive caps' breaches.
+MEMBER_CAP_COUNTER = "archive_member_cap"
+SIZE_CAP_COUNTER = "archive_size_cap"
 
 
 class DownloadError(Exception):
     """No URL gave a verified artifact; the message lists what each URL did."""
 
 
+class WriteFailed(DownloadError):
+    """The download could not be written to the local disk; the message names the OSError."""
+
+
 class UnsafeArchive(Exception):
-    """An archive member that would escape the directory or is not a plain file/directory."""
+    """An archive member that would escape the directory or is not a plain file/directory,
+    or an archive over a cap (then `counter` names the heartbeat counter of that cap)."""
+
+    def __init__(self, reason: str, counter: str | None = None) -> None:
+        super().__init__(reason)
+        self.counter = counter
 
 
 def sha256_file(path: Path) -> str:
@@ -59,18 +83,52 @@ def file_matches(path: Path, expected: str) -> bool:
         return False
 
 
-@dataclass
 class _HashingFile:
-    """The download sink: writes to the temp file and feeds the hash with the same bytes."""
+    """The download sink: the temporary file and the hash get the same bytes, a block at a
+    time in a worker thread (at most WRITE_BLOCK plus one read are ever held in memory)."""
 
-    fh: tempfile._TemporaryFileWrapper[bytes]
-    digest: hashlib._Hash
+    def __init__(self, directory: Path) -> None:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".download-")
+        self.path = Path(name)
+        self.fh: BinaryIO = os.fdopen(fd, "wb")
+        self.digest = hashlib.sha256()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
 
-    def __call__(self, data: bytes) -> None:
-        # A blocking write of at most READ_CHUNK bytes: the page cache absorbs it in
-        # microseconds, far cheaper than a thread hop per chunk.
-        self.fh.write(data)
-        self.digest.update(data)
+    async def __call__(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= WRITE_BLOCK:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        block = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        await asyncio.to_thread(self._write, block)
+
+    def _write(self, block: bytes) -> None:
+        # hashlib releases the GIL on large blocks: the loop thread keeps running meanwhile.
+        self.digest.update(block)
+        self.fh.write(block)
+
+    async def finish(self) -> str:
+        """Write what is pending, make it durable; the hex sha256 of everything received."""
+        await self._flush()
+        await asyncio.to_thread(self._sync)
+        return self.digest.hexdigest()
+
+    def _sync(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+
+    def discard(self) -> None:
+        """Close and remove the file (blocking: a large unlink takes a while)."""
+        with contextlib.suppress(OSError):
+            self.fh.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
 
 
 async def download_verified(
@@ -85,7 +143,8 @@ async def download_verified(
     """Fetch the first URL whose body hashes to `sha256` into a temp file in `directory`.
 
     Returns the temporary file's path (named `.download-*`); the caller renames or unpacks it
-    and removes it. Raises DownloadError naming each URL's failure.
+    and removes it. Raises DownloadError naming each URL's failure (WriteFailed, at once, when
+    the local disk refuses the bytes).
     """
     if not urls:
         raise DownloadError("no download URL")
@@ -94,28 +153,31 @@ async def download_verified(
     expected = sha256.lower()
     failures: list[str] = []
     for url in urls:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".download-", delete=False) as fh:
-            path = Path(fh.name)
-            sink = _HashingFile(fh, hashlib.sha256())
-            try:
-                await http.get(
-                    url, sink, timeout=timeout, max_bytes=max_bytes, ssl_context=ssl_context
-                )
-                fh.flush()
-                os.fsync(fh.fileno())
-            except (http.HttpError, OSError) as exc:
-                os.unlink(path)
-                failures.append(f"{url}: {exc}")
-                continue
-            except BaseException:
-                os.unlink(path)
-                raise
-        actual = sink.digest.hexdigest()
+        try:
+            sink = await asyncio.to_thread(_HashingFile, directory)
+        except OSError as exc:
+            raise WriteFailed(f"cannot create a file in {directory}: {exc}") from exc
+        try:
+            await http.get(
+                url, sink, timeout=timeout, max_bytes=max_bytes, ssl_context=ssl_context
+            )
+            actual = await sink.finish()
+        except http.HttpError as exc:
+            await asyncio.to_thread(sink.discard)
+            failures.append(f"{url}: {exc}")
+            continue
+        except OSError as exc:
+            await asyncio.to_thread(sink.discard)
+            raise WriteFailed(f"{url}: cannot write {sink.path}: {exc}") from exc
+        except BaseException:
+            # Cancelled (or a bug): no await here, the file must go all the same.
+            sink.discard()
+            raise
         if actual != expected:
-            os.unlink(path)
+            await asyncio.to_thread(sink.discard)
             failures.append(f"{url}: sha256 {actual} != {expected}")
             continue
-        return path
+        return sink.path
     raise DownloadError("; ".join(failures))
 
 
@@ -157,42 +219,63 @@ def _kind(member: tarfile.TarInfo) -> str:
     return "special"
 
 
-def extract_tar_gz(archive: Path, dest: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+def _checked_members(
+    tar: tarfile.TarFile, max_bytes: int, max_members: int
+) -> Iterator[tuple[tarfile.TarInfo, PurePosixPath]]:
+    """The archive's members in order, each checked; the caps end the walk at their breach."""
+    total = 0
+    for count, member in enumerate(tar, start=1):
+        if count > max_members:
+            raise UnsafeArchive(f"more than {max_members} members", MEMBER_CAP_COUNTER)
+        rel = check_member(member.name, _kind(member), member.size)
+        total += member.size
+        if total > max_bytes:
+            raise UnsafeArchive(f"unpacks to more than {max_bytes} bytes", SIZE_CAP_COUNTER)
+        if rel is not None:
+            yield member, rel
+
+
+def extract_tar_gz(
+    archive: Path,
+    dest: Path,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_members: int = MAX_ARCHIVE_MEMBERS,
+) -> None:
     """Unpack `archive` into the empty directory `dest`, refusing anything unsafe.
 
-    Every member is checked before the first byte is written, so a hostile archive leaves
-    `dest` empty; the total unpacked size is capped. Blocking: run it in a thread.
+    A first pass checks every member before the first byte is written, so a hostile archive
+    leaves `dest` empty; a second one writes. Both stream ("r|gz": no seeking, so no
+    re-decompression from the start per member) and stop at a cap, so neither memory (tarfile
+    keeps each member's header) nor time grows past what the caps allow. Blocking: run it in a
+    thread.
     """
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            members = tar.getmembers()
-            total = 0
-            plan: list[tuple[tarfile.TarInfo, PurePosixPath]] = []
-            for member in members:
-                rel = check_member(member.name, _kind(member), member.size)
-                total += member.size
-                if total > max_bytes:
-                    raise UnsafeArchive(f"unpacks to more than {max_bytes} bytes")
-                if rel is not None:
-                    plan.append((member, rel))
-            for member, rel in plan:
-                target = dest.joinpath(*rel.parts)
-                if member.isdir():
-                    target.mkdir(mode=0o755, parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-                source = tar.extractfile(member)
-                if source is None:
-                    raise UnsafeArchive(f"{member.name!r}: unreadable member")
-                # O_EXCL|O_NOFOLLOW: a name repeated in the archive, or anything already there,
-                # is an error rather than something we write through.
-                fd = os.open(
-                    target,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o755 if member.mode & 0o111 else 0o644,
-                )
-                with source, os.fdopen(fd, "wb") as out:
-                    while block := source.read(HASH_CHUNK):
-                        out.write(block)
+        with tarfile.open(archive, "r|gz") as tar:
+            for _ in _checked_members(tar, max_bytes, max_members):
+                pass
+        with tarfile.open(archive, "r|gz") as tar:
+            for member, rel in _checked_members(tar, max_bytes, max_members):
+                _write_member(tar, member, dest.joinpath(*rel.parts))
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise UnsafeArchive(f"cannot unpack: {exc}") from exc
+
+
+def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    if member.isdir():
+        target.mkdir(mode=0o755, parents=True, exist_ok=True)
+        return
+    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    source = tar.extractfile(member)
+    if source is None:
+        raise UnsafeArchive(f"{member.name!r}: unreadable member")
+    # O_EXCL|O_NOFOLLOW: a name repeated in the archive, or anything already there, is an
+    # error rather than something we write through.
+    fd = os.open(
+        target,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o755 if member.mode & 0o111 else 0o644,
+    )
+    with source, os.fdopen(fd, "wb") as out:
+        while block := source.read(HASH_CHUNK):
+            out.write(block)

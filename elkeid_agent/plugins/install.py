@@ -24,6 +24,7 @@ from elkeid_agent.download import (
     download_verified,
     extract_tar_gz,
     file_matches,
+    sha256_file,
 )
 
 NAME_RE = re.compile(r"^[0-9A-Za-z_-]+$")
@@ -70,17 +71,36 @@ async def prepare(
         timeout=timeout,
         ssl_context=ssl_context,
     )
-    if spec.type != TAR_GZ:
-        return Staged(directory, download, None)
-    unpacked = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
+    staged = Staged(directory, download, None)
     try:
-        await asyncio.to_thread(extract_tar_gz, download, unpacked, max_bytes=max_bytes)
-        if not (unpacked / spec.name).is_file():
-            raise InstallError(f"the archive has no executable {spec.name!r} at its top level")
+        candidate = download
+        if spec.type == TAR_GZ:
+            staged.unpacked = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
+            candidate = staged.unpacked / spec.name
+            await asyncio.to_thread(extract_tar_gz, download, staged.unpacked,
+                                    max_bytes=max_bytes)
+            if not candidate.is_file():
+                raise InstallError(f"the archive has no executable {spec.name!r} at its top level")
+        await asyncio.to_thread(check_signature, candidate, spec.signature)
     except BaseException:
-        discard(Staged(directory, download, unpacked))
+        discard(staged)
         raise
-    return Staged(directory, download, unpacked)
+    return staged
+
+
+def check_signature(executable: Path, signature: str) -> None:
+    """The executable must hash to the Config's `signature` before it ever runs.
+
+    `signature` is the sha256 of the executable itself (PROTOCOL.md), which for a tar.gz is not
+    the archive's `sha256`; an empty one says nothing beyond `sha256`, already verified.
+    """
+    if not signature:
+        return
+    actual = sha256_file(executable)
+    if actual != signature.lower():
+        raise InstallError(
+            f"the executable {executable.name!r} hashes to {actual}, not the signature {signature}"
+        )
 
 
 def commit(staged: Staged, name: str) -> None:

@@ -8,17 +8,19 @@ and the agent never exits for lack of a server.
 
 from __future__ import annotations
 
-import asyncio
 import random
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 import msgspec
 
+from elkeid_agent import http
 from elkeid_agent.config import RegionConfig
 
 SD_PATH = "/registry/detail?name=hids_svr_grpc&count=10"
 SD_MAX_ANSWER = 256 * 1024
+#: The longest a discovery request may take, connect to last byte.
+SD_TIMEOUT = 15.0
 
 
 class NetMode(StrEnum):
@@ -97,27 +99,15 @@ class Backoff:
         self._current = 0.0
 
 
-async def fetch_sd_nodes(host: str) -> list[str]:
-    """Ask a ServiceDiscovery host (`ip:port`) for the AgentCenter nodes (caller sets a timeout)."""
-    hostname, _, port = host.rpartition(":")
+async def fetch_sd_nodes(host: str, *, timeout: float = SD_TIMEOUT) -> list[str]:  # noqa: ASYNC109
+    """Ask a ServiceDiscovery host (`ip:port`) for the AgentCenter nodes.
+
+    Any failure, from the network to a malformed answer, is a DiscoveryError with a readable
+    reason; the caller may bound the whole call with a shorter timeout of its own.
+    """
     try:
-        reader, writer = await asyncio.open_connection(hostname.strip("[]"), int(port))
-        try:
-            writer.write(
-                f"GET {SD_PATH} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n"
-                .encode()
-            )
-            response = await reader.read(SD_MAX_ANSWER + 1)
-            while chunk := await reader.read(SD_MAX_ANSWER):
-                response += chunk
-                if len(response) > SD_MAX_ANSWER:
-                    raise DiscoveryError("service discovery answer too large")
-        finally:
-            writer.close()
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise DiscoveryError(f"service discovery {host}: {exc or type(exc).__name__}") from exc
-    head, _, body = response.partition(b"\r\n\r\n")
-    status = head.split(b"\r\n", 1)[0].split()
-    if len(status) < 2 or status[1] != b"200":
-        raise DiscoveryError(f"service discovery {host}: {head[:80]!r}")
+        body = await http.fetch(f"http://{host}{SD_PATH}", timeout=timeout,
+                                max_bytes=SD_MAX_ANSWER)
+    except http.HttpError as exc:
+        raise DiscoveryError(f"service discovery {host}: {exc}") from exc
     return parse_sd_answer(body)

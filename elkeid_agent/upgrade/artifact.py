@@ -14,7 +14,7 @@ Debian host, a minimal image), and because only one member is wanted: nothing is
 the names inside the archive, so traversal names cannot escape anywhere; they simply never
 match. The wanted member must be a regular file (a link or device named like it is refused),
 must appear once, and sizes are capped: the member, and everything decompressed on the way
-to it (a decompression bomb ends at the cap).
+to it (a decompression bomb ends at the cap); so is the number of members walked past.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ from typing import BinaryIO, Protocol, cast
 MAX_CANDIDATE_BYTES = 256 * 1024 * 1024
 #: Bytes decompressed while looking for the member (a package holds little else).
 MAX_UNPACKED_BYTES = 1024 * 1024 * 1024
+#: Members walked past (tar, cpio, ar): our packages hold a handful; tarfile keeps each
+#: member's header in memory, so an archive of countless empty members must end early.
+MAX_MEMBERS = 10_000
+#: Heartbeat counters of the caps' breaches (`BadArtifact.counter`).
+MEMBER_CAP_COUNTER = "archive_member_cap"
+SIZE_CAP_COUNTER = "archive_size_cap"
 #: rpm header index entries and data store; real packages use a few hundred entries and KiB.
 MAX_RPM_INDEX = 100_000
 MAX_RPM_STORE = 64 * 1024 * 1024
@@ -65,7 +71,12 @@ class ArtifactKind(enum.StrEnum):
 
 
 class BadArtifact(Exception):
-    """The artifact does not hold a usable executable; the message says why."""
+    """The artifact does not hold a usable executable; the message says why, and `counter`
+    names the heartbeat counter when a cap was breached."""
+
+    def __init__(self, reason: str, counter: str | None = None) -> None:
+        super().__init__(reason)
+        self.counter = counter
 
 
 def detect(head: bytes) -> ArtifactKind:
@@ -134,7 +145,7 @@ class _Capped:
         data = self.stream.read(want)
         self.left -= len(data)
         if self.left < 0:
-            raise BadArtifact(f"{self.what} is larger than {self.cap} bytes")
+            raise BadArtifact(f"{self.what} is larger than {self.cap} bytes", SIZE_CAP_COUNTER)
         return data
 
 
@@ -185,7 +196,14 @@ def _copy(stream: Reader, out: BinaryIO, size: int | None) -> None:
 
 def _check_size(size: int, max_bytes: int) -> None:
     if size > max_bytes:
-        raise BadArtifact(f"the executable is {size} bytes, over the {max_bytes} byte cap")
+        raise BadArtifact(
+            f"the executable is {size} bytes, over the {max_bytes} byte cap", SIZE_CAP_COUNTER
+        )
+
+
+def _check_count(count: int, what: str) -> None:
+    if count > MAX_MEMBERS:
+        raise BadArtifact(f"{what} has more than {MAX_MEMBERS} members", MEMBER_CAP_COUNTER)
 
 
 # -- tar ---------------------------------------------------------------------------------------
@@ -209,7 +227,8 @@ def _from_tar(stream: Reader, out: BinaryIO, max_bytes: int) -> None:
     found = False
     # Stream mode ("r|"): one forward pass, no seeking, nothing buffered but the block.
     with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
-        for member in tar:
+        for count, member in enumerate(tar, start=1):
+            _check_count(count, "the tar archive")
             if not is_member_path(member.name):
                 continue
             if found:
@@ -232,7 +251,10 @@ def _from_tar(stream: Reader, out: BinaryIO, max_bytes: int) -> None:
 def _from_deb(src: BinaryIO, out: BinaryIO, max_bytes: int, max_unpacked: int) -> None:
     _read_exact(src, len(AR_MAGIC), "ar archive")
     first = True
+    count = 0
     while True:
+        count += 1
+        _check_count(count, "the deb")
         header = src.read(AR_HEADER_BYTES)
         if not header:
             raise BadArtifact("deb without data.tar")
@@ -326,7 +348,10 @@ def _cpio_kind(mode: int) -> str:
 
 def _from_cpio(stream: Reader, out: BinaryIO, max_bytes: int) -> None:
     found = False
+    count = 0
     while True:
+        count += 1
+        _check_count(count, "the rpm payload")
         header = _read_exact(stream, CPIO_HEADER_BYTES, "cpio header")
         if header[:6] not in CPIO_MAGICS:
             raise BadArtifact("rpm payload: not a cpio newc archive")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import gzip
 import io
 import lzma
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
+from floods import member_flood_tar_gz
 from upgradetools import (
     SCRIPT,
     ar_archive,
@@ -20,6 +23,9 @@ from upgradetools import (
 )
 
 from elkeid_agent.upgrade.artifact import (
+    MAX_MEMBERS,
+    MEMBER_CAP_COUNTER,
+    SIZE_CAP_COUNTER,
     ArtifactKind,
     BadArtifact,
     detect,
@@ -221,3 +227,32 @@ def test_compressed_garbage_is_a_bad_artifact(tmp_path: Path) -> None:
     path.write_bytes(b"\x1f\x8b" + lzma.compress(b"x"))
     with pytest.raises(BadArtifact):
         extract(path)
+
+
+def test_a_member_flood_is_refused_fast_in_bounded_memory(tmp_path: Path) -> None:
+    path = tmp_path / "flood.tar.gz"
+    path.write_bytes(member_flood_tar_gz(100_000))
+    started = time.monotonic()
+    with pytest.raises(BadArtifact, match=f"more than {MAX_MEMBERS} members") as info:
+        extract(path)
+    assert time.monotonic() - started < 10
+    assert info.value.counter == MEMBER_CAP_COUNTER
+    # Again under tracemalloc (which slows tarfile several times): what it holds at the peak.
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadArtifact):
+            extract(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 1024 * 1024
+
+
+def test_a_size_cap_breach_names_its_counter(tmp_path: Path) -> None:
+    path = make_tar_gz(
+        tmp_path / "big.tar.gz",
+        [("filler", b"\0" * 100_000, "file"), ("elkeid-agent", ELF_HEAD, "file")],
+    )
+    with pytest.raises(BadArtifact, match="larger than 50000 bytes") as info:
+        extract(path, max_unpacked=50_000)
+    assert info.value.counter == SIZE_CAP_COUNTER
