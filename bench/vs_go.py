@@ -52,14 +52,13 @@ SENT_RE = re.compile(rb"sent (\d+) records")
 # --- the sink (child process) -------------------------------------------------------------------
 
 
-async def sink(certs_dir: str, configs_file: str, tally_file: str) -> None:
+async def sink(certs: Path, configs: list[dict[str, Any]], tally_file: str) -> None:
     import grpc
 
     from elkeid_agent._proto import grpc_pb2
     from elkeid_center.server import SERVER_OPTIONS, configs_command, transfer_handler
 
-    certs = Path(certs_dir)
-    command = configs_command(json.loads(Path(configs_file).read_text()))
+    command = configs_command(configs)
     state = {"count": 0, "first": 0.0, "last": 0.0, "streams": 0}
 
     def save() -> None:
@@ -347,7 +346,8 @@ def main() -> None:
     if args.sink:
         import uvloop
 
-        uvloop.run(sink(*args.sink))
+        certs, configs_file, tally_file = args.sink
+        uvloop.run(sink(Path(certs), json.loads(Path(configs_file).read_text()), tally_file))
         return
     go_bin = args.go_dir / "bin" / "elkeid-agent-go"
     if not go_bin.exists():
