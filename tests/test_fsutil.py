@@ -25,7 +25,7 @@ def test_failed_write_leaves_destination_and_no_staging(tmp_path: Path) -> None:
     dest = tmp_path / "f"
     dest.write_bytes(b"old")
     os.mkdir(staging_path(dest))  # unlink of the stale staging fails: the write cannot start
-    with pytest.raises(OSError):
+    with pytest.raises(IsADirectoryError):
         atomic_write(dest, b"new")
     assert dest.read_bytes() == b"old"
 
