@@ -64,17 +64,17 @@ class Frames(Sequence[bytes]):
     validation path).
     """
 
-    __slots__ = ("_records", "count", "spliced")
+    __slots__ = ("_count", "_records", "spliced")
 
     def __init__(self, frames: Sequence[bytes] = ()) -> None:
         self._records: list[bytes] | None = list(frames)
-        self.count = len(self._records)
+        self._count = len(self._records)
         self.spliced = splice_records(self._records, b"")
 
     @classmethod
     def from_spliced(cls, spliced: bytes, count: int) -> Frames:
         frames = cls.__new__(cls)
-        frames._records, frames.count, frames.spliced = None, count, spliced
+        frames._records, frames._count, frames.spliced = None, count, spliced
         return frames
 
     def _list(self) -> list[bytes]:
@@ -83,7 +83,7 @@ class Frames(Sequence[bytes]):
         return self._records
 
     def __len__(self) -> int:
-        return self.count
+        return self._count
 
     @overload
     def __getitem__(self, index: int) -> bytes: ...
