@@ -8,6 +8,7 @@ Task ownership (all children of `Agent.run`'s TaskGroup):
   plugins    PluginSupervisor.run (its own TaskGroup per plugin)
   upgrade    UpgradeManager.run: one self-upgrade attempt at a time; the confirmation bound
   shutdown   waits for SIGTERM/SIGINT/1060, stops plugins first, flushes, then ends the group
+  trim       once, when start-up is over: gives start-up-only memory back (memory.py)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from elkeid_agent.health import Health
 from elkeid_agent.host import HostFacts, read_host_facts
 from elkeid_agent.identity import load_agent_id
 from elkeid_agent.logs import RecordHandler, setup_logging
+from elkeid_agent.memory import trim_after_start
 from elkeid_agent.plugins.supervisor import PluginSupervisor
 from elkeid_agent.runtime_dir import clean_stale_unpack_dirs
 from elkeid_agent.service import dump_tasks, release_memory, sd_notify, watchdog_interval
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 AGENT_HEARTBEAT = 1000
 # How long shutdown waits for queued records (the 1060 result among them) to leave.
 FLUSH_ON_EXIT_SECONDS = 3.0
+TRIM_AFTER_SECONDS = 10.0
 # sysexits EX_TEMPFAIL: the start-up check restored the previous executable; the service
 # manager's restart runs it.
 EX_ROLLED_BACK = 75
@@ -288,6 +291,7 @@ class Agent:
                 tg.create_task(self.plugins.run(), name="plugins")
                 tg.create_task(self.upgrader.run(), name="upgrade")
                 tg.create_task(self._shutdown_when_asked(), name="shutdown")
+                tg.create_task(self._trim_when_settled(), name="trim")
                 sd_notify("READY=1")
                 log.info("elkeid-agent %s started, id %s", VERSION, self.agent_id)
         except* _Stop:
@@ -310,6 +314,11 @@ class Agent:
             if time.monotonic() >= next_beat:
                 next_beat += interval
                 self.send_heartbeat()
+
+    async def _trim_when_settled(self) -> None:
+        # By then the first stream has opened and carried a heartbeat: start-up is over.
+        await asyncio.sleep(TRIM_AFTER_SECONDS)
+        trim_after_start()
 
     async def _shutdown_when_asked(self) -> None:
         await self.stopping.wait()

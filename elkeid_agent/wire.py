@@ -17,12 +17,13 @@ Everything here is sans-IO: plain functions and small state machines over bytes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 from google.protobuf.message import DecodeError
 
-from elkeid_agent._proto.shape_pb2 import RecordBatch, RecordTopBatch
+from elkeid_agent._proto.shape_pb2 import RecordTopBatch
 
 #: A PackagedData must stay under the server's 10 MiB limit; we keep 2 MiB of headroom.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -54,18 +55,59 @@ class FrameTooLarge(WireError):
         self.frames: Frames = frames if frames is not None else Frames()
 
 
-class Frames(list[bytes]):
-    """Valid Record frames from one pipe read, and the same frames already spliced.
+class Frames(Sequence[bytes]):
+    """Valid Record frames from one pipe read, held as PackagedData field-1 bytes.
 
-    `spliced` is what PackagedData field 1 holds for these records; validation builds it anyway,
-    so the buffer and the sender pass it along without touching each record again.
+    `spliced` is what PackagedData field 1 holds for these records; the decoder builds it while
+    it scans the read, and the buffer and the sender pass it along without touching each record
+    again. The records themselves are cut out only when someone asks for them (tests, the slow
+    validation path).
     """
 
-    __slots__ = ("spliced",)
+    __slots__ = ("_count", "_records", "spliced")
 
-    def __init__(self, frames: list[bytes] | None = None, spliced: bytes | None = None) -> None:
-        super().__init__(frames or ())
-        self.spliced = splice_records(self, b"") if spliced is None else spliced
+    def __init__(self, frames: Sequence[bytes] = ()) -> None:
+        self._records: list[bytes] | None = list(frames)
+        self._count = len(self._records)
+        self.spliced = splice_records(self._records, b"")
+
+    @classmethod
+    def from_spliced(cls, spliced: bytes, count: int) -> Frames:
+        frames = cls.__new__(cls)
+        frames._records, frames._count, frames.spliced = None, count, spliced
+        return frames
+
+    def _list(self) -> list[bytes]:
+        if self._records is None:
+            self._records = unsplice(self.spliced)
+        return self._records
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        return self._list()[index]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._list())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Frames):
+            return self.spliced == other.spliced
+        if isinstance(other, list):
+            return self._list() == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Frames({self._list()!r})"
 
 
 def encode_varint(value: int) -> bytes:
@@ -131,13 +173,6 @@ def _skip_field(
     return pos
 
 
-def _check_fields(buf: bytes | memoryview, pos: int, end: int) -> None:
-    """Well-formed fields of any number and type between pos and end."""
-    while pos < end:
-        number, wire_type, pos = _tag(buf, pos, end)
-        pos = _skip_field(buf, pos, end, wire_type, number)
-
-
 def _tag(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int, int]:
     key, pos = decode_varint(buf, pos, end)
     number = key >> 3
@@ -146,31 +181,12 @@ def _tag(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int, int]:
     return number, key & 7, pos
 
 
-def check_payload(buf: bytes | memoryview, pos: int, end: int) -> None:
-    """Validate a Payload (map<string,string> fields = 1) between pos and end.
-
-    Structure only, as upb parses it: every field well-formed, every length-delimited field 1
-    (a map entry) itself well-formed fields. Fields of other types or numbers are unknown
-    fields, kept and tolerated; the server decodes a payload only when it needs it.
-    """
-    while pos < end:
-        number, wire_type, pos = _tag(buf, pos, end)
-        if number == 1 and wire_type == LEN:
-            length, pos = decode_varint(buf, pos, end)
-            entry_end = pos + length
-            if entry_end > end:
-                raise WireError("map entry runs past the end of the payload")
-            _check_fields(buf, pos, entry_end)
-            pos = entry_end
-        else:
-            pos = _skip_field(buf, pos, end, wire_type, number)
-
-
 def check_record(buf: bytes | memoryview) -> None:
     """Raise WireError unless `buf` is a well-formed Record (or EncodedRecord) encoding.
 
-    Strict where the server would be: a known field with the wrong wire type makes the Go server
-    reject the whole PackagedData, so such a record must never be forwarded.
+    Strict where the server is: a known field with the wrong wire type makes the Go server
+    reject the whole PackagedData, so such a record must never be forwarded. The payload (field
+    3) is opaque bytes here, as in the server's EncodedRecord: only its length is checked.
     """
     end = len(buf)
     pos = 0
@@ -187,7 +203,6 @@ def check_record(buf: bytes | memoryview) -> None:
             data_end = pos + length
             if data_end > end:
                 raise WireError("Record data runs past the end of the frame")
-            check_payload(buf, pos, data_end)
             pos = data_end
         else:
             pos = _skip_field(buf, pos, end, wire_type, number)
@@ -227,24 +242,29 @@ class FrameDecoder:
     max_frame: int = DEFAULT_MAX_FRAME
     malformed: int = 0
     frames: int = 0
-    _buf: bytearray = field(default_factory=bytearray)
-    _pos: int = 0
+    _held: bytearray = field(default_factory=bytearray)
 
     def feed(self, data: bytes) -> Frames:
-        buf = self._buf
-        if self._pos:
-            del buf[: self._pos]
-            self._pos = 0
-        buf += data
-        out: list[bytes] = []
-        pos = 0
+        held = self._held
+        # The common case: no partial frame held back, so scan the read itself (no copy). A
+        # frame spanning reads accumulates in place (amortized, however long the frame).
+        buf: bytes | bytearray = data
+        if held:
+            held += data
+            buf = held
+        # One pass: each complete frame's record goes out behind its PackagedData prefix; no
+        # per-frame bytes object, one join for the whole read.
+        parts: list[bytes | bytearray] = []
+        append = parts.append
+        prefixes = _PREFIX_CACHE
+        count = pos = 0
         end = len(buf)
         unpack = _LEN_PREFIX.unpack_from
         max_frame = self.max_frame
         while end - pos >= 4:
             (length,) = unpack(buf, pos)
             if length > max_frame:
-                valid = self._validate(out)
+                valid = self._validate(b"".join(parts), count)
                 self.frames += len(valid)
                 raise FrameTooLarge(
                     f"frame length {length} exceeds the cap of {max_frame}", valid
@@ -252,21 +272,25 @@ class FrameDecoder:
             stop = pos + 4 + length
             if stop > end:
                 break
-            out.append(bytes(buf[pos + 4 : stop]))
+            append(prefixes[length] if length < 16384 else record_prefix(length))
+            append(buf[pos + 4 : stop])
             pos = stop
-        self._pos = pos
-        frames = self._validate(out)
+            count += 1
+        if pos == end:
+            self._held = bytearray()
+        elif pos or buf is not held:
+            self._held = bytearray(buf[pos:])
+        frames = self._validate(b"".join(parts), count)
         self.frames += len(frames)
         return frames
 
-    def _validate(self, frames: list[bytes]) -> Frames:
-        if not frames:
-            return Frames([], b"")
-        spliced = _canonical_splice(frames)
-        if spliced is not None:
-            return Frames(frames, spliced)
+    def _validate(self, spliced: bytes, count: int) -> Frames:
+        if not count:
+            return Frames.from_spliced(b"", 0)
+        if _valid_batch(spliced):
+            return Frames.from_spliced(spliced, count)
         valid = []
-        for frame in frames:
+        for frame in unsplice(spliced):
             try:
                 check_record(frame)
             except WireError:
@@ -278,27 +302,24 @@ class FrameDecoder:
     @property
     def pending(self) -> int:
         """Bytes of an incomplete frame held back for the next read."""
-        return len(self._buf) - self._pos
+        return len(self._held)
 
 
-def _canonical_splice(frames: list[bytes]) -> bytes | None:
-    """The frames spliced, if two C-speed parses prove them all valid; else None.
+def _valid_batch(spliced: bytes) -> bool:
+    """True if one C-speed parse proves every record of the batch valid.
 
-    The full shape parse proves the structure down to the map entries (lengths, varints,
-    truncation). The top-level parse, with unknown fields dropped and the re-encoded size
-    compared, proves that Record fields 1..3, which the server decodes eagerly, have their
-    declared wire types: a mistyped one would be kept as an unknown field and change the size.
-    Any doubt (also a merely non-canonical encoding) sends the batch to `check_record`, which
-    applies the same rule frame by frame.
+    The top-level parse, with unknown fields dropped and the re-encoded size compared, proves
+    that Record fields 1..3 have their declared wire types and lengths within bounds: a mistyped
+    field would be kept as an unknown field and change the size. Any doubt (also a merely
+    non-canonical encoding, or an unknown top-level field) sends the batch to `check_record`,
+    which applies the same rule frame by frame.
     """
-    spliced = splice_records(frames, b"")
     try:
-        RecordBatch.FromString(spliced)
         top = RecordTopBatch.FromString(spliced)
     except DecodeError:
-        return None
+        return False
     top.DiscardUnknownFields()
-    return spliced if top.ByteSize() == len(spliced) else None
+    return bool(top.ByteSize() == len(spliced))
 
 
 # Prefixes `0x0a <varint len>` for the common record sizes, computed once.

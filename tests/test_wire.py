@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from elkeid_agent._proto import grpc_pb2
-from elkeid_agent._proto.shape_pb2 import RecordShape
+from elkeid_agent._proto.shape_pb2 import RecordTop
 from elkeid_agent.wire import (
     DEFAULT_MAX_FRAME,
     FrameDecoder,
@@ -390,7 +390,7 @@ def test_random_bytes_only_raise_wire_errors(data: bytes, sizes: list[int]) -> N
         return
     for frame in frames:
         check_record(frame)  # what the decoder passes must pass the strict check
-        grpc_pb2.Record.FromString(frame)
+        grpc_pb2.EncodedRecord.FromString(frame)  # and the server's decoder
 
 
 @settings(max_examples=500)
@@ -443,14 +443,16 @@ MALFORMED = {
     "data as varint": bytes.fromhex("088f4e1801"),
     "truncated varint": bytes.fromhex("08ff"),
     "data runs past the end": bytes.fromhex("1a05") + b"\x0a",
-    "map entry longer than it says": bytes.fromhex("1a090a070a016b1501020304"),
+    "a stray byte after the data": bytes.fromhex("1a090a070a016b1501020304"),
     "field number 0": bytes.fromhex("0001"),
     "group wire type": bytes.fromhex("0b"),
 }
 
-# Inside the payload only structure is checked: mistyped fields there are unknown fields to
-# upb (and the server decodes a payload lazily, per record), so both paths forward them.
+# The payload is opaque bytes, as in the server's EncodedRecord: whatever it holds, both paths
+# forward it (the server decodes a payload only when it needs it, per record).
 TOLERATED_IN_PAYLOAD = {
+    "map entry longer than it says": bytes.fromhex("1a080a070a016b150102"),
+    "payload that is not a Payload": bytes.fromhex("1a03ffffff"),
     "Payload.fields as varint": bytes.fromhex("1a020801"),
     "map key as varint": bytes.fromhex("1a070a0508011201 76".replace(" ", "")),
     "map value as fixed32": bytes.fromhex("1a0a0a080a016b1501020304"),
@@ -557,9 +559,8 @@ def test_fast_path_agrees_with_strict_check(bodies: list[bytes]) -> None:
     assert out == strict
     assert decoder.malformed == len(bodies) - len(strict)
     for body in out:
-        # protobuf reads what we forward (map keys and values as bytes: like the Go
-        # libraries, the agent does not enforce UTF-8).
-        RecordShape.FromString(body)
+        # the server's decoder reads what we forward
+        RecordTop.FromString(body)
 
 
 OVERFLOW = b"\x08" + b"\xff" * 9 + b"\x02"  # data_type: a 10-byte varint past 64 bits

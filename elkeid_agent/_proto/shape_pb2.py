@@ -24,23 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bshape.proto\x12\x0c\x65lkeid_shape\"(\n\nEntryShape\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"8\n\x0cPayloadShape\x12(\n\x06\x66ields\x18\x01 \x03(\x0b\x32\x18.elkeid_shape.EntryShape\"]\n\x0bRecordShape\x12\x11\n\tdata_type\x18\x01 \x01(\x05\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\x12(\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x1a.elkeid_shape.PayloadShape\"9\n\x0bRecordBatch\x12*\n\x07records\x18\x01 \x03(\x0b\x32\x19.elkeid_shape.RecordShape\"?\n\tRecordTop\x12\x11\n\tdata_type\x18\x01 \x01(\x05\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\":\n\x0eRecordTopBatch\x12(\n\x07records\x18\x01 \x03(\x0b\x32\x17.elkeid_shape.RecordTopb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bshape.proto\x12\x0c\x65lkeid_shape\"?\n\tRecordTop\x12\x11\n\tdata_type\x18\x01 \x01(\x05\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\":\n\x0eRecordTopBatch\x12(\n\x07records\x18\x01 \x03(\x0b\x32\x17.elkeid_shape.RecordTopb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shape_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENTRYSHAPE']._serialized_start=29
-  _globals['_ENTRYSHAPE']._serialized_end=69
-  _globals['_PAYLOADSHAPE']._serialized_start=71
-  _globals['_PAYLOADSHAPE']._serialized_end=127
-  _globals['_RECORDSHAPE']._serialized_start=129
-  _globals['_RECORDSHAPE']._serialized_end=222
-  _globals['_RECORDBATCH']._serialized_start=224
-  _globals['_RECORDBATCH']._serialized_end=281
-  _globals['_RECORDTOP']._serialized_start=283
-  _globals['_RECORDTOP']._serialized_end=346
-  _globals['_RECORDTOPBATCH']._serialized_start=348
-  _globals['_RECORDTOPBATCH']._serialized_end=406
+  _globals['_RECORDTOP']._serialized_start=29
+  _globals['_RECORDTOP']._serialized_end=92
+  _globals['_RECORDTOPBATCH']._serialized_start=94
+  _globals['_RECORDTOPBATCH']._serialized_end=152
 # @@protoc_insertion_point(module_scope)

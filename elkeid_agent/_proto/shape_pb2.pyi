@@ -6,36 +6,6 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class EntryShape(_message.Message):
-    __slots__ = ("key", "value")
-    KEY_FIELD_NUMBER: _ClassVar[int]
-    VALUE_FIELD_NUMBER: _ClassVar[int]
-    key: bytes
-    value: bytes
-    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ...) -> None: ...
-
-class PayloadShape(_message.Message):
-    __slots__ = ("fields",)
-    FIELDS_FIELD_NUMBER: _ClassVar[int]
-    fields: _containers.RepeatedCompositeFieldContainer[EntryShape]
-    def __init__(self, fields: _Optional[_Iterable[_Union[EntryShape, _Mapping]]] = ...) -> None: ...
-
-class RecordShape(_message.Message):
-    __slots__ = ("data_type", "timestamp", "data")
-    DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
-    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    data_type: int
-    timestamp: int
-    data: PayloadShape
-    def __init__(self, data_type: _Optional[int] = ..., timestamp: _Optional[int] = ..., data: _Optional[_Union[PayloadShape, _Mapping]] = ...) -> None: ...
-
-class RecordBatch(_message.Message):
-    __slots__ = ("records",)
-    RECORDS_FIELD_NUMBER: _ClassVar[int]
-    records: _containers.RepeatedCompositeFieldContainer[RecordShape]
-    def __init__(self, records: _Optional[_Iterable[_Union[RecordShape, _Mapping]]] = ...) -> None: ...
-
 class RecordTop(_message.Message):
     __slots__ = ("data_type", "timestamp", "data")
     DATA_TYPE_FIELD_NUMBER: _ClassVar[int]

@@ -1,0 +1,64 @@
+"""Give back what only start-up needed, once the agent has settled.
+
+Start-up touches far more than the steady state uses: the import machinery's garbage, the
+initialisation code of grpc's 12 MiB extension and of libpython, libcrypto's tables. Once the
+agent runs, three things return it to the host:
+
+* `gc.freeze()` after a collection moves every start-up object out of the collector's
+  generations, so later full collections stop walking tens of thousands of module objects;
+* `malloc_trim(0)` returns the heap that start-up freed;
+* `madvise(MADV_PAGEOUT)` (Linux 5.4+) on our read-only file mappings drops their resident
+  pages; what the steady state really runs faults back in from the page cache, the rest
+  (start-up code) stays out. Pages that other processes map are left alone by the kernel.
+  Older kernels answer EINVAL and nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+
+log = logging.getLogger(__name__)
+
+MADV_PAGEOUT = 21
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        # By soname, not find_library: that runs ldconfig or gcc, in the bundle's environment.
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def read_only_file_mappings(maps: str) -> list[tuple[int, int]]:
+    """(start, length) of each mapping of a file that is not writable, from /proc/PID/maps."""
+    out = []
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not fields[5].startswith("/") or "w" in fields[1]:
+            continue
+        start, _, end = fields[0].partition("-")
+        out.append((int(start, 16), int(end, 16) - int(start, 16)))
+    return out
+
+
+def trim_after_start() -> None:
+    """Freeze start-up objects, trim the heap and page out start-up-only file pages."""
+    gc.collect()
+    gc.freeze()
+    libc = _libc()
+    if libc is None:
+        return
+    try:
+        libc.malloc_trim(0)
+        with open("/proc/self/maps") as f:
+            mappings = read_only_file_mappings(f.read())
+    except (OSError, AttributeError) as exc:
+        log.debug("memory trim skipped: %s", exc)
+        return
+    madvise = libc.madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    advised = sum(1 for start, length in mappings if madvise(start, length, MADV_PAGEOUT) == 0)
+    log.debug("memory trimmed: %d of %d file mappings paged out", advised, len(mappings))
