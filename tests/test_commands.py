@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import pytest
@@ -65,6 +65,7 @@ class Plugins:
         self.names = set(names)
         self.tasks: list[TaskSpec] = []
         self.syncs: list[list[ConfigSpec]] = []
+        self.holds: list[set[str]] = []
         self.gate: asyncio.Event | None = None
 
     async def send_task(self, task: TaskSpec) -> None:
@@ -72,8 +73,9 @@ class Plugins:
             raise TaskFailed(f"no such plugin: {task.object_name}")
         self.tasks.append(task)
 
-    async def sync(self, configs: Sequence[ConfigSpec]) -> None:
+    async def sync(self, configs: Sequence[ConfigSpec], hold: Collection[str] = ()) -> None:
         self.syncs.append(list(configs))
+        self.holds.append(set(hold))
         if self.gate is not None:
             await self.gate.wait()
 
@@ -238,11 +240,32 @@ def test_undecodable_command_is_counted(raw: bytes) -> None:
     assert h.emitted == []
 
 
-def test_empty_command_does_nothing() -> None:
-    h = run(Harness(), b"")
+def test_empty_command_is_the_empty_desired_set() -> None:
+    """As the Go agent: the server sends it when a host's last plugin is removed."""
+    h = Harness()
+
+    async def body() -> None:
+        await h.dispatcher.handle(b"")
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert h.plugins.syncs == [[]]
+    assert h.upgrader.considered == []
     assert h.emitted == []
     assert h.dispatcher.failures == 0
     assert h.dispatcher.commands == 1
+
+
+def test_a_task_without_configs_is_only_the_task() -> None:
+    h = Harness()
+
+    async def body() -> None:
+        await h.dispatcher.handle(task(SHUTDOWN, "", "s"))
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert h.agent.shutdowns == 1
+    assert h.plugins.syncs == []
 
 
 def test_task_result_record() -> None:
@@ -259,9 +282,9 @@ def configs(*entries: dict[str, Any]) -> bytes:
 
 
 SELF = {"name": PRODUCT, "version": "9.9.9", "sha256": "ab" * 32, "download_urls": ["http://u/a"]}
-PLUGIN_A = {"name": "a", "type": "tar.gz", "version": "1", "download_urls": ["u1", "u2"],
-            "detail": "RATE=1"}
-PLUGIN_B = {"name": "b", "version": "2", "signature": "cd" * 32}
+PLUGIN_A = {"name": "a", "type": "tar.gz", "version": "1", "sha256": "01" * 32,
+            "download_urls": ["http://h/u1", "https://h:8443/u2"], "detail": "RATE=1"}
+PLUGIN_B = {"name": "b", "version": "2", "sha256": "EF" * 32, "signature": "cd" * 32}
 
 
 async def configs_run(
@@ -294,8 +317,9 @@ def test_configs_routed_to_upgrader_and_plugins() -> None:
     assert h.upgrader.considered[0].download_urls == ("http://u/a",)
     assert h.plugins.syncs == [
         [
-            ConfigSpec("a", "tar.gz", "1", "", "", ("u1", "u2"), "RATE=1"),
-            ConfigSpec("b", "", "2", "", "cd" * 32, (), ""),
+            ConfigSpec("a", "tar.gz", "1", "01" * 32, "", ("http://h/u1", "https://h:8443/u2"),
+                       "RATE=1"),
+            ConfigSpec("b", "", "2", "EF" * 32, "cd" * 32, (), ""),
         ]
     ]
     assert h.emitted == []
@@ -320,12 +344,12 @@ def test_configs_latest_wins() -> None:
         await settle()
         assert [[c.name for c in s] for s in h.plugins.syncs] == [["a"], ["a", "b"]]
         assert [c.version for c in h.upgrader.considered] == ["9.9.9"]
-        # A Command with an empty Configs list encodes to nothing: there is no set to apply.
+        # A Command with an empty Configs list encodes to nothing: the empty desired set.
         await h.dispatcher.handle(grpc_pb2.Command(configs=[]).SerializeToString())
         await settle()
 
     asyncio.run(configs_run(h, body))
-    assert len(h.plugins.syncs) == 2
+    assert [[c.name for c in s] for s in h.plugins.syncs] == [["a"], ["a", "b"], []]
 
 
 def test_no_upgrade_and_no_plugins_accept_configs() -> None:
