@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 
 from elkeid_agent._proto import grpc_pb2
 from elkeid_agent.commands import (
+    MAX_PLUGINS,
     SET_METADATA,
     SHUTDOWN,
     TASK_RESULT,
@@ -376,3 +378,187 @@ def test_task_and_configs_in_one_command() -> None:
     asyncio.run(configs_run(h, body))
     assert h.agent.shutdowns == 1
     assert [[c.name for c in s] for s in h.plugins.syncs] == [["b"]]
+
+
+# --- validation at the edge -------------------------------------------------------------------
+
+GOOD = {"name": "good", "version": "1", "sha256": "ab" * 32, "download_urls": ["http://h/g"]}
+BAD_ENTRIES = {
+    "port out of range": ({"download_urls": ["http://127.0.0.1:99999/p"]}, "download_urls[0]"),
+    "broken IPv6 host": ({"download_urls": ["http://h/ok", "http://[::1/p"]}, "download_urls[1]"),
+    "ftp scheme": ({"download_urls": ["ftp://h/p"]}, "scheme"),
+    "no host": ({"download_urls": ["http:///p"]}, "no host"),
+    "NUL in URL": ({"download_urls": ["http://h/p\x00x"]}, "control character"),
+    "NUL in detail": ({"detail": "A=1\x00B=2"}, "detail"),
+    "name with slash": ({"name": "a/b"}, "name"),
+    "name too long": ({"name": "n" * 65}, "name"),
+    "name with newline": ({"name": "bad\n"}, "name"),
+    "empty version": ({"version": ""}, "version"),
+    "short sha256": ({"sha256": "ab"}, "sha256"),
+    "signature not hex": ({"signature": "zz" * 32}, "signature"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ENTRIES))
+def test_a_refused_entry_is_skipped_and_the_rest_applied(case: str) -> None:
+    change, field = BAD_ENTRIES[case]
+    bad = {**GOOD, "name": "bad", **change}
+    h = Harness()
+
+    async def body() -> None:
+        await h.dispatcher.handle(configs(bad, GOOD))
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert [[c.name for c in s] for s in h.plugins.syncs] == [["good"]]
+    assert h.dispatcher.health.counters["config_entries_refused"] == 1
+    (detail,) = h.dispatcher.health.details()
+    assert detail.startswith("config entries: 1 refused")
+    assert field in detail
+    # A valid name whose entry was refused is held: a running plugin of that name stays.
+    assert h.plugins.holds == [{bad["name"]} if "name" not in change else set()]
+
+
+def test_a_refused_agent_entry_does_not_reach_the_upgrader() -> None:
+    h = Harness()
+
+    async def body() -> None:
+        await h.dispatcher.handle(configs({**SELF, "download_urls": ["http://[::1/x"]}, GOOD))
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert h.upgrader.considered == []
+    assert [[c.name for c in s] for s in h.plugins.syncs] == [["good"]]
+
+
+def test_a_clean_set_clears_the_refusal_fault() -> None:
+    h = Harness()
+
+    async def body() -> None:
+        await h.dispatcher.handle(configs({**GOOD, "sha256": "x"}))
+        await settle()
+        assert h.dispatcher.health.faulty("config entries")
+        await h.dispatcher.handle(configs(GOOD))
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert not h.dispatcher.health.faulty("config entries")
+    assert h.dispatcher.health.counters["config_entries_refused"] == 1
+
+
+def test_a_thousand_entries_are_capped_and_counted() -> None:
+    entries = [{**GOOD, "name": f"p{i}"} for i in range(1000)]
+    h = Harness()
+
+    async def body() -> None:
+        await h.dispatcher.handle(configs(*entries, SELF))
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    (applied,) = h.plugins.syncs
+    assert [c.name for c in applied] == [f"p{i}" for i in range(MAX_PLUGINS)]
+    counters = h.dispatcher.health.counters
+    assert counters["config_entries_over_limit"] == 1000 - MAX_PLUGINS
+    assert counters["config_entries_refused"] == 1000 - MAX_PLUGINS
+    # The agent's own entry is not a plugin: it is never capped away.
+    assert [c.name for c in h.upgrader.considered] == [PRODUCT]
+    assert len(h.dispatcher.health.details()[0]) <= 400
+
+
+BAD_TASKS = {
+    "relative path": (UPLOAD_FILE, {"path": "etc/passwd", "buf_size": 1}, "absolute"),
+    "NUL in path": (UPLOAD_FILE, {"path": "/etc/pass\x00wd", "buf_size": 1}, "NUL"),
+    "empty path": (UPLOAD_FILE, {"path": "", "buf_size": 1}, "$.path"),
+    "buf_size zero": (UPLOAD_FILE, {"path": "/x", "buf_size": 0}, "$.buf_size"),
+    "buf_size huge": (UPLOAD_FILE, {"path": "/x", "buf_size": 1 << 40}, "$.buf_size"),
+    "buf_size float": (UPLOAD_FILE, {"path": "/x", "buf_size": 1.5}, "$.buf_size"),
+    "buf_size null": (UPLOAD_FILE, {"path": "/x", "buf_size": None}, "$.buf_size"),
+    "idc with CR": (SET_METADATA, {"idc": "x\rLD_PRELOAD=/tmp/evil.so"}, "$.idc"),
+    "idc with LF": (SET_METADATA, {"idc": "x\nLD_PRELOAD=/tmp/evil.so"}, "$.idc"),
+    "idc with quote": (SET_METADATA, {"idc": 'x"y'}, "$.idc"),
+    "idc empty": (SET_METADATA, {"idc": ""}, "$.idc"),
+    "region too long": (SET_METADATA, {"region": "r" * 65}, "$.region"),
+    "region an object": (SET_METADATA, {"region": {"a": 1}}, "$.region"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TASKS))
+def test_bad_task_fields_are_refused_naming_the_field(case: str) -> None:
+    data_type, data, needle = BAD_TASKS[case]
+    h = run(Harness(), task(data_type, json.dumps(data), token="t"))
+    (result,) = h.results()
+    assert result["status"] == "failed"
+    assert needle in result["msg"]
+    assert h.agent.uploads == []
+    assert h.agent.metadata == []
+
+
+def test_good_metadata_values_pass() -> None:
+    h = run(Harness(), task(SET_METADATA, '{"idc": "dc-7.a_b", "region": "cn-north-1"}', "m"))
+    assert h.agent.metadata == [MetadataRequest(idc="dc-7.a_b", region="cn-north-1")]
+
+
+# --- containment --------------------------------------------------------------------------------
+
+
+class Broken:
+    """Every handler has a defect: it raises something that is not TaskFailed."""
+
+    async def upload(self, token: str, request: UploadRequest) -> None:
+        raise RuntimeError("upload defect")
+
+    async def set_metadata(self, request: MetadataRequest) -> None:
+        raise KeyError("metadata defect")
+
+    async def shutdown(self) -> None:
+        raise ValueError("shutdown defect")
+
+    async def send_task(self, task: TaskSpec) -> None:
+        raise ZeroDivisionError
+
+    async def sync(self, configs: Sequence[ConfigSpec], hold: Collection[str] = ()) -> None:
+        raise RuntimeError("sync defect")
+
+    async def consider(self, config: ConfigSpec) -> None:
+        raise RuntimeError("upgrade defect")
+
+
+def test_a_defect_in_a_task_handler_ends_only_that_task() -> None:
+    broken = Broken()
+    h = Harness(agent=broken, plugins=broken)  # type: ignore[arg-type]
+    run(
+        h,
+        task(UPLOAD_FILE, '{"path": "/x", "buf_size": 1}', "u"),
+        task(SET_METADATA, "{}", "m"),
+        task(SHUTDOWN, "", "s"),
+        task(7, "", "p", object_name="plug"),
+    )
+    results = {r["token"]: r for r in h.results()}
+    assert set(results) == {"u", "m", "s", "p"}
+    assert all(r["status"] == "failed" for r in results.values())
+    assert "upload defect" in results["u"]["msg"]
+    assert "internal error" in results["p"]["msg"]
+    assert h.dispatcher.failures == 4
+    assert h.dispatcher.health.counters["task_errors"] == 4
+    assert h.dispatcher.health.faulty("tasks")
+    # The next task that completes clears the fault.
+    h.agent = h.dispatcher.agent = Agent()
+    run(h, task(SHUTDOWN, "", "s2"))
+    assert not h.dispatcher.health.faulty("tasks")
+
+
+def test_a_defect_in_sync_or_upgrade_does_not_end_run_configs() -> None:
+    broken = Broken()
+    h = Harness(plugins=broken)
+    h.upgrader = h.dispatcher.upgrader = broken  # type: ignore[assignment]
+
+    async def body() -> None:
+        for _ in range(3):
+            await h.dispatcher.handle(configs(SELF, GOOD))
+            await settle()
+
+    asyncio.run(configs_run(h, body))
+    health = h.dispatcher.health
+    assert health.counters["config_errors"] == 6  # 3 upgrade entries, 3 sets
+    assert health.faulty("configs")
+    assert health.faulty("upgrade config")

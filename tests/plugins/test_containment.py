@@ -1,0 +1,194 @@
+"""One plugin's bad entry, download, spawn or serving never stops the others or the supervisor.
+
+Real supervisor, real HTTP downloads, real plugin processes; the Config entries given straight
+to `PluginSupervisor.sync` bypass the dispatcher's validation on purpose: the supervisor must
+contain what slips through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from plugtools import Harness, alive, files_server, install_plugin, local_spec, run, sh_plugin, sha
+from plugtools import until as until_
+
+from elkeid_agent.commands import ConfigSpec, Dispatcher, NoUpgrade
+from elkeid_agent.plugins import process
+from elkeid_agent.plugins.supervisor import PluginSupervisor
+
+SERVE = "exec cat <&3 >/dev/null"
+
+
+def _pid(sup: PluginSupervisor, name: str) -> int | None:
+    info = sup.slot_info(name)
+    return None if info is None else info[3]
+
+
+async def _running(sup: PluginSupervisor, name: str) -> int:
+    await until_(lambda: _pid(sup, name) is not None, what=f"{name} running")
+    pid = _pid(sup, name)
+    assert pid is not None
+    return pid
+
+
+def test_bad_url_and_nul_detail_do_not_stop_the_others(tmp_path: Path) -> None:
+    good = sh_plugin(SERVE)
+
+    async def main() -> None:
+        with files_server() as files:
+            files.files["/good"] = good
+            bad_port = ConfigSpec(
+                "port", version="1", sha256=sha(good), download_urls=("http://127.0.0.1:99999/p",)
+            )
+            bad_host = ConfigSpec(
+                "ipv6", version="1", sha256=sha(good), download_urls=("http://[::1/p",)
+            )
+            install_plugin(tmp_path, "nul", good)
+            nul_detail = local_spec("nul", good, detail="A=1\x00B=2")
+            ok = ConfigSpec(
+                "ok", version="1", sha256=sha(good), download_urls=(files.url("/good"),)
+            )
+            async with Harness(tmp_path) as h:
+                await h.sup.sync([bad_port, bad_host, nul_detail, ok])
+                await _running(h.sup, "ok")
+                errors = " | ".join(h.sup.errors())
+                assert "plugin port" in errors
+                assert "plugin ipv6" in errors
+                # The NUL reaches posix_spawn: its ValueError ends that spawn, not the slot.
+                await until_(lambda: "plugin nul is down" in " ".join(h.sup.errors()))
+                assert "cannot start" in " ".join(h.sup.errors())
+                assert h.sup.health.counters["plugin_spawn_failures"] >= 1
+                assert h.sup.health.counters["plugin_sync_failures"] == 2
+                # The supervisor is alive and syncs again.
+                await h.sup.sync([ok])
+                assert h.sup.errors() == []
+
+    run(main())
+
+
+def test_a_refused_entry_keeps_the_running_plugin(tmp_path: Path) -> None:
+    """A bad push for a healthy plugin must not uninstall it."""
+    exe = sh_plugin(SERVE)
+
+    async def main() -> None:
+        with files_server() as files:
+            files.files["/k"] = exe
+            good = {"name": "k", "version": "1", "sha256": sha(exe),
+                    "download_urls": [files.url("/k")]}
+            async with Harness(tmp_path) as h:
+                emitted: list[bytes] = []
+                d = Dispatcher(_NoTasks(), h.sup, NoUpgrade(), emitted.append, health=h.sup.health)
+                runner = asyncio.create_task(d.run_configs())
+                try:
+                    await d.handle(_configs(good))
+                    pid = await _running(h.sup, "k")
+                    for change in ({"download_urls": ["http://[::1/p"]}, {"detail": "x\x00"},
+                                   {"sha256": "nope", "version": "2"}):
+                        await d.handle(_configs({**good, **change}))
+                        await until_(lambda: d.health.faulty("config entries"))
+                        await asyncio.sleep(0.3)
+                        assert _pid(h.sup, "k") == pid
+                        assert (tmp_path / "plugin/k/k").read_bytes() == exe
+                        d.health.clear("config entries")
+                    # An empty Command is the empty set: now it goes.
+                    await d.handle(b"")
+                    await until_(lambda: not alive(pid), what="plugin stopped")
+                    await until_(lambda: not (tmp_path / "plugin/k").exists(), what="dir gone")
+                finally:
+                    runner.cancel()
+                    await asyncio.gather(runner, return_exceptions=True)
+                assert emitted == []
+
+    run(main())
+
+
+def test_a_defect_while_serving_ends_only_that_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception out of `PluginProcess.serve` is one failed run: restarted after backoff."""
+    exe = sh_plugin(SERVE)
+    calls = {"n": 0}
+    serve = process.PluginProcess.serve
+
+    async def flaky(self: process.PluginProcess, stop: asyncio.Event) -> process.Outcome:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            self._kill_group()
+            await self._wait_exit()
+            self._reap()
+            self._release()
+            raise RuntimeError("serve defect")
+        return await serve(self, stop)
+
+    monkeypatch.setattr(process.PluginProcess, "serve", flaky)
+
+    async def main() -> None:
+        install_plugin(tmp_path, "f", exe)
+        async with Harness(tmp_path) as h:
+            await h.sup.sync([local_spec("f", exe)])
+            await until_(lambda: calls["n"] >= 2, what="restart after the defect")
+            await _running(h.sup, "f")
+            assert h.sup.health.counters["plugin_errors"] == 1
+            info = h.sup.slot_info("f")
+            assert info is not None
+            assert info[1] == 1
+
+    run(main())
+
+
+def test_stderr_is_private_and_the_service_manager_variables_stay_ours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in {
+        "NOTIFY_SOCKET": "/run/systemd/notify",
+        "WATCHDOG_USEC": "30000000",
+        "WATCHDOG_PID": str(os.getpid()),
+        "LISTEN_FDS": "1",
+        "LISTEN_PID": str(os.getpid()),
+        "_MEIPASS2": "/tmp/_MEI1",
+        "STATICX_BUNDLE_DIR": "/tmp/staticx-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    exe = sh_plugin(f"env > env.txt\necho to-stderr >&2\n{SERVE}")
+    directory = install_plugin(tmp_path, "s", exe)
+    # A file left by an older agent with a wider mode.
+    (directory / "s.stderr").write_text("old")
+    (directory / "s.stderr").chmod(0o644)
+
+    async def main() -> None:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync([local_spec("s", exe)])
+            await _running(h.sup, "s")
+            out = directory / "env.txt"
+            await until_(lambda: out.exists() and out.stat().st_size > 0)
+            await until_(lambda: (directory / "s.stderr").read_text() == "to-stderr\n")
+
+    run(main())
+    assert stat.S_IMODE((directory / "s.stderr").stat().st_mode) == 0o600
+    names = {line.split("=", 1)[0] for line in (directory / "env.txt").read_text().splitlines()}
+    leaked = {n for n in names if n == "NOTIFY_SOCKET" or n.startswith(
+        ("WATCHDOG_", "LISTEN_", "_MEI", "_PYI", "STATICX_"))}
+    assert leaked == set()
+
+
+class _NoTasks:
+    async def upload(self, token: str, request: object) -> None:
+        raise AssertionError
+
+    async def set_metadata(self, request: object) -> None:
+        raise AssertionError
+
+    async def shutdown(self) -> None:
+        raise AssertionError
+
+
+def _configs(*entries: dict[str, object]) -> bytes:
+    from elkeid_agent._proto import grpc_pb2
+
+    return grpc_pb2.Command(
+        configs=[grpc_pb2.Config(**e) for e in entries]  # type: ignore[arg-type]
+    ).SerializeToString()
