@@ -398,5 +398,5 @@ class Dispatcher:
         self.health.count("config_entries_refused", len(check.refused))
         if check.over_limit:
             self.health.count("config_entries_over_limit", check.over_limit)
-        summary = "; ".join(f"{name}: {reason}" for name, reason in check.refused[:3])
+        summary = "; ".join(f"{name!r}: {reason}" for name, reason in check.refused[:3])
         self.health.fault("config entries", f"{len(check.refused)} refused ({summary})")
