@@ -141,22 +141,6 @@ class Upgrader(Protocol):
         ...
 
 
-class NoPlugins:
-    """The PluginHost of an agent without plugin support: every plugin task fails."""
-
-    async def send_task(self, task: TaskSpec) -> None:
-        raise TaskFailed(f"no such plugin: {task.object_name}")
-
-    async def sync(self, configs: Sequence[ConfigSpec], hold: Collection[str] = ()) -> None:
-        if configs:
-            log.warning("plugin configs ignored: %s", ", ".join(c.name for c in configs))
-
-
-class NoUpgrade:
-    async def consider(self, config: ConfigSpec) -> None:
-        log.warning("self-upgrade to %s is not supported by this build", config.version)
-
-
 def task_result(token: str, ok: bool, msg: str) -> bytes:
     """The 5100 record reporting a task's outcome."""
     fields = {"token": token, "msg": msg, "status": "succeed" if ok else "failed"}

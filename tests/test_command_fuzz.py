@@ -30,9 +30,9 @@ from elkeid_agent.commands import (
     SET_METADATA,
     SHUTDOWN,
     UPLOAD_FILE,
+    ConfigSpec,
     Dispatcher,
     MetadataRequest,
-    NoUpgrade,
     UploadRequest,
 )
 from elkeid_agent.config import PluginsConfig
@@ -170,7 +170,7 @@ class Rig:
         self.emitted: list[bytes] = []
         self.agent = AgentTasks()
         self.dispatcher = Dispatcher(
-            self.agent, self.sup, NoUpgrade(), self.emitted.append, health=self.sup.health
+            self.agent, self.sup, _NoUpgrade(), self.emitted.append, health=self.sup.health
         )
         self.install()
 
@@ -255,3 +255,8 @@ def test_no_command_bytes_escape_the_dispatcher(tmp_path: Path) -> None:
 
         one()
         runner.run(finish())
+
+
+class _NoUpgrade:
+    async def consider(self, config: ConfigSpec) -> None:
+        pass

@@ -24,8 +24,6 @@ from elkeid_agent.commands import (
     ConfigSpec,
     Dispatcher,
     MetadataRequest,
-    NoPlugins,
-    NoUpgrade,
     TaskFailed,
     TaskSpec,
     UploadRequest,
@@ -164,12 +162,6 @@ def test_data_type_zero_fails() -> None:
     (result,) = h.results()
     assert result["status"] == "failed"
     assert "data_type 0" in result["msg"]
-
-
-def test_plugin_task_without_plugins() -> None:
-    h = run(Harness(plugins=NoPlugins()), task(1234, '{"k": "v"}', "tp", object_name="anchor"))
-    (result,) = h.results()
-    assert result == {"token": "tp", "msg": "no such plugin: anchor", "status": "failed"}
 
 
 def test_plugin_task_is_forwarded_untouched() -> None:
@@ -352,16 +344,6 @@ def test_configs_latest_wins() -> None:
 
     asyncio.run(configs_run(h, body))
     assert [[c.name for c in s] for s in h.plugins.syncs] == [["a"], ["a", "b"], []]
-
-
-def test_no_upgrade_and_no_plugins_accept_configs() -> None:
-    async def main() -> None:
-        await NoUpgrade().consider(ConfigSpec(PRODUCT, version="2"))
-        await NoPlugins().sync([ConfigSpec("a")])
-        with pytest.raises(TaskFailed, match="no such plugin: x"):
-            await NoPlugins().send_task(TaskSpec(1, "x", "", ""))
-
-    asyncio.run(main())
 
 
 def test_task_and_configs_in_one_command() -> None:

@@ -16,7 +16,7 @@ import pytest
 from plugtools import Harness, alive, files_server, install_plugin, local_spec, run, sh_plugin, sha
 from plugtools import until as until_
 
-from elkeid_agent.commands import ConfigSpec, Dispatcher, NoUpgrade
+from elkeid_agent.commands import ConfigSpec, Dispatcher
 from elkeid_agent.plugins import process
 from elkeid_agent.plugins.supervisor import PluginSupervisor
 
@@ -81,7 +81,7 @@ def test_a_refused_entry_keeps_the_running_plugin(tmp_path: Path) -> None:
                     "download_urls": [files.url("/k")]}
             async with Harness(tmp_path) as h:
                 emitted: list[bytes] = []
-                d = Dispatcher(_NoTasks(), h.sup, NoUpgrade(), emitted.append, health=h.sup.health)
+                d = Dispatcher(_NoTasks(), h.sup, _NoUpgrade(), emitted.append, health=h.sup.health)
                 runner = asyncio.create_task(d.run_configs())
                 try:
                     await d.handle(_configs(good))
@@ -192,3 +192,8 @@ def _configs(*entries: dict[str, object]) -> bytes:
     return grpc_pb2.Command(
         configs=[grpc_pb2.Config(**e) for e in entries]  # type: ignore[arg-type]
     ).SerializeToString()
+
+
+class _NoUpgrade:
+    async def consider(self, config: ConfigSpec) -> None:
+        pass
