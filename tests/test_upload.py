@@ -27,10 +27,20 @@ CHUNK = 1000
 
 
 class Rig:
-    def __init__(self, uploader: Uploader, results: list[dict[str, str]]) -> None:
-        self.uploader = uploader
+    def __init__(
+        self, dial: Callable[[], grpc.aio.Channel], results: list[dict[str, str]], **kw: float
+    ) -> None:
+        self.dial = dial
+        self.channel: grpc.aio.Channel | None = dial()
+        self.uploader = Uploader(lambda: self.channel, self.emit, **kw)
         self.results = results
         self.emitted = asyncio.Event()
+
+    def emit(self, raw: bytes) -> None:
+        record = grpc_pb2.Record.FromString(raw)
+        assert record.data_type == 5100
+        self.results.append(dict(record.data.fields))
+        self.emitted.set()
 
     async def result(self, n: int, limit: float = 15.0) -> dict[str, str]:
         async with asyncio.timeout(limit):
@@ -48,29 +58,22 @@ async def rig(center: CenterThread, **kw: float) -> AsyncIterator[Rig]:
         private_key=certs.client_key.read_bytes(),
         certificate_chain=certs.client_cert.read_bytes(),
     )
-    channel = grpc.aio.secure_channel(
-        center.address, credentials, options=[("grpc.ssl_target_name_override", SERVER_NAME)]
-    )
-    results: list[dict[str, str]] = []
-    r: Rig | None = None
 
-    def emit(raw: bytes) -> None:
-        record = grpc_pb2.Record.FromString(raw)
-        assert record.data_type == 5100
-        results.append(dict(record.data.fields))
-        if r is not None:
-            r.emitted.set()
+    def dial() -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(
+            center.address, credentials, options=[("grpc.ssl_target_name_override", SERVER_NAME)]
+        )
 
-    uploader = Uploader(lambda: channel, emit, **kw)
-    r = Rig(uploader, results)
-    runner = asyncio.create_task(uploader.run())
+    r = Rig(dial, [], **kw)
+    runner = asyncio.create_task(r.uploader.run())
     try:
         yield r
     finally:
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
-        await channel.close()
+        if r.channel is not None:
+            await r.channel.close()
 
 
 def go(body: Callable[[], Awaitable[None]]) -> None:
@@ -170,5 +173,29 @@ def test_a_nul_in_the_path_is_refused_not_raised(center: CenterThread) -> None:
             with pytest.raises(TaskFailed, match="cannot open"):
                 await r.uploader.upload("n", request)
             assert r.uploader._job is None
+
+    go(body)
+
+
+def test_a_closed_connection_ends_the_upload_not_the_uploader(
+    center: CenterThread, tmp_path: Path
+) -> None:
+    source = tmp_path / "cut"
+    source.write_bytes(b"k" * (CHUNK * 10))
+
+    async def body() -> None:
+        async with rig(center, chunk_interval=0.3) as r:
+            await r.uploader.upload("k-1", UploadRequest(str(source), CHUNK))
+            await asyncio.sleep(0.5)
+            assert r.channel is not None
+            await r.channel.close()  # what the transfer loop does on a reconnect
+            result = await r.result(1)
+            assert result["status"] == "failed"
+            assert "cancelled" in result["msg"]
+            r.channel = r.dial()
+            small = tmp_path / "small"
+            small.write_bytes(b"s" * CHUNK)
+            await r.uploader.upload("k-2", UploadRequest(str(small), CHUNK))
+            assert (await r.result(2))["status"] == "succeed"
 
     go(body)

@@ -8,7 +8,9 @@ owned by the app's task group, and reports its outcome as a 5100 record.
 One upload is a unit of failure: whatever ends it (a read error, a file that shrinks, the
 deadline, the server, a defect) ends it with a 5100 and a log line, and the one-at-a-time slot
 is released in every case. grpc.aio swallows an exception raised by the request iterator and
-only cancels the call, so the iterator's failure is kept aside and reported in its place.
+only cancels the call (as it does when the channel closes), raising CancelledError in the
+awaiting task: unless that task itself is being cancelled, this is the upload's failure (the
+iterator's, kept aside, or the closed connection), not a reason to end `run()`.
 """
 
 from __future__ import annotations
@@ -155,10 +157,17 @@ class Uploader:
         failure: list[Exception] = []
         try:
             response = await call(self._chunks(job, failure), timeout=self._deadline)
-        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+        except asyncio.CancelledError:
             task = asyncio.current_task()
-            if failure and (task is None or not task.cancelling()):
-                raise failure[0] from None  # the call was cancelled by its reader's failure
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled ourselves
+            # Not us: grpc.aio cancels the call when the reader fails or the channel closes.
+            if failure:
+                raise failure[0] from None
+            raise TaskFailed("the upload call was cancelled (connection closed)") from None
+        except grpc.aio.AioRpcError:
+            if failure:
+                raise failure[0] from None
             raise
         if failure:  # the server answered before the reader's failure cancelled the call
             raise failure[0]
