@@ -167,7 +167,12 @@ class PluginSupervisor:
     async def run(self) -> None:
         """Reap orphans of a previous agent, then own the plugin slots until stop() or cancel."""
         self.root.mkdir(parents=True, exist_ok=True)
-        killed = orphans.reap(self.root / orphans.PGIDS_FILE)
+        try:
+            killed = orphans.reap(self.root / orphans.PGIDS_FILE)
+        except Exception as exc:  # the boundary of the reaping: what it reads is from disk
+            log.error("orphan plugin processes not reaped", exc_info=exc)
+            self.health.fault("orphans", f"not reaped: {exc!r}", "orphan_reap_errors")
+            killed = []
         if killed:
             log.warning("killed %d plugin processes left by a previous agent", len(killed))
         async with asyncio.TaskGroup() as tg:

@@ -10,10 +10,21 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
-from plugtools import Harness, alive, files_server, install_plugin, local_spec, run, sh_plugin, sha
+from plugtools import (
+    Harness,
+    alive,
+    files_server,
+    install_plugin,
+    local_spec,
+    pids_in_group,
+    run,
+    sh_plugin,
+    sha,
+)
 from plugtools import until as until_
 
 from elkeid_agent.commands import ConfigSpec, Dispatcher
@@ -197,3 +208,46 @@ def _configs(*entries: dict[str, object]) -> bytes:
 class _NoUpgrade:
     async def consider(self, config: ConfigSpec) -> None:
         pass
+
+
+@pytest.mark.parametrize("kind", ["not utf-8", "a directory", "wrong types"])
+def test_a_bad_pgids_file_does_not_stop_the_supervisor(tmp_path: Path, kind: str) -> None:
+    """`.pgids` comes from the disk: whatever it holds, plugins still start."""
+    import json
+    import subprocess
+
+    from elkeid_agent.plugins import orphans
+
+    exe = sh_plugin(SERVE)
+    install_plugin(tmp_path, "p", exe)
+    pgids = tmp_path / "plugin" / orphans.PGIDS_FILE
+    group = None
+    if kind == "not utf-8":
+        pgids.write_bytes(b"\xff\xfe{\x80}\n")
+    elif kind == "a directory":
+        pgids.mkdir()
+    else:
+        # A live group with a member that is not its leader, recorded with a start time that
+        # is not a number: comparing them raises TypeError inside the reaping.
+        group = subprocess.Popen(["sh", "-c", "sleep 30 & wait"], start_new_session=True)
+        deadline = time.monotonic() + 10
+        while len(pids_in_group(group.pid)) < 2:
+            assert time.monotonic() < deadline, "the group's second member never came"
+            time.sleep(0.02)
+        record = {"pgid": group.pid, "start_ticks": "x", "boot_id": orphans.boot_id(),
+                  "directory": str(tmp_path)}
+        pgids.write_text(json.dumps(record) + "\n")
+
+    async def main() -> None:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync([local_spec("p", exe)])
+            await _running(h.sup, "p")
+            if kind == "wrong types":
+                assert h.sup.health.counters["orphan_reap_errors"] == 1
+
+    try:
+        run(main())
+    finally:
+        if group is not None:
+            os.killpg(group.pid, 9)
+            group.wait()
