@@ -240,6 +240,9 @@ class PluginSupervisor:
         for name, slot in self._slots.items():
             if slot.lifecycle.live and slot.lifecycle.state is not State.RUNNING:
                 out.append(f"plugin {name} is down ({slot.last_exit or 'starting'})")
+            elif not slot.lifecycle.live and not slot.stop_requested.is_set():
+                # Its slot ended on a defect; the next sync starts it afresh.
+                out.append(f"plugin {name} is down ({slot.last_exit})")
         return out
 
     def heartbeats(self) -> list[bytes]:

@@ -29,6 +29,7 @@ from plugtools import until as until_
 
 from elkeid_agent.commands import ConfigSpec, Dispatcher
 from elkeid_agent.plugins import process
+from elkeid_agent.plugins.lifecycle import State
 from elkeid_agent.plugins.supervisor import PluginSupervisor
 
 SERVE = "exec cat <&3 >/dev/null"
@@ -251,3 +252,38 @@ def test_a_bad_pgids_file_does_not_stop_the_supervisor(tmp_path: Path, kind: str
         if group is not None:
             os.killpg(group.pid, 9)
             group.wait()
+
+
+def test_a_defect_in_one_slot_ends_only_that_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from elkeid_agent.plugins import supervisor
+
+    real = supervisor.backoff_delay
+
+    def broken(failures: int) -> float:
+        raise RuntimeError("backoff defect")
+
+    exits = sh_plugin("exit 1")
+    serves = sh_plugin(SERVE)
+    install_plugin(tmp_path, "dies", exits)
+    install_plugin(tmp_path, "lives", serves)
+    monkeypatch.setattr(supervisor, "backoff_delay", broken)
+
+    async def main() -> None:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync([local_spec("dies", exits), local_spec("lives", serves)])
+            pid = await _running(h.sup, "lives")
+            # "dies" exits, its backoff raises: that slot ends, nothing else does.
+            await until_(lambda: "supervision failed" in " ".join(h.sup.errors()))
+            assert h.sup.health.counters["plugin_errors"] == 1
+            assert _pid(h.sup, "lives") == pid
+            assert alive(pid)
+            # The next sync starts it afresh.
+            monkeypatch.setattr(supervisor, "backoff_delay", real)
+            await h.sup.sync([local_spec("dies", exits), local_spec("lives", serves)])
+            info = h.sup.slot_info("dies")
+            assert info is not None
+            assert info[0] is not State.STOPPED
+
+    run(main())
