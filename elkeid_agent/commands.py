@@ -276,14 +276,12 @@ class Dispatcher:
         self.upgrader = upgrader
         self.emit = emit
         self.health = Health() if health is None else health
-        self.commands = 0
         self.failures = 0
         self._configs: list[ConfigSpec] | None = None
         self._configs_ready = asyncio.Event()
 
     async def handle(self, raw: bytes) -> None:
         """Handle one Command; nothing it contains can raise out of here."""
-        self.commands += 1
         try:
             command = decode_command(raw)
         except TaskFailed as exc:
