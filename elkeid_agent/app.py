@@ -88,7 +88,9 @@ class Agent:
         self._header = self._encode_header(self.facts)
         self.errors: dict[str, str] = {}
         self.health = Health()
-        self.plugins = PluginSupervisor(self.work_dir, self.buffer, config.plugins)
+        self.plugins = PluginSupervisor(
+            self.work_dir, self.buffer, config.plugins, health=self.health
+        )
         self.upgrader = UpgradeManager(
             self.work_dir,
             emit=self.emit,
@@ -98,12 +100,14 @@ class Agent:
             env=env,
             settings=settings_from(config.upgrade),
         )
-        self.dispatcher = Dispatcher(self, self.plugins, self.upgrader, self.emit)
+        self.dispatcher = Dispatcher(
+            self, self.plugins, self.upgrader, self.emit, health=self.health
+        )
         self.transfer = TransferLoop(
             config, tls, self.buffer, self.header, self.dispatcher.handle, self.send_heartbeat,
             on_down=self._write_status,
         )
-        self.uploader = Uploader(lambda: self.transfer.channel, self.emit)
+        self.uploader = Uploader(lambda: self.transfer.channel, self.emit, health=self.health)
         self.record_handler = RecordHandler(self.emit, config.log.records_per_minute)
         self._own_processes = hb.agent_processes()
         self._sampler = hb.ProcessGroupSampler(self._own_processes)
@@ -170,6 +174,17 @@ class Agent:
         }
 
     def send_heartbeat(self) -> None:
+        """One heartbeat, a unit of failure: a failing build is logged and counted, and the
+        next one is tried on time (the loop, and the stream's announcement, go on)."""
+        try:
+            self._queue_heartbeat()
+        except Exception as exc:  # the boundary of one heartbeat
+            log.error("heartbeat not sent", exc_info=exc)
+            self.health.fault("heartbeat", f"heartbeat not sent: {exc!r}", "heartbeat_errors")
+        else:
+            self.health.clear("heartbeat")
+
+    def _queue_heartbeat(self) -> None:
         """Queue a 1000 record (and the plugins' 1001s) and refresh the status file."""
         now = time.monotonic()
         elapsed = max(now - self._last_tick, 1e-9)

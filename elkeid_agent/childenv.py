@@ -16,6 +16,11 @@ executable started for its `--version` probe takes the running agent's unpack
 directory for its own. So children get the environment the agent itself was started
 with: `LD_LIBRARY_PATH` as it was before the launchers (without any entry inside a
 launcher's directory), and none of the launchers' variables.
+
+The service manager's variables are the agent's alone too: with `NOTIFY_SOCKET` (and
+NotifyAccess=all) a plugin could send WATCHDOG=1 for a hung agent or READY/STOPPING in its
+name; `WATCHDOG_USEC`/`WATCHDOG_PID` and socket activation's `LISTEN_FDS`/`LISTEN_PID`/
+`LISTEN_FDNAMES` describe the agent's process, not the child's.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ import os
 import sys
 from collections.abc import Mapping
 
-# Prefixes of variables that only the launchers and their Python child may see.
-_LAUNCHER_PREFIXES = ("_MEI", "_PYI", "_PYIBoot", "STATICX_")
+# Prefixes of variables that only the launchers and their Python child, or the agent itself
+# as the service manager's main process, may see.
+_PRIVATE_PREFIXES = ("_MEI", "_PYI", "_PYIBoot", "STATICX_", "WATCHDOG_", "LISTEN_")
 _LD_PATH = "LD_LIBRARY_PATH"
 _LD_PATH_ORIG = "LD_LIBRARY_PATH_ORIG"
+# Dropped by name; LD_LIBRARY_PATH is put back below, cleaned.
+_DROPPED = (_LD_PATH, _LD_PATH_ORIG, "NOTIFY_SOCKET")
 
 
 def _launcher_dirs(env: Mapping[str, str]) -> list[str]:
@@ -61,7 +69,7 @@ def child_env(
     env = {
         k: v
         for k, v in src.items()
-        if not k.startswith(_LAUNCHER_PREFIXES) and k not in (_LD_PATH, _LD_PATH_ORIG)
+        if not k.startswith(_PRIVATE_PREFIXES) and k not in _DROPPED
     }
     if ld_path:
         # The saved value can itself carry the staticx bundle dir (staticx ran first).

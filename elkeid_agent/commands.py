@@ -4,21 +4,36 @@ A Command carries a Task or the complete set of Configs. Tasks for `elkeid-agent
 own (1050 upload, 1051 metadata, 1060 shutdown); any other object_name goes to that plugin.
 Configs go to the plugin sync and, for the `elkeid-agent` entry, to the self-upgrade.
 Every failure a task can have ends as a 5100 record carrying the task's token; the stream stays up.
+
+Containment. The unit of failure is one command, one task, one config set, one config entry:
+`handle` and `run_configs` catch every exception at those boundaries (and only there), log it,
+count it and record a Health fault, so no input from the server can end the agent. Validation
+happens here, at the edge, before anything acts: a refused Config entry is skipped (naming the
+field), the rest of its set is applied, and a plugin whose entry was refused keeps running as
+it is.
+
+An empty Command (no Task, no Configs) is the empty desired set, as in the Go agent: the
+Elkeid server sends it when an operator removes a host's last plugin. (Protobuf cannot tell
+an empty Configs list from an absent one, so a Command with a Task and no Configs is only the
+Task.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import Callable, Sequence
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Collection, Sequence
+from typing import Annotated, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 from google.protobuf.message import DecodeError
 
 from elkeid_agent._proto import grpc_pb2
 from elkeid_agent.errors import TaskFailed
+from elkeid_agent.health import Health
 from elkeid_agent.version import PRODUCT
 from elkeid_agent.wire import encode_record
 
@@ -28,6 +43,30 @@ TASK_RESULT = 5100
 UPLOAD_FILE = 1050
 SET_METADATA = 1051
 SHUTDOWN = 1060
+
+#: Plugin (and agent) names: they become a directory and an executable name.
+NAME_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
+SHA256_RE = re.compile(r"[0-9A-Fa-f]{64}")
+#: Versions, types: printable ASCII without spaces, bounded (they go into logs and heartbeats).
+TOKEN_RE = re.compile(r"[\x21-\x7e]{1,128}")
+#: At most this many plugins are applied from one Configs set (an Elkeid host runs about ten);
+#: the entries beyond are refused and counted, so a set of thousands cannot flood the host.
+MAX_PLUGINS = 64
+MAX_URLS = 16
+MAX_URL_LENGTH = 4096
+#: `detail` becomes the plugin's DETAIL environment variable; Linux refuses a single
+#: environment string over 128 KiB (MAX_ARG_STRLEN), so half of that.
+MAX_DETAIL = 64 * 1024
+#: 1050 buf_size: the Go agent sends chunks of buf_size bytes and the server takes messages up
+#: to 10 MiB, so a larger value never worked with the Go agent either; 0 or less is no chunk.
+MAX_BUF_SIZE = 10 * 1024 * 1024
+#: Linux PATH_MAX.
+MAX_PATH = 4096
+#: 1051 idc and region end up in `specified_env`, an EnvironmentFile of the service unit:
+#: a strict charset keeps a CR, LF or quote from adding a line (an LD_PRELOAD) to it.
+METADATA_PATTERN = r"\A[A-Za-z0-9._-]{1,64}\Z"
+#: How many refused entries are logged one by one per set; the rest are summed up.
+LOGGED_REFUSALS = 10
 
 
 class ConfigSpec(msgspec.Struct, frozen=True):
@@ -52,15 +91,25 @@ class TaskSpec(msgspec.Struct, frozen=True):
 class UploadRequest(msgspec.Struct, forbid_unknown_fields=False):
     """1050 data. Unknown keys are tolerated: newer servers may add some."""
 
-    path: str
-    buf_size: int
+    path: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PATH)]
+    buf_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_BUF_SIZE)]
+
+    def __post_init__(self) -> None:
+        # msgspec reports a ValueError raised here as a ValidationError naming the struct.
+        if "\x00" in self.path:
+            raise ValueError("path contains a NUL byte - at `$.path`")
+        if not self.path.startswith("/"):
+            raise ValueError("path must be absolute - at `$.path`")
+
+
+MetadataValue = Annotated[str, msgspec.Meta(pattern=METADATA_PATTERN)]
 
 
 class MetadataRequest(msgspec.Struct, forbid_unknown_fields=False):
     """1051 data."""
 
-    idc: str | None = None
-    region: str | None = None
+    idc: MetadataValue | None = None
+    region: MetadataValue | None = None
 
 
 class AgentTasks(Protocol):
@@ -80,8 +129,9 @@ class PluginHost(Protocol):
         """Queue a task for a plugin; raise TaskFailed (unknown plugin, full queue, dead)."""
         ...
 
-    async def sync(self, configs: Sequence[ConfigSpec]) -> None:
-        """Make the running plugins equal the desired set."""
+    async def sync(self, configs: Sequence[ConfigSpec], hold: Collection[str] = ()) -> None:
+        """Make the running plugins equal the desired set; leave the plugins in `hold`
+        (their entries were refused) exactly as they are."""
         ...
 
 
@@ -89,22 +139,6 @@ class Upgrader(Protocol):
     async def consider(self, config: ConfigSpec) -> None:
         """Upgrade the agent itself if the entry names another version."""
         ...
-
-
-class NoPlugins:
-    """The PluginHost of an agent without plugin support: every plugin task fails."""
-
-    async def send_task(self, task: TaskSpec) -> None:
-        raise TaskFailed(f"no such plugin: {task.object_name}")
-
-    async def sync(self, configs: Sequence[ConfigSpec]) -> None:
-        if configs:
-            log.warning("plugin configs ignored: %s", ", ".join(c.name for c in configs))
-
-
-class NoUpgrade:
-    async def consider(self, config: ConfigSpec) -> None:
-        log.warning("self-upgrade to %s is not supported by this build", config.version)
 
 
 def task_result(token: str, ok: bool, msg: str) -> bytes:
@@ -135,6 +169,84 @@ def config_specs(command: grpc_pb2.Command) -> list[ConfigSpec]:
     ]
 
 
+def _url_problem(url: str) -> str | None:
+    if len(url) > MAX_URL_LENGTH:
+        return f"longer than {MAX_URL_LENGTH} characters"
+    if any(c <= " " or c == "\x7f" for c in url):
+        return "contains a control character or whitespace"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError when out of range or not a number
+    except ValueError as exc:
+        return f"does not parse ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return f"scheme {parts.scheme!r} is not http or https"
+    if not parts.hostname:
+        return "has no host"
+    if port == 0:
+        return "port 0"
+    return None
+
+
+def config_problem(spec: ConfigSpec) -> str | None:
+    """Pure: why this Config entry must not be acted on (naming the field), or None."""
+    if not NAME_RE.fullmatch(spec.name):
+        return f"name {spec.name[:80]!r} must match {NAME_RE.pattern}"
+    if not TOKEN_RE.fullmatch(spec.version):
+        return f"version {spec.version[:80]!r} must be 1-128 printable characters"
+    if spec.type and not TOKEN_RE.fullmatch(spec.type):
+        return f"type {spec.type[:80]!r} must be printable characters"
+    if not SHA256_RE.fullmatch(spec.sha256):
+        return "sha256 must be 64 hex digits"
+    if spec.signature and not SHA256_RE.fullmatch(spec.signature):
+        return "signature must be empty or 64 hex digits"
+    if len(spec.download_urls) > MAX_URLS:
+        return f"download_urls: {len(spec.download_urls)} URLs, at most {MAX_URLS}"
+    for i, url in enumerate(spec.download_urls):
+        problem = _url_problem(url)
+        if problem is not None:
+            return f"download_urls[{i}] {url[:80]!r} {problem}"
+    if "\x00" in spec.detail:
+        return "detail contains a NUL byte"
+    if len(spec.detail) > MAX_DETAIL:
+        return f"detail is longer than {MAX_DETAIL} characters"
+    return None
+
+
+class ConfigCheck(msgspec.Struct, frozen=True):
+    """A Configs set split at the edge: what may be applied, and what was refused why."""
+
+    upgrade: tuple[ConfigSpec, ...]
+    plugins: tuple[ConfigSpec, ...]
+    refused: tuple[tuple[str, str], ...]  # (name, reason)
+    over_limit: int
+    #: Names of refused entries that may be plugins on this host: they are left as they are.
+    hold: frozenset[str]
+
+
+def check_configs(configs: Sequence[ConfigSpec], max_plugins: int = MAX_PLUGINS) -> ConfigCheck:
+    """Pure: validate every entry, cap the number of plugins applied."""
+    upgrade: list[ConfigSpec] = []
+    plugins: list[ConfigSpec] = []
+    refused: list[tuple[str, str]] = []
+    hold: set[str] = set()
+    over_limit = 0
+    for spec in configs:
+        problem = config_problem(spec)
+        if problem is None and spec.name != PRODUCT and len(plugins) >= max_plugins:
+            over_limit += 1
+            problem = f"over the limit of {max_plugins} plugins per set"
+        if problem is not None:
+            refused.append((spec.name[:80], problem))
+            if NAME_RE.fullmatch(spec.name):
+                hold.add(spec.name)
+        elif spec.name == PRODUCT:
+            upgrade.append(spec)
+        else:
+            plugins.append(spec)
+    return ConfigCheck(tuple(upgrade), tuple(plugins), tuple(refused), over_limit, frozenset(hold))
+
+
 T = TypeVar("T")
 
 
@@ -157,29 +269,37 @@ class Dispatcher:
         plugins: PluginHost,
         upgrader: Upgrader,
         emit: Callable[[bytes], None],
+        health: Health | None = None,
     ) -> None:
         self.agent = agent
         self.plugins = plugins
         self.upgrader = upgrader
         self.emit = emit
-        self.commands = 0
+        self.health = Health() if health is None else health
         self.failures = 0
         self._configs: list[ConfigSpec] | None = None
         self._configs_ready = asyncio.Event()
 
     async def handle(self, raw: bytes) -> None:
-        self.commands += 1
+        """Handle one Command; nothing it contains can raise out of here."""
         try:
             command = decode_command(raw)
         except TaskFailed as exc:
             self.failures += 1
             log.error("%s", exc)
             return
-        if command.HasField("task"):
-            t = command.task
-            await self.handle_task(TaskSpec(t.data_type, t.object_name, t.data, t.token))
-        if command.configs:
-            await self.handle_configs(config_specs(command))
+        try:
+            if command.HasField("task"):
+                t = command.task
+                await self.handle_task(TaskSpec(t.data_type, t.object_name, t.data, t.token))
+            if command.configs or not command.HasField("task"):
+                await self.handle_configs(config_specs(command))
+        except Exception as exc:  # the boundary of one command
+            self.failures += 1
+            log.exception("command not handled")
+            self.health.fault("commands", f"command not handled: {exc!r}", "command_errors")
+        else:
+            self.health.clear("commands")
 
     async def handle_task(self, task: TaskSpec) -> None:
         try:
@@ -193,6 +313,13 @@ class Dispatcher:
             log.warning("task %s for %s failed: %s", task.data_type, task.object_name, exc)
             self.emit(task_result(task.token, False, str(exc)))
             return
+        except Exception as exc:  # the boundary of one task: a defect, not bad input
+            self.failures += 1
+            log.exception("task %s for %s failed", task.data_type, task.object_name)
+            self.health.fault("tasks", f"task {task.data_type}: {exc!r}", "task_errors")
+            self.emit(task_result(task.token, False, f"internal error: {exc!r}"))
+            return
+        self.health.clear("tasks")
         if done is not None:
             self.emit(task_result(task.token, True, done))
 
@@ -221,7 +348,37 @@ class Dispatcher:
             configs, self._configs = self._configs, None
             if configs is None:
                 continue
-            for config in configs:
-                if config.name == PRODUCT:
-                    await self.upgrader.consider(config)
-            await self.plugins.sync([c for c in configs if c.name != PRODUCT])
+            try:
+                await self.apply_configs(configs)
+            except Exception as exc:  # the boundary of one config set
+                log.exception("config set not applied")
+                self.health.fault("configs", f"config set not applied: {exc!r}", "config_errors")
+
+    async def apply_configs(self, configs: Sequence[ConfigSpec]) -> None:
+        """Validate the set, then hand each part on; one entry's failure stops no other."""
+        check = check_configs(configs)
+        self._report_refused(check)
+        for config in check.upgrade:
+            try:
+                await self.upgrader.consider(config)
+            except Exception as exc:  # the boundary of one config entry
+                log.exception("self-upgrade entry not applied")
+                self.health.fault("upgrade config", repr(exc), "config_errors")
+            else:
+                self.health.clear("upgrade config")
+        await self.plugins.sync(check.plugins, check.hold)
+
+    def _report_refused(self, check: ConfigCheck) -> None:
+        if not check.refused:
+            self.health.clear("config entries")
+            return
+        for name, reason in check.refused[:LOGGED_REFUSALS]:
+            log.error("config entry %r refused: %s", name, reason)
+        more = len(check.refused) - LOGGED_REFUSALS
+        if more > 0:
+            log.error("%d more config entries refused", more)
+        self.health.count("config_entries_refused", len(check.refused))
+        if check.over_limit:
+            self.health.count("config_entries_over_limit", check.over_limit)
+        summary = "; ".join(f"{name!r}: {reason}" for name, reason in check.refused[:3])
+        self.health.fault("config entries", f"{len(check.refused)} refused ({summary})")

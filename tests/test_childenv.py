@@ -88,3 +88,18 @@ def test_a_real_child_sees_the_cleaned_environment() -> None:
     assert "STATICX" not in out
     assert "_PYI" not in out
     assert "LD_LIBRARY_PATH" not in out
+
+
+def test_service_manager_variables_stay_the_agents() -> None:
+    """A plugin holding NOTIFY_SOCKET could feed the watchdog for a hung agent."""
+    base = {
+        "PATH": "/bin",
+        "NOTIFY_SOCKET": "/run/systemd/notify",
+        "WATCHDOG_USEC": "30000000",
+        "WATCHDOG_PID": "42",
+        "LISTEN_FDS": "1",
+        "LISTEN_PID": "42",
+        "LISTEN_FDNAMES": "x",
+        "NOTIFY_SOCKETS_OF_MINE": "kept",  # only the exact name is the service manager's
+    }
+    assert child_env(base) == {"PATH": "/bin", "NOTIFY_SOCKETS_OF_MINE": "kept"}

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+import json
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import pytest
 
 from elkeid_agent._proto import grpc_pb2
 from elkeid_agent.commands import (
+    MAX_PLUGINS,
     SET_METADATA,
     SHUTDOWN,
     TASK_RESULT,
@@ -22,8 +24,6 @@ from elkeid_agent.commands import (
     ConfigSpec,
     Dispatcher,
     MetadataRequest,
-    NoPlugins,
-    NoUpgrade,
     TaskFailed,
     TaskSpec,
     UploadRequest,
@@ -65,6 +65,7 @@ class Plugins:
         self.names = set(names)
         self.tasks: list[TaskSpec] = []
         self.syncs: list[list[ConfigSpec]] = []
+        self.holds: list[set[str]] = []
         self.gate: asyncio.Event | None = None
 
     async def send_task(self, task: TaskSpec) -> None:
@@ -72,8 +73,9 @@ class Plugins:
             raise TaskFailed(f"no such plugin: {task.object_name}")
         self.tasks.append(task)
 
-    async def sync(self, configs: Sequence[ConfigSpec]) -> None:
+    async def sync(self, configs: Sequence[ConfigSpec], hold: Collection[str] = ()) -> None:
         self.syncs.append(list(configs))
+        self.holds.append(set(hold))
         if self.gate is not None:
             await self.gate.wait()
 
@@ -162,12 +164,6 @@ def test_data_type_zero_fails() -> None:
     assert "data_type 0" in result["msg"]
 
 
-def test_plugin_task_without_plugins() -> None:
-    h = run(Harness(plugins=NoPlugins()), task(1234, '{"k": "v"}', "tp", object_name="anchor"))
-    (result,) = h.results()
-    assert result == {"token": "tp", "msg": "no such plugin: anchor", "status": "failed"}
-
-
 def test_plugin_task_is_forwarded_untouched() -> None:
     h = run(Harness(plugins=Plugins(["anchor"])), task(1234, '{"k":"v"}', "tok-1", "anchor"))
     assert h.plugins.tasks == [TaskSpec(1234, "anchor", '{"k":"v"}', "tok-1")]
@@ -224,7 +220,6 @@ def test_stream_goes_on_after_failures() -> None:
         ("b", "failed"),
         ("c", "succeed"),
     ]
-    assert h.dispatcher.commands == 4
     assert h.dispatcher.failures == 3
 
 
@@ -233,16 +228,35 @@ def test_stream_goes_on_after_failures() -> None:
 )
 def test_undecodable_command_is_counted(raw: bytes) -> None:
     h = run(Harness(), raw)
-    assert h.dispatcher.commands == 1
     assert h.dispatcher.failures == 1
     assert h.emitted == []
 
 
-def test_empty_command_does_nothing() -> None:
-    h = run(Harness(), b"")
+def test_empty_command_is_the_empty_desired_set() -> None:
+    """As the Go agent: the server sends it when a host's last plugin is removed."""
+    h = Harness()
+
+    async def body() -> None:
+        await h.dispatcher.handle(b"")
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert h.plugins.syncs == [[]]
+    assert h.upgrader.considered == []
     assert h.emitted == []
     assert h.dispatcher.failures == 0
-    assert h.dispatcher.commands == 1
+
+
+def test_a_task_without_configs_is_only_the_task() -> None:
+    h = Harness()
+
+    async def body() -> None:
+        await h.dispatcher.handle(task(SHUTDOWN, "", "s"))
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert h.agent.shutdowns == 1
+    assert h.plugins.syncs == []
 
 
 def test_task_result_record() -> None:
@@ -259,9 +273,9 @@ def configs(*entries: dict[str, Any]) -> bytes:
 
 
 SELF = {"name": PRODUCT, "version": "9.9.9", "sha256": "ab" * 32, "download_urls": ["http://u/a"]}
-PLUGIN_A = {"name": "a", "type": "tar.gz", "version": "1", "download_urls": ["u1", "u2"],
-            "detail": "RATE=1"}
-PLUGIN_B = {"name": "b", "version": "2", "signature": "cd" * 32}
+PLUGIN_A = {"name": "a", "type": "tar.gz", "version": "1", "sha256": "01" * 32,
+            "download_urls": ["http://h/u1", "https://h:8443/u2"], "detail": "RATE=1"}
+PLUGIN_B = {"name": "b", "version": "2", "sha256": "EF" * 32, "signature": "cd" * 32}
 
 
 async def configs_run(
@@ -294,8 +308,9 @@ def test_configs_routed_to_upgrader_and_plugins() -> None:
     assert h.upgrader.considered[0].download_urls == ("http://u/a",)
     assert h.plugins.syncs == [
         [
-            ConfigSpec("a", "tar.gz", "1", "", "", ("u1", "u2"), "RATE=1"),
-            ConfigSpec("b", "", "2", "", "cd" * 32, (), ""),
+            ConfigSpec("a", "tar.gz", "1", "01" * 32, "", ("http://h/u1", "https://h:8443/u2"),
+                       "RATE=1"),
+            ConfigSpec("b", "", "2", "EF" * 32, "cd" * 32, (), ""),
         ]
     ]
     assert h.emitted == []
@@ -320,22 +335,12 @@ def test_configs_latest_wins() -> None:
         await settle()
         assert [[c.name for c in s] for s in h.plugins.syncs] == [["a"], ["a", "b"]]
         assert [c.version for c in h.upgrader.considered] == ["9.9.9"]
-        # A Command with an empty Configs list encodes to nothing: there is no set to apply.
+        # A Command with an empty Configs list encodes to nothing: the empty desired set.
         await h.dispatcher.handle(grpc_pb2.Command(configs=[]).SerializeToString())
         await settle()
 
     asyncio.run(configs_run(h, body))
-    assert len(h.plugins.syncs) == 2
-
-
-def test_no_upgrade_and_no_plugins_accept_configs() -> None:
-    async def main() -> None:
-        await NoUpgrade().consider(ConfigSpec(PRODUCT, version="2"))
-        await NoPlugins().sync([ConfigSpec("a")])
-        with pytest.raises(TaskFailed, match="no such plugin: x"):
-            await NoPlugins().send_task(TaskSpec(1, "x", "", ""))
-
-    asyncio.run(main())
+    assert [[c.name for c in s] for s in h.plugins.syncs] == [["a"], ["a", "b"], []]
 
 
 def test_task_and_configs_in_one_command() -> None:
@@ -352,3 +357,187 @@ def test_task_and_configs_in_one_command() -> None:
     asyncio.run(configs_run(h, body))
     assert h.agent.shutdowns == 1
     assert [[c.name for c in s] for s in h.plugins.syncs] == [["b"]]
+
+
+# --- validation at the edge -------------------------------------------------------------------
+
+GOOD = {"name": "good", "version": "1", "sha256": "ab" * 32, "download_urls": ["http://h/g"]}
+BAD_ENTRIES = {
+    "port out of range": ({"download_urls": ["http://127.0.0.1:99999/p"]}, "download_urls[0]"),
+    "broken IPv6 host": ({"download_urls": ["http://h/ok", "http://[::1/p"]}, "download_urls[1]"),
+    "ftp scheme": ({"download_urls": ["ftp://h/p"]}, "scheme"),
+    "no host": ({"download_urls": ["http:///p"]}, "no host"),
+    "NUL in URL": ({"download_urls": ["http://h/p\x00x"]}, "control character"),
+    "NUL in detail": ({"detail": "A=1\x00B=2"}, "detail"),
+    "name with slash": ({"name": "a/b"}, "name"),
+    "name too long": ({"name": "n" * 65}, "name"),
+    "name with newline": ({"name": "bad\n"}, "name"),
+    "empty version": ({"version": ""}, "version"),
+    "short sha256": ({"sha256": "ab"}, "sha256"),
+    "signature not hex": ({"signature": "zz" * 32}, "signature"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ENTRIES))
+def test_a_refused_entry_is_skipped_and_the_rest_applied(case: str) -> None:
+    change, field = BAD_ENTRIES[case]
+    bad = {**GOOD, "name": "bad", **change}
+    h = Harness()
+
+    async def body() -> None:
+        await h.dispatcher.handle(configs(bad, GOOD))
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert [[c.name for c in s] for s in h.plugins.syncs] == [["good"]]
+    assert h.dispatcher.health.counters["config_entries_refused"] == 1
+    (detail,) = h.dispatcher.health.details()
+    assert detail.startswith("config entries: 1 refused")
+    assert field in detail
+    # A valid name whose entry was refused is held: a running plugin of that name stays.
+    assert h.plugins.holds == [{bad["name"]} if "name" not in change else set()]
+
+
+def test_a_refused_agent_entry_does_not_reach_the_upgrader() -> None:
+    h = Harness()
+
+    async def body() -> None:
+        await h.dispatcher.handle(configs({**SELF, "download_urls": ["http://[::1/x"]}, GOOD))
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert h.upgrader.considered == []
+    assert [[c.name for c in s] for s in h.plugins.syncs] == [["good"]]
+
+
+def test_a_clean_set_clears_the_refusal_fault() -> None:
+    h = Harness()
+
+    async def body() -> None:
+        await h.dispatcher.handle(configs({**GOOD, "sha256": "x"}))
+        await settle()
+        assert h.dispatcher.health.faulty("config entries")
+        await h.dispatcher.handle(configs(GOOD))
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert not h.dispatcher.health.faulty("config entries")
+    assert h.dispatcher.health.counters["config_entries_refused"] == 1
+
+
+def test_a_thousand_entries_are_capped_and_counted() -> None:
+    entries = [{**GOOD, "name": f"p{i}"} for i in range(1000)]
+    h = Harness()
+
+    async def body() -> None:
+        await h.dispatcher.handle(configs(*entries, SELF))
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    (applied,) = h.plugins.syncs
+    assert [c.name for c in applied] == [f"p{i}" for i in range(MAX_PLUGINS)]
+    counters = h.dispatcher.health.counters
+    assert counters["config_entries_over_limit"] == 1000 - MAX_PLUGINS
+    assert counters["config_entries_refused"] == 1000 - MAX_PLUGINS
+    # The agent's own entry is not a plugin: it is never capped away.
+    assert [c.name for c in h.upgrader.considered] == [PRODUCT]
+    assert len(h.dispatcher.health.details()[0]) <= 400
+
+
+BAD_TASKS = {
+    "relative path": (UPLOAD_FILE, {"path": "etc/passwd", "buf_size": 1}, "absolute"),
+    "NUL in path": (UPLOAD_FILE, {"path": "/etc/pass\x00wd", "buf_size": 1}, "NUL"),
+    "empty path": (UPLOAD_FILE, {"path": "", "buf_size": 1}, "$.path"),
+    "buf_size zero": (UPLOAD_FILE, {"path": "/x", "buf_size": 0}, "$.buf_size"),
+    "buf_size huge": (UPLOAD_FILE, {"path": "/x", "buf_size": 1 << 40}, "$.buf_size"),
+    "buf_size float": (UPLOAD_FILE, {"path": "/x", "buf_size": 1.5}, "$.buf_size"),
+    "buf_size null": (UPLOAD_FILE, {"path": "/x", "buf_size": None}, "$.buf_size"),
+    "idc with CR": (SET_METADATA, {"idc": "x\rLD_PRELOAD=/tmp/evil.so"}, "$.idc"),
+    "idc with LF": (SET_METADATA, {"idc": "x\nLD_PRELOAD=/tmp/evil.so"}, "$.idc"),
+    "idc with quote": (SET_METADATA, {"idc": 'x"y'}, "$.idc"),
+    "idc empty": (SET_METADATA, {"idc": ""}, "$.idc"),
+    "region too long": (SET_METADATA, {"region": "r" * 65}, "$.region"),
+    "region an object": (SET_METADATA, {"region": {"a": 1}}, "$.region"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TASKS))
+def test_bad_task_fields_are_refused_naming_the_field(case: str) -> None:
+    data_type, data, needle = BAD_TASKS[case]
+    h = run(Harness(), task(data_type, json.dumps(data), token="t"))
+    (result,) = h.results()
+    assert result["status"] == "failed"
+    assert needle in result["msg"]
+    assert h.agent.uploads == []
+    assert h.agent.metadata == []
+
+
+def test_good_metadata_values_pass() -> None:
+    h = run(Harness(), task(SET_METADATA, '{"idc": "dc-7.a_b", "region": "cn-north-1"}', "m"))
+    assert h.agent.metadata == [MetadataRequest(idc="dc-7.a_b", region="cn-north-1")]
+
+
+# --- containment --------------------------------------------------------------------------------
+
+
+class Broken:
+    """Every handler has a defect: it raises something that is not TaskFailed."""
+
+    async def upload(self, token: str, request: UploadRequest) -> None:
+        raise RuntimeError("upload defect")
+
+    async def set_metadata(self, request: MetadataRequest) -> None:
+        raise KeyError("metadata defect")
+
+    async def shutdown(self) -> None:
+        raise ValueError("shutdown defect")
+
+    async def send_task(self, task: TaskSpec) -> None:
+        raise ZeroDivisionError
+
+    async def sync(self, configs: Sequence[ConfigSpec], hold: Collection[str] = ()) -> None:
+        raise RuntimeError("sync defect")
+
+    async def consider(self, config: ConfigSpec) -> None:
+        raise RuntimeError("upgrade defect")
+
+
+def test_a_defect_in_a_task_handler_ends_only_that_task() -> None:
+    broken = Broken()
+    h = Harness(agent=broken, plugins=broken)  # type: ignore[arg-type]
+    run(
+        h,
+        task(UPLOAD_FILE, '{"path": "/x", "buf_size": 1}', "u"),
+        task(SET_METADATA, "{}", "m"),
+        task(SHUTDOWN, "", "s"),
+        task(7, "", "p", object_name="plug"),
+    )
+    results = {r["token"]: r for r in h.results()}
+    assert set(results) == {"u", "m", "s", "p"}
+    assert all(r["status"] == "failed" for r in results.values())
+    assert "upload defect" in results["u"]["msg"]
+    assert "internal error" in results["p"]["msg"]
+    assert h.dispatcher.failures == 4
+    assert h.dispatcher.health.counters["task_errors"] == 4
+    assert h.dispatcher.health.faulty("tasks")
+    # The next task that completes clears the fault.
+    h.agent = h.dispatcher.agent = Agent()
+    run(h, task(SHUTDOWN, "", "s2"))
+    assert not h.dispatcher.health.faulty("tasks")
+
+
+def test_a_defect_in_sync_or_upgrade_does_not_end_run_configs() -> None:
+    broken = Broken()
+    h = Harness(plugins=broken)
+    h.upgrader = h.dispatcher.upgrader = broken  # type: ignore[assignment]
+
+    async def body() -> None:
+        for _ in range(3):
+            await h.dispatcher.handle(configs(SELF, GOOD))
+            await settle()
+
+    asyncio.run(configs_run(h, body))
+    health = h.dispatcher.health
+    assert health.counters["config_errors"] == 6  # 3 upgrade entries, 3 sets
+    assert health.faulty("configs")
+    assert health.faulty("upgrade config")

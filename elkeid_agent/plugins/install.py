@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import ssl
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from elkeid_agent.commands import ConfigSpec
+from elkeid_agent.commands import NAME_RE, ConfigSpec
 from elkeid_agent.download import (
     DEFAULT_TIMEOUT,
     download_verified,
@@ -27,7 +26,6 @@ from elkeid_agent.download import (
     sha256_file,
 )
 
-NAME_RE = re.compile(r"^[0-9A-Za-z_-]+$")
 TAR_GZ = "tar.gz"
 
 
@@ -45,7 +43,8 @@ class Staged:
 
 
 def valid_name(name: str) -> bool:
-    return bool(NAME_RE.match(name))
+    # fullmatch: `$` would let a trailing newline through.
+    return NAME_RE.fullmatch(name) is not None
 
 
 async def prepare(

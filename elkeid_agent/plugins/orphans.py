@@ -110,6 +110,9 @@ def load(path: Path) -> list[GroupRecord]:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
         return []
+    except (OSError, UnicodeDecodeError) as exc:  # unreadable or not text: nothing to trust
+        log.warning("ignoring %s: %s", path, exc)
+        return []
     out = []
     for line in lines:
         try:

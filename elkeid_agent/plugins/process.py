@@ -177,11 +177,14 @@ class PluginProcess:
             stderr = _high_fd(
                 os.open(
                     directory / f"{name}.stderr",
-                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                    0o644,
+                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                    0o600,
                 )
             )
             opened.append(stderr)
+            # What a plugin writes to stderr may be sensitive; a file left by an older agent
+            # keeps its mode through O_TRUNC, so set it.
+            os.fchmod(stderr, 0o600)
             # Every fd the agent opens is close-on-exec (Python's default since PEP 446, and
             # gRPC's), but fds it inherited without the flag would pass on: close those in
             # the child, so it holds exactly fds 0-5.

@@ -8,12 +8,16 @@ down (SIGKILL and reap), and `stop()` is the orderly way (pipes closed, 10 s, SI
 Sync. A Configs command is the whole desired set. `plan_sync` (pure) compares it with the
 slots and the directories on disk; `sync` carries the plan out under a lock (syncs are
 serialized): removals first, then starts and upgrades in the order given. A failure of one
-plugin is recorded and the others go on; the recorded failures are the agent's abnormal
-reasons until the next sync replaces them. An upgrade downloads and verifies the new
-version while the old one still runs, so a bad artifact leaves the old version running.
+plugin (a bad URL, a download error, a spawn error, any exception) is recorded and the others
+go on; the recorded failures are the agent's abnormal reasons until the next sync replaces
+them. An upgrade downloads and verifies the new version while the old one still runs, so a
+bad artifact leaves the old version running. The names in `hold` (entries the dispatcher
+refused) are neither removed nor started: a bad push leaves a healthy plugin as it is.
 
 Slots. A slot runs its plugin until told to stop, restarting it after every exit with the
-backoff of `lifecycle.backoff_delay`; its state changes only through its `Lifecycle`.
+backoff of `lifecycle.backoff_delay`; its state changes only through its `Lifecycle`. A slot is
+the unit of failure of one plugin: an exception in its spawn or its serving ends that run (and
+is retried after the backoff), never the supervisor's TaskGroup.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import logging
 import shutil
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,10 +36,11 @@ import psutil
 
 from elkeid_agent.buffer import RecordBuffer
 from elkeid_agent.childenv import child_env
-from elkeid_agent.commands import ConfigSpec, TaskSpec
+from elkeid_agent.commands import NAME_RE, ConfigSpec, TaskSpec
 from elkeid_agent.config import PluginsConfig
 from elkeid_agent.download import DownloadError, UnsafeArchive
 from elkeid_agent.errors import TaskFailed
+from elkeid_agent.health import Health
 from elkeid_agent.heartbeat import (
     PLUGIN_HEARTBEAT,
     ProcessGroupSampler,
@@ -51,7 +56,7 @@ from elkeid_agent.plugins.lifecycle import (
     backoff_delay,
     failures_after_run,
 )
-from elkeid_agent.plugins.process import HIGH_PRIORITY_ENV, Counters, PluginProcess
+from elkeid_agent.plugins.process import HIGH_PRIORITY_ENV, Counters, Outcome, PluginProcess
 from elkeid_agent.wire import encode_record, task_frame
 
 log = logging.getLogger(__name__)
@@ -70,24 +75,40 @@ class SyncPlan:
 
 
 def plan_sync(
-    running: Mapping[str, str], installed: Iterable[str], desired: Sequence[ConfigSpec]
+    running: Mapping[str, str],
+    installed: Iterable[str],
+    desired: Sequence[ConfigSpec],
+    hold: Collection[str] = (),
 ) -> SyncPlan:
-    """Pure: from running {name: version}, plugin dirs on disk and the desired set, the plan."""
+    """Pure: from running {name: version}, plugin dirs on disk and the desired set, the plan.
+
+    Plugins named in `hold` and not in the desired set are left alone (not removed)."""
     rejected: list[str] = []
     wanted: dict[str, ConfigSpec] = {}
     for spec in desired:
         if not install.valid_name(spec.name):
-            pattern = install.NAME_RE.pattern
+            pattern = NAME_RE.pattern
             rejected.append(f"plugin name {spec.name!r} refused: must match {pattern}")
         elif spec.name in wanted:
             rejected.append(f"plugin {spec.name}: listed twice, the first entry is used")
         else:
             wanted[spec.name] = spec
     present = set(running) | set(installed)
-    remove = tuple(sorted(n for n in present if n not in wanted))
+    remove = tuple(sorted(n for n in present if n not in wanted and n not in hold))
     start = tuple(s for n, s in wanted.items() if running.get(n) != s.version)
     keep = tuple(n for n, s in wanted.items() if running.get(n) == s.version)
     return SyncPlan(remove, start, keep, tuple(rejected))
+
+
+_EXPECTED = (install.InstallError, DownloadError, UnsafeArchive, OSError)
+
+
+def _reason(exc: Exception) -> str:
+    """The failure of one plugin for people; a defect (not an expected failure) is logged whole."""
+    if not isinstance(exc, _EXPECTED):
+        log.error("plugin sync step failed", exc_info=exc)
+        return repr(exc)
+    return str(exc)
 
 
 @dataclass
@@ -123,11 +144,13 @@ class PluginSupervisor:
         buffer: RecordBuffer,
         config: PluginsConfig,
         on_state: Callable[[], None] | None = None,
+        health: Health | None = None,
     ) -> None:
         self.root = Path(work_dir) / PLUGIN_DIR
         self.buffer = buffer
         self.config = config
         self.on_state = on_state
+        self.health = Health() if health is None else health
         self._slots: dict[str, _Slot] = {}
         self._sync_errors: list[str] = []
         self._sync_lock = asyncio.Lock()
@@ -144,7 +167,12 @@ class PluginSupervisor:
     async def run(self) -> None:
         """Reap orphans of a previous agent, then own the plugin slots until stop() or cancel."""
         self.root.mkdir(parents=True, exist_ok=True)
-        killed = orphans.reap(self.root / orphans.PGIDS_FILE)
+        try:
+            killed = orphans.reap(self.root / orphans.PGIDS_FILE)
+        except Exception as exc:  # the boundary of the reaping: what it reads is from disk
+            log.error("orphan plugin processes not reaped", exc_info=exc)
+            self.health.fault("orphans", f"not reaped: {exc!r}", "orphan_reap_errors")
+            killed = []
         if killed:
             log.warning("killed %d plugin processes left by a previous agent", len(killed))
         async with asyncio.TaskGroup() as tg:
@@ -178,27 +206,29 @@ class PluginSupervisor:
             raise TaskFailed(f"plugin {task.object_name} is not running ({slot.last_exit})")
         slot.process.send(task_frame(task.data_type, task.object_name, task.data, task.token))
 
-    async def sync(self, configs: Sequence[ConfigSpec]) -> None:
+    async def sync(self, configs: Sequence[ConfigSpec], hold: Collection[str] = ()) -> None:
         async with self._sync_lock:
             await self._ready.wait()
             if self._closing:
                 return
             await self._forget_stopped()
             running = {name: slot.spec.version for name, slot in self._slots.items()}
-            plan = plan_sync(running, self._installed(), configs)
+            plan = plan_sync(running, self._installed(), configs, hold)
             errors = list(plan.rejected)
             for name in plan.remove:
                 try:
                     await self._remove(name)
-                except OSError as exc:
-                    errors.append(f"plugin {name}: cannot remove: {exc}")
+                except Exception as exc:  # noqa: BLE001 - the boundary of one plugin's removal
+                    errors.append(f"plugin {name}: cannot remove: {_reason(exc)}")
             for spec in plan.start:
                 try:
                     await self._install_and_start(spec)
-                except (install.InstallError, DownloadError, UnsafeArchive, OSError) as exc:
-                    errors.append(f"plugin {spec.name}: {exc}")
+                except Exception as exc:  # noqa: BLE001 - the boundary of one entry
+                    errors.append(f"plugin {spec.name}: {_reason(exc)}")
             for reason in errors:
                 log.error("sync: %s", reason)
+            if errors:
+                self.health.count("plugin_sync_failures", len(errors))
             self._sync_errors = errors
             self._notify()
 
@@ -210,6 +240,9 @@ class PluginSupervisor:
         for name, slot in self._slots.items():
             if slot.lifecycle.live and slot.lifecycle.state is not State.RUNNING:
                 out.append(f"plugin {name} is down ({slot.last_exit or 'starting'})")
+            elif not slot.lifecycle.live and not slot.stop_requested.is_set():
+                # Its slot ended on a defect; the next sync starts it afresh.
+                out.append(f"plugin {name} is down ({slot.last_exit})")
         return out
 
     def heartbeats(self) -> list[bytes]:
@@ -329,6 +362,21 @@ class PluginSupervisor:
 
     async def _run_slot(self, slot: _Slot) -> None:
         name = slot.spec.name
+        lifecycle = slot.lifecycle
+        try:
+            await self._serve_slot(slot)
+        except Exception as exc:  # the boundary of one plugin: its defect ends only its slot
+            slot.last_exit = f"supervision failed: {exc!r}"
+            log.exception("plugin %s: supervision failed", name)
+            self.health.count("plugin_errors")
+        finally:
+            if lifecycle.live:
+                lifecycle.fire(Event.STOP)
+            lifecycle.fire(Event.REAPED)
+
+    async def _serve_slot(self, slot: _Slot) -> None:
+        """Spawn, serve, back off, restart, until the slot is told to stop."""
+        name = slot.spec.name
         extra = {HIGH_PRIORITY_ENV: "1"}
         if slot.spec.detail:
             extra["DETAIL"] = slot.spec.detail
@@ -336,51 +384,52 @@ class PluginSupervisor:
         if not slot.spec.detail:
             env.pop("DETAIL", None)  # the agent's own environment must not speak for the config
         lifecycle = slot.lifecycle
-        try:
-            while lifecycle.live:
+        while lifecycle.live:
+            try:
+                process = PluginProcess.spawn(
+                    name,
+                    slot.directory,
+                    env,
+                    buffer=self.buffer,
+                    counters=slot.counters,
+                    max_frame=self.config.max_frame_bytes,
+                    task_queue=self.config.task_queue,
+                )
+            except Exception as exc:  # noqa: BLE001 - one spawn (OSError, ValueError: NUL)
+                slot.last_exit = f"cannot start: {exc}"
+                log.error("plugin %s: %s", name, slot.last_exit)
+                self.health.count("plugin_spawn_failures")
+                slot.failures = failures_after_run(slot.failures, 0.0)
+                lifecycle.fire(Event.SPAWN_FAILED)
+            else:
+                slot.process = process
+                slot.rate_base = (process.started, replace(slot.counters))
+                self._save_groups()
+                lifecycle.fire(Event.SPAWNED)
                 try:
-                    process = PluginProcess.spawn(
-                        name,
-                        slot.directory,
-                        env,
-                        buffer=self.buffer,
-                        counters=slot.counters,
-                        max_frame=self.config.max_frame_bytes,
-                        task_queue=self.config.task_queue,
-                    )
-                except OSError as exc:
-                    slot.last_exit = f"cannot start: {exc}"
-                    log.error("plugin %s: %s", name, slot.last_exit)
-                    slot.failures = failures_after_run(slot.failures, 0.0)
-                    lifecycle.fire(Event.SPAWN_FAILED)
-                else:
-                    slot.process = process
-                    slot.rate_base = (process.started, replace(slot.counters))
+                    outcome = await process.serve(slot.stop_requested)
+                except Exception as exc:  # one run: serve() has killed and reaped the child
+                    log.exception("plugin %s: serving failed", name)
+                    self.health.count("plugin_errors")
+                    ran = time.monotonic() - process.started
+                    outcome = Outcome(f"serving failed: {exc!r}", ran)
+                finally:
+                    slot.process = None
                     self._save_groups()
-                    lifecycle.fire(Event.SPAWNED)
-                    try:
-                        outcome = await process.serve(slot.stop_requested)
-                    finally:
-                        slot.process = None
-                        self._save_groups()
-                    if not lifecycle.live:
-                        break
-                    slot.last_exit = outcome.reason
-                    slot.failures = failures_after_run(slot.failures, outcome.run_seconds)
-                    log.error("plugin %s %s", name, outcome.reason)
-                    lifecycle.fire(Event.EXITED)
-                delay = backoff_delay(slot.failures)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await slot.stop_requested.wait()
                 if not lifecycle.live:
                     break
-                slot.restarts += 1
-                lifecycle.fire(Event.BACKOFF_ELAPSED)
-        finally:
-            if lifecycle.live:
-                lifecycle.fire(Event.STOP)
-            lifecycle.fire(Event.REAPED)
+                slot.last_exit = outcome.reason
+                slot.failures = failures_after_run(slot.failures, outcome.run_seconds)
+                log.error("plugin %s %s", name, outcome.reason)
+                lifecycle.fire(Event.EXITED)
+            delay = backoff_delay(slot.failures)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await slot.stop_requested.wait()
+            if not lifecycle.live:
+                break
+            slot.restarts += 1
+            lifecycle.fire(Event.BACKOFF_ELAPSED)
 
     def _on_change(self, name: str, old: State, new: State) -> None:
         log.debug("plugin %s: %s -> %s", name, old.value, new.value)

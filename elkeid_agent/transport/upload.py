@@ -1,9 +1,16 @@
 """Task 1050: stream a file to the server with FileExt.Upload (PROTOCOL.md section 3).
 
 Limits as the Go agent keeps them: at most one chunk of min(buf_size, 500 KiB) per second, files
-over buf_size * 600 refused, one upload at a time. The request is checked when the task arrives
-(so a bad one fails at once); the transfer runs in `run()`, owned by the app's task group, and
-reports its outcome as a 5100 record.
+over buf_size * 600 refused, one upload at a time, the whole call bounded by 600 s. The request
+is checked when the task arrives (so a bad one fails at once); the transfer runs in `run()`,
+owned by the app's task group, and reports its outcome as a 5100 record.
+
+One upload is a unit of failure: whatever ends it (a read error, a file that shrinks, the
+deadline, the server, a defect) ends it with a 5100 and a log line, and the one-at-a-time slot
+is released in every case. grpc.aio swallows an exception raised by the request iterator and
+only cancels the call (as it does when the channel closes), raising CancelledError in the
+awaiting task: unless that task itself is being cancelled, this is the upload's failure (the
+iterator's, kept aside, or the closed connection), not a reason to end `run()`.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 from elkeid_agent._proto import grpc_pb2
 from elkeid_agent.commands import UploadRequest, task_result
 from elkeid_agent.errors import TaskFailed
+from elkeid_agent.health import Health
 from elkeid_agent.transport.grpc_env import grpc
 
 log = logging.getLogger(__name__)
@@ -26,6 +34,8 @@ UPLOAD_METHOD = "/grpc.FileExt/Upload"
 MAX_CHUNK = 500 * 1024
 MAX_CHUNKS = 600
 CHUNK_INTERVAL = 1.0
+#: The whole Upload call, as the Go agent bounds it (10 minutes).
+UPLOAD_DEADLINE = 600.0
 
 
 @dataclass(frozen=True)
@@ -43,10 +53,14 @@ class Uploader:
         channel: Callable[[], grpc.aio.Channel | None],
         emit: Callable[[bytes], None],
         chunk_interval: float = CHUNK_INTERVAL,
+        health: Health | None = None,
+        deadline: float = UPLOAD_DEADLINE,
     ) -> None:
         self._channel = channel
         self._emit = emit
         self._interval = chunk_interval
+        self._deadline = deadline
+        self.health = Health() if health is None else health
         self._job: _Job | None = None
         self._ready = asyncio.Event()
         self.completed = 0
@@ -65,6 +79,8 @@ class Uploader:
             fd = os.open(request.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise TaskFailed(f"cannot open {request.path}: {exc.strerror}") from exc
+        except ValueError as exc:  # a NUL in the path, for a request not checked at the edge
+            raise TaskFailed(f"cannot open {request.path!r}: {exc}") from exc
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -89,30 +105,45 @@ class Uploader:
                 continue
             try:
                 await self._transfer(job)
-            except (TaskFailed, OSError, grpc.aio.AioRpcError) as exc:
-                self.failed += 1
-                reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-                log.warning("upload of %s failed: %s", job.path, reason)
-                self._emit(task_result(job.token, False, f"upload failed: {reason}"))
+            except grpc.aio.AioRpcError as exc:
+                self._failed(job, f"{exc.code().name}: {exc.details()}")
+            except (TaskFailed, OSError) as exc:
+                self._failed(job, str(exc))
+            except Exception as exc:  # the boundary of one upload
+                log.error("upload of %s: unexpected failure", job.path, exc_info=exc)
+                self.health.fault("upload", repr(exc), "upload_errors")
+                self._failed(job, repr(exc))
             else:
                 self.completed += 1
+                self.health.clear("upload")
                 self._emit(task_result(job.token, True, f"uploaded {job.size} bytes"))
             finally:
-                os.close(job.fd)
                 self._job = None
+                os.close(job.fd)
 
-    async def _chunks(self, job: _Job) -> AsyncIterator[grpc_pb2.FileUploadRequest]:
+    def _failed(self, job: _Job, reason: str) -> None:
+        self.failed += 1
+        log.warning("upload of %s failed: %s", job.path, reason)
+        self._emit(task_result(job.token, False, f"upload failed: {reason}"))
+
+    async def _chunks(
+        self, job: _Job, failure: list[Exception]
+    ) -> AsyncIterator[grpc_pb2.FileUploadRequest]:
         remaining = job.size
         first = True
-        while remaining > 0 or first:
-            if not first:
-                await asyncio.sleep(self._interval)
-            data = os.pread(job.fd, min(job.chunk, remaining), job.size - remaining)
-            if not data and remaining:
-                raise TaskFailed(f"{job.path} shrank during the upload")
-            remaining -= len(data)
-            first = False
-            yield grpc_pb2.FileUploadRequest(token=job.token, data=data)
+        try:
+            while remaining > 0 or first:
+                if not first:
+                    await asyncio.sleep(self._interval)
+                data = os.pread(job.fd, min(job.chunk, remaining), job.size - remaining)
+                if not data and remaining:
+                    raise TaskFailed(f"{job.path} shrank during the upload")
+                remaining -= len(data)
+                first = False
+                yield grpc_pb2.FileUploadRequest(token=job.token, data=data)
+        except Exception as exc:
+            failure.append(exc)  # grpc.aio only cancels the call; `_transfer` reports this
+            raise
 
     async def _transfer(self, job: _Job) -> None:
         channel = self._channel()
@@ -123,6 +154,22 @@ class Uploader:
             request_serializer=grpc_pb2.FileUploadRequest.SerializeToString,
             response_deserializer=grpc_pb2.FileUploadResponse.FromString,
         )
-        response = await call(self._chunks(job))
+        failure: list[Exception] = []
+        try:
+            response = await call(self._chunks(job, failure), timeout=self._deadline)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled ourselves
+            # Not us: grpc.aio cancels the call when the reader fails or the channel closes.
+            if failure:
+                raise failure[0] from None
+            raise TaskFailed("the upload call was cancelled (connection closed)") from None
+        except grpc.aio.AioRpcError:
+            if failure:
+                raise failure[0] from None
+            raise
+        if failure:  # the server answered before the reader's failure cancelled the call
+            raise failure[0]
         if response.status != grpc_pb2.FileUploadResponse.SUCCESS:
             raise TaskFailed("the server reported a failed upload")

@@ -1,0 +1,49 @@
+"""One failing heartbeat build is logged and counted; the next one goes out (in-process Agent)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from conftest import AgentConfig
+
+from elkeid_agent import app
+from elkeid_agent._proto import grpc_pb2
+from elkeid_agent.config import load_config
+from elkeid_agent.transport.tls import TlsMaterial
+
+
+def test_a_failing_heartbeat_is_contained(
+    agent_config: AgentConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_config(str(agent_config()), {})
+    for sub in ("plugin", "log", "tmp"):
+        (config.work_path / sub).mkdir(parents=True, exist_ok=True)
+    real = app.hb.build_agent_heartbeat
+    failures = iter([RuntimeError("psutil said no")])
+
+    def flaky(**kw: object) -> dict[str, str]:
+        for exc in failures:
+            raise exc
+        return real(**kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(app.hb, "build_agent_heartbeat", flaky)
+
+    async def main() -> None:
+        agent = app.Agent(config, TlsMaterial.load(config.tls), dict(os.environ))
+        agent.send_heartbeat()  # raises inside: contained
+        assert agent.health.counters["heartbeat_errors"] == 1
+        assert agent.health.faulty("heartbeat")
+        assert len(agent.buffer) == 0
+        agent.send_heartbeat()
+        assert not agent.health.faulty("heartbeat")
+        batch = agent.buffer.take(8 << 20)
+        beats = [grpc_pb2.Record.FromString(r) for r in batch.records]
+        assert [b.data_type for b in beats] == [1000]
+        fields = dict(beats[0].data.fields)
+        # The beat after the failure still reports it (it was built before the fault cleared).
+        assert fields["heartbeat_errors"] == "1"
+        assert "heartbeat not sent" in fields["state_detail"]
+
+    asyncio.run(main())

@@ -1,0 +1,201 @@
+"""1050 uploads as units of failure: every end is a 5100 and frees the one-at-a-time slot.
+
+The Uploader runs against the real local center over real mutual TLS (grpc.aio, as in the
+agent); files are real, and so are their failures: a file truncated mid-way, a read that fails
+(the descriptor replaced by a directory's, so pread gets EISDIR), a deadline that passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from elkeid_agent._proto import grpc_pb2
+from elkeid_agent.commands import UploadRequest
+from elkeid_agent.errors import TaskFailed
+from elkeid_agent.transport.grpc_env import grpc
+from elkeid_agent.transport.upload import Uploader
+from elkeid_center.certs import SERVER_NAME
+from elkeid_center.testing import CenterThread
+
+CHUNK = 1000
+
+
+class Rig:
+    def __init__(
+        self, dial: Callable[[], grpc.aio.Channel], results: list[dict[str, str]], **kw: float
+    ) -> None:
+        self.dial = dial
+        self.channel: grpc.aio.Channel | None = dial()
+        self.uploader = Uploader(lambda: self.channel, self.emit, **kw)
+        self.results = results
+        self.emitted = asyncio.Event()
+
+    def emit(self, raw: bytes) -> None:
+        record = grpc_pb2.Record.FromString(raw)
+        assert record.data_type == 5100
+        self.results.append(dict(record.data.fields))
+        self.emitted.set()
+
+    async def result(self, n: int, limit: float = 15.0) -> dict[str, str]:
+        async with asyncio.timeout(limit):
+            while len(self.results) < n:
+                self.emitted.clear()
+                await self.emitted.wait()
+        return self.results[n - 1]
+
+
+@contextlib.asynccontextmanager
+async def rig(center: CenterThread, **kw: float) -> AsyncIterator[Rig]:
+    certs = center.certs
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=certs.ca.read_bytes(),
+        private_key=certs.client_key.read_bytes(),
+        certificate_chain=certs.client_cert.read_bytes(),
+    )
+
+    def dial() -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(
+            center.address, credentials, options=[("grpc.ssl_target_name_override", SERVER_NAME)]
+        )
+
+    r = Rig(dial, [], **kw)
+    runner = asyncio.create_task(r.uploader.run())
+    try:
+        yield r
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        if r.channel is not None:
+            await r.channel.close()
+
+
+def go(body: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(body())
+
+
+def test_a_file_that_shrinks_ends_with_a_5100_and_frees_the_slot(
+    center: CenterThread, tmp_path: Path
+) -> None:
+    source = tmp_path / "shrinks"
+    source.write_bytes(b"x" * (CHUNK * 4))
+
+    async def body() -> None:
+        async with rig(center, chunk_interval=0.3) as r:
+            await r.uploader.upload("s-1", UploadRequest(str(source), CHUNK))
+            await asyncio.sleep(0.1)  # the first chunk is on its way
+            os.truncate(source, CHUNK)
+            result = await r.result(1)
+            assert result["status"] == "failed"
+            assert result["token"] == "s-1"
+            assert "shrank" in result["msg"]
+            assert r.uploader.failed == 1
+            # The slot is free: the next upload is accepted and completes.
+            await r.uploader.upload("s-2", UploadRequest(str(source), CHUNK))
+            assert (await r.result(2))["status"] == "succeed"
+
+    go(body)
+
+
+def test_a_read_error_ends_with_a_5100_and_frees_the_slot(
+    center: CenterThread, tmp_path: Path
+) -> None:
+    source = tmp_path / "unreadable"
+    source.write_bytes(b"y" * (CHUNK * 4))
+
+    async def body() -> None:
+        async with rig(center, chunk_interval=0.3) as r:
+            await r.uploader.upload("r-1", UploadRequest(str(source), CHUNK))
+            job = r.uploader._job
+            assert job is not None
+            directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+            os.dup2(directory, job.fd)  # the next pread fails with EISDIR
+            os.close(directory)
+            result = await r.result(1)
+            assert result["status"] == "failed"
+            assert "Is a directory" in result["msg"]
+            await r.uploader.upload("r-2", UploadRequest(str(source), CHUNK))
+            assert (await r.result(2))["status"] == "succeed"
+
+    go(body)
+    assert center.uploads["r-2"].data == b"y" * (CHUNK * 4)
+
+
+def test_the_call_has_a_deadline(center: CenterThread, tmp_path: Path) -> None:
+    source = tmp_path / "slow"
+    source.write_bytes(b"z" * (CHUNK * 10))
+
+    async def body() -> None:
+        async with rig(center, chunk_interval=0.5, deadline=1.5) as r:
+            await r.uploader.upload("d-1", UploadRequest(str(source), CHUNK))
+            result = await r.result(1)
+            assert result["status"] == "failed"
+            assert "DEADLINE_EXCEEDED" in result["msg"]
+            await asyncio.sleep(0.1)
+            assert r.uploader._job is None
+
+    go(body)
+
+
+def test_a_cancelled_upload_frees_the_slot_and_the_fd(
+    center: CenterThread, tmp_path: Path
+) -> None:
+    source = tmp_path / "cancelled"
+    source.write_bytes(b"c" * (CHUNK * 10))
+
+    async def body() -> None:
+        async with rig(center, chunk_interval=0.5) as r:
+            await r.uploader.upload("c-1", UploadRequest(str(source), CHUNK))
+            job = r.uploader._job
+            assert job is not None
+            await asyncio.sleep(0.2)
+        # `rig` cancelled the runner mid-transfer.
+        assert r.uploader._job is None
+        # The fd is closed (its number may already serve something else, not our file).
+        with contextlib.suppress(FileNotFoundError):
+            assert os.readlink(f"/proc/self/fd/{job.fd}") != str(source)
+
+    go(body)
+
+
+def test_a_nul_in_the_path_is_refused_not_raised(center: CenterThread) -> None:
+    async def body() -> None:
+        async with rig(center) as r:
+            # Built without the edge's validation, as a caller inside the agent could.
+            request = UploadRequest("/etc/passwd", CHUNK)
+            request.path = "/etc/pass\x00wd"
+            with pytest.raises(TaskFailed, match="cannot open"):
+                await r.uploader.upload("n", request)
+            assert r.uploader._job is None
+
+    go(body)
+
+
+def test_a_closed_connection_ends_the_upload_not_the_uploader(
+    center: CenterThread, tmp_path: Path
+) -> None:
+    source = tmp_path / "cut"
+    source.write_bytes(b"k" * (CHUNK * 10))
+
+    async def body() -> None:
+        async with rig(center, chunk_interval=0.3) as r:
+            await r.uploader.upload("k-1", UploadRequest(str(source), CHUNK))
+            await asyncio.sleep(0.5)
+            assert r.channel is not None
+            await r.channel.close()  # what the transfer loop does on a reconnect
+            result = await r.result(1)
+            assert result["status"] == "failed"
+            assert "cancelled" in result["msg"]
+            r.channel = r.dial()
+            small = tmp_path / "small"
+            small.write_bytes(b"s" * CHUNK)
+            await r.uploader.upload("k-2", UploadRequest(str(small), CHUNK))
+            assert (await r.result(2))["status"] == "succeed"
+
+    go(body)
