@@ -2,7 +2,8 @@
 
 Task ownership (all children of `Agent.run`'s TaskGroup):
   transfer   TransferLoop.run: discover, stream, reconnect
-  heartbeat  every interval (and on each new stream, via TransferLoop.on_open)
+  heartbeat  every interval (and on each new stream, via TransferLoop.on_open), watchdog
+             ticks in turn; owns the work dir's usage walk (a worker thread, once a minute)
   uploads    Uploader.run: one 1050 at a time
   configs    Dispatcher.run_configs: Configs applied one sync at a time, latest wins
   plugins    PluginSupervisor.run (its own TaskGroup per plugin)
@@ -29,14 +30,16 @@ from elkeid_agent.buffer import RecordBuffer
 from elkeid_agent.commands import Dispatcher, MetadataRequest, UploadRequest
 from elkeid_agent.config import EX_CONFIG, Config, ConfigError, load_config, work_dir_hint
 from elkeid_agent.errors import TaskFailed
+from elkeid_agent.fsutil import describe_error
 from elkeid_agent.health import Health
 from elkeid_agent.host import HostFacts, read_host_facts
-from elkeid_agent.identity import load_agent_id
-from elkeid_agent.logs import RecordHandler, setup_logging
+from elkeid_agent.identity import ID_FILE_UNIT, load_agent_id, save_agent_id
+from elkeid_agent.logs import LogFileHandler, RecordHandler, setup_logging
 from elkeid_agent.plugins.supervisor import PluginSupervisor
 from elkeid_agent.runtime_dir import clean_stale_unpack_dirs
-from elkeid_agent.service import dump_tasks, release_memory, sd_notify, watchdog_interval
-from elkeid_agent.status import AgentStatus, write_status
+from elkeid_agent.service import Notifier, dump_tasks, release_memory, watchdog_interval
+from elkeid_agent.status import STATUS_FILE, AgentStatus, write_status
+from elkeid_agent.timers import Job, run_every
 from elkeid_agent.transport.stream import TransferLoop
 from elkeid_agent.transport.tls import TlsError, TlsMaterial
 from elkeid_agent.transport.upload import Uploader
@@ -58,6 +61,12 @@ FLUSH_ON_EXIT_SECONDS = 3.0
 # sysexits EX_TEMPFAIL: the start-up check restored the previous executable; the service
 # manager's restart runs it.
 EX_ROLLED_BACK = 75
+WORK_SUBDIRS = ("plugin", "log", "tmp")
+# Health units of the agent's own files; each fault names the path and the errno.
+STATUS_UNIT = "status file"
+LOG_UNIT = "log file"
+WORK_DIR_UNIT = "work dir"
+SPECIFIED_ENV_UNIT = "specified_env file"
 
 
 class _Stop(Exception):
@@ -71,6 +80,7 @@ class Agent:
         tls: TlsMaterial,
         env: dict[str, str],
         startup: StartupResult | None = None,
+        log_file: LogFileHandler | None = None,
     ) -> None:
         self.config = config
         self.work_dir = config.work_path
@@ -79,12 +89,17 @@ class Agent:
         self._loop_thread = threading.get_ident()
         self.buffer = RecordBuffer(config.buffer.max_bytes, config.buffer.agent_lane_bytes)
         self.stopping = asyncio.Event()
-        self.agent_id = load_agent_id(Path("/"), self.work_dir, env)
+        self.health = Health()
+        self.log_file = log_file
+        self.notifier = Notifier(env, self.health)
+        self.agent_id = load_agent_id(Path("/"), self.work_dir, env, self.health)
         self.facts = read_host_facts()
         self._header = self._encode_header(self.facts)
         self.errors: dict[str, str] = {}
-        self.health = Health()
-        self.plugins = PluginSupervisor(self.work_dir, self.buffer, config.plugins)
+        make_work_dirs(self.work_dir, self.health)
+        self.plugins = PluginSupervisor(
+            self.work_dir, self.buffer, config.plugins, health=self.health
+        )
         self.upgrader = UpgradeManager(
             self.work_dir,
             emit=self.emit,
@@ -103,6 +118,7 @@ class Agent:
         self._own_processes = hb.agent_processes()
         self._sampler = hb.ProcessGroupSampler(self._own_processes)
         self._cpu = hb.CpuUsageSampler()
+        self._usage = hb.DirUsage(self.work_dir, "plugin")
         self._last_tick = time.monotonic()
         self._last_stats = (0, 0, 0, 0)
         self.last_heartbeat = 0.0
@@ -159,7 +175,13 @@ class Agent:
         }
 
     def send_heartbeat(self) -> None:
-        """Queue a 1000 record (and the plugins' 1001s) and refresh the status file."""
+        """Queue a 1000 record (and the plugins' 1001s) and refresh the status file.
+
+        Reads nothing slow: host facts and the directory usage are refreshed off the loop
+        (`_beat`, `DirUsage`). Retries the agent's own files that had failed, so their faults
+        clear by themselves once the disk takes writes again.
+        """
+        self._check_own_files()
         now = time.monotonic()
         elapsed = max(now - self._last_tick, 1e-9)
         stats = self.transfer.state.stats
@@ -171,10 +193,9 @@ class Agent:
             c - p for c, p in zip(current, self._last_stats, strict=True)
         )
         self._last_tick, self._last_stats = now, current
-        facts = read_host_facts()
-        if facts != self.facts:
-            self.facts = facts
-            self._header = self._encode_header(facts)
+        facts = self.facts
+        self.last_heartbeat = time.time()
+        self._write_status("abnormal" if self.state_detail() else "running")
         detail = self.state_detail()
         fields = hb.build_agent_heartbeat(
             facts=facts,
@@ -189,7 +210,7 @@ class Agent:
             tx_speed=tx_bytes / elapsed,
             rx_tps=rx_commands / elapsed,
             tx_tps=tx_records / elapsed,
-            du=hb.dir_usage(self.work_dir, "plugin"),
+            du=self._usage.bytes,
             ngr=len(asyncio.all_tasks()) + threading.active_count(),
             extra=self.counters(),
         )
@@ -199,25 +220,50 @@ class Agent:
         self.buffer.put_agent(encode_record(AGENT_HEARTBEAT, timestamp, fields))
         for record in self.plugins.heartbeats():
             self.buffer.put_agent(record)
-        self.last_heartbeat = time.time()
-        self._write_status("abnormal" if detail else "running")
 
     def _write_status(self, state: str) -> None:
         link = self.transfer.state
-        write_status(
-            self.work_dir,
-            AgentStatus(
-                pid=os.getpid(),
-                version=VERSION,
-                state=state,
-                net_mode=str(link.net_mode),
-                connected=link.connected,
-                server=link.server,
-                last_heartbeat=self.last_heartbeat,
-                updated=time.time(),
-                upgrade_state=self.upgrader.state,
-            ),
-        )
+        try:
+            write_status(
+                self.work_dir,
+                AgentStatus(
+                    pid=os.getpid(),
+                    version=VERSION,
+                    state=state,
+                    net_mode=str(link.net_mode),
+                    connected=link.connected,
+                    server=link.server,
+                    last_heartbeat=self.last_heartbeat,
+                    updated=time.time(),
+                    upgrade_state=self.upgrader.state,
+                ),
+            )
+        except OSError as exc:
+            reason = "cannot write: " + describe_error(self.work_dir / STATUS_FILE, exc)
+            self.health.fault(STATUS_UNIT, reason, "status_write_failures")
+        else:
+            self.health.clear(STATUS_UNIT)
+
+    def _check_own_files(self) -> None:
+        """Faults of the log file, the work dir and the machine-id, retried each heartbeat."""
+        if self.health.faulty(WORK_DIR_UNIT):
+            make_work_dirs(self.work_dir, self.health)
+        if self.health.faulty(ID_FILE_UNIT):
+            save_agent_id(Path("/"), self.work_dir, self.agent_id, self.health)
+        log_file = self.log_file
+        if log_file is None:
+            return
+        log_file.retry()
+        for counter, value in (
+            ("log_write_failures", log_file.failed_writes),
+            ("log_rotation_failures", log_file.rotation_failures),
+            ("log_stderr_dropped", log_file.stderr_dropped),
+        ):
+            self.health.count(counter, value - self.health.counters[counter])
+        if log_file.error is not None:
+            self.health.fault(LOG_UNIT, "cannot write: " + log_file.error)
+        else:
+            self.health.clear(LOG_UNIT)
 
     # -- the agent's own tasks (commands.AgentTasks) ---------------------------------------------
 
@@ -236,8 +282,13 @@ class Agent:
             raise TaskFailed("neither idc nor region given")
         try:
             specified_env.write(self.work_dir, values)
-        except (OSError, ValueError) as exc:
+        except ValueError as exc:
             raise TaskFailed(f"cannot persist metadata: {exc}") from exc
+        except OSError as exc:
+            reason = "cannot write: " + describe_error(self.work_dir / specified_env.FILE_NAME, exc)
+            self.health.fault(SPECIFIED_ENV_UNIT, reason)
+            raise TaskFailed(f"cannot persist metadata: {reason}") from exc
+        self.health.clear(SPECIFIED_ENV_UNIT)
         self.config = msgspec.structs.replace(
             self.config,
             idc=request.idc if request.idc is not None else self.config.idc,
@@ -267,30 +318,39 @@ class Agent:
                 tg.create_task(self.plugins.run(), name="plugins")
                 tg.create_task(self.upgrader.run(), name="upgrade")
                 tg.create_task(self._shutdown_when_asked(), name="shutdown")
-                sd_notify("READY=1")
+                self.notifier.send("READY=1")
                 log.info("elkeid-agent %s started, id %s", VERSION, self.agent_id)
         except* _Stop:
             pass
         finally:
             logging.getLogger().removeHandler(self.record_handler)
+            self.notifier.close()
         log.info("elkeid-agent stopped")
 
     async def _heartbeat_loop(self) -> None:
         interval = self.config.transport.heartbeat_interval
         watchdog = watchdog_interval(self.env, {p.pid for p in self._own_processes})
-        tick = min(interval, watchdog) if watchdog else interval
-        next_beat = time.monotonic() + interval
-        while True:
-            await asyncio.sleep(tick)
-            if watchdog:
-                sd_notify("WATCHDOG=1")
-            if time.monotonic() >= next_beat:
-                next_beat += interval
-                self.send_heartbeat()
+        jobs: list[tuple[float, Job]] = [(interval, self._beat)]
+        if watchdog:
+            jobs.append((watchdog, self._watchdog_tick))
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._usage.run(), name="dir usage")
+            await run_every(jobs)
+
+    async def _beat(self) -> None:
+        # Host facts walk /sys, /proc and the interfaces (~3 ms idle, more under load).
+        facts = await asyncio.to_thread(read_host_facts)
+        if facts != self.facts:
+            self.facts = facts
+            self._header = self._encode_header(facts)
+        self.send_heartbeat()
+
+    async def _watchdog_tick(self) -> None:
+        self.notifier.send("WATCHDOG=1")
 
     async def _shutdown_when_asked(self) -> None:
         await self.stopping.wait()
-        sd_notify("STOPPING=1")
+        self.notifier.send("STOPPING=1")
         log.info("stopping: plugins first")
         await self.plugins.stop()
         if self.transfer.state.connected:
@@ -319,18 +379,40 @@ def run_agent(config_path: str | None) -> int:
             return EX_ROLLED_BACK
         return EX_CONFIG
     work_dir = config.work_path
-    for sub in ("plugin", "log", "tmp"):
-        (work_dir / sub).mkdir(parents=True, exist_ok=True)
-    setup_logging(work_dir, config.log)
-    startup = check_pending_upgrade(work_dir, settings=settings_from(config.upgrade))
-    if startup.exit:
-        return EX_ROLLED_BACK
-    clean_stale_unpack_dirs(work_dir / "tmp")
-    import uvloop
+    # Tried before logging so a failure is known; reported (and retried) by the Agent.
+    make_work_dirs(work_dir, Health())
+    log_file = setup_logging(work_dir, config.log)
+    try:
+        startup = check_pending_upgrade(work_dir, settings=settings_from(config.upgrade))
+        if startup.exit:
+            return EX_ROLLED_BACK
+        clean_stale_unpack_dirs(work_dir / "tmp")
+        import uvloop
 
-    async def main() -> None:
-        await Agent(config, tls, env, startup).run()
+        async def main() -> None:
+            await Agent(config, tls, env, startup, log_file).run()
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main())
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    finally:
+        # Stops the log's compressor thread: nothing of ours outlives the agent.
+        logging.getLogger().removeHandler(log_file)
+        log_file.close()
     return 0
+
+
+def make_work_dirs(work_dir: Path, health: Health) -> bool:
+    """`plugin/`, `log/`, `tmp/`; a read-only or full work dir is a fault, not the end.
+
+    Without them the agent still connects and heartbeats: the log goes to stderr, plugins and
+    upgrades fail as units of work, and the fault says why until the directories can be made.
+    """
+    for sub in WORK_SUBDIRS:
+        path = work_dir / sub
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            health.fault(WORK_DIR_UNIT, "cannot create: " + describe_error(path, exc))
+            return False
+    health.clear(WORK_DIR_UNIT)
+    return True

@@ -7,7 +7,6 @@ import ctypes
 import gc
 import io
 import logging
-import os
 import socket
 from collections.abc import Collection, Mapping
 

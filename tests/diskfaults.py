@@ -1,4 +1,4 @@
-"""Real filesystem faults for tests: a small tmpfs to fill, and read-only bind mounts (root only)."""
+"""Real filesystem faults for tests: a small tmpfs to fill, read-only bind mounts (root only)."""
 
 from __future__ import annotations
 

@@ -128,7 +128,7 @@ def test_missing_log_dir_is_recreated(tmp_path: Path, logger: logging.Logger) ->
     path.unlink()
     path.parent.rmdir()
     handler.acquire()
-    handler._close_fd()  # noqa: SLF001 - as a failed write or a rotation does
+    handler._close_fd()  # as a failed write or a rotation does
     handler.release()
     logger.info("two")
     assert path.read_text() == "two\n"

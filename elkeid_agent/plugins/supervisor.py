@@ -36,6 +36,7 @@ from elkeid_agent.commands import ConfigSpec, TaskSpec
 from elkeid_agent.config import PluginsConfig
 from elkeid_agent.download import DownloadError, UnsafeArchive
 from elkeid_agent.errors import TaskFailed
+from elkeid_agent.health import Health
 from elkeid_agent.heartbeat import (
     PLUGIN_HEARTBEAT,
     ProcessGroupSampler,
@@ -123,8 +124,10 @@ class PluginSupervisor:
         buffer: RecordBuffer,
         config: PluginsConfig,
         on_state: Callable[[], None] | None = None,
+        health: Health | None = None,
     ) -> None:
         self.root = Path(work_dir) / PLUGIN_DIR
+        self.health = health if health is not None else Health()
         self.buffer = buffer
         self.config = config
         self.on_state = on_state
@@ -143,7 +146,12 @@ class PluginSupervisor:
 
     async def run(self) -> None:
         """Reap orphans of a previous agent, then own the plugin slots until stop() or cancel."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # A read-only or full work dir (the agent reports it): no plugin can be installed,
+            # and the agent runs on without.
+            log.error("cannot create %s: %s", self.root, exc)
         killed = orphans.reap(self.root / orphans.PGIDS_FILE)
         if killed:
             log.warning("killed %d plugin processes left by a previous agent", len(killed))
@@ -397,7 +405,4 @@ class PluginSupervisor:
                 record = orphans.record_for(slot.process.pid, slot.directory)
                 if record is not None:
                     records.append(record)
-        try:
-            orphans.save(self.root / orphans.PGIDS_FILE, records)
-        except OSError as exc:
-            log.error("cannot record plugin process groups: %s", exc)
+        orphans.save(self.root / orphans.PGIDS_FILE, records, self.health)
