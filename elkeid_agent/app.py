@@ -195,7 +195,10 @@ class Agent:
         self._last_tick, self._last_stats = now, current
         facts = self.facts
         self.last_heartbeat = time.time()
-        self._write_status("abnormal" if self.state_detail() else "running")
+        # The file's own fault is left out: the state it records holds once it is written.
+        own = f"{STATUS_UNIT}: "
+        others = [d for d in self.state_detail() if not d.startswith(own)]
+        self._write_status("abnormal" if others else "running")
         detail = self.state_detail()
         fields = hb.build_agent_heartbeat(
             facts=facts,
