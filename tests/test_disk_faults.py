@@ -11,10 +11,14 @@ import contextlib
 import json
 from pathlib import Path
 
+import pytest
 from agentproc import AgentProcess, patch_config, wait_until
 from diskfaults import fill, read_only, tmpfs
 
-from elkeid_agent.status import read_status
+from elkeid_agent import specified_env
+from elkeid_agent.health import Health
+from elkeid_agent.plugins import orphans
+from elkeid_agent.status import AgentStatus, read_status, write_status
 from elkeid_center.testing import CenterThread
 
 FAST = {"heartbeat_interval": 0.3, "dial_timeout": 1.0, "backoff_initial": 0.2,
@@ -136,3 +140,34 @@ def test_read_only_work_dir_at_start_still_connects_and_heartbeats(
         assert (work / "plugin").is_dir()
         assert "log file writable again" in agent.log()
         assert agent.stop() == 0
+
+
+def test_each_file_fails_alone_and_clears_on_the_next_write(tmp_path: Path) -> None:
+    """The writers' own contract, on a real read-only mount: old content kept, fault named."""
+    work = tmp_path / "work"
+    (work / "plugin").mkdir(parents=True)
+    status = AgentStatus(pid=1, version="v", state="running", net_mode="private",
+                         connected=True, server="s", last_heartbeat=0.0, updated=0.0)
+    write_status(work, status)
+    specified_env.write(work, {"specified_idc": "one"})
+    groups = work / "plugin" / orphans.PGIDS_FILE
+    record = orphans.GroupRecord(10, 20, "boot", "/plugin/x")
+    health = Health()
+    assert orphans.save(groups, [record], health)
+    with read_only(work):
+        with pytest.raises(OSError, match="Read-only"):
+            write_status(work, status)
+        with pytest.raises(OSError, match="Read-only"):
+            specified_env.write(work, {"specified_idc": "two"})
+        assert not orphans.save(groups, [], health)
+        (detail,) = health.details()
+        assert detail == (
+            f"plugin groups file: cannot record plugin groups: {groups}: "
+            "EROFS (Read-only file system)"
+        )
+    assert read_status(work) == status
+    assert specified_env.read(work) == {"specified_idc": "one"}
+    assert orphans.load(groups) == [record]
+    assert sorted(p.name for p in work.iterdir()) == ["plugin", "specified_env", "status.json"]
+    assert orphans.save(groups, [], health)
+    assert health.details() == []

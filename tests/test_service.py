@@ -7,9 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+from agentproc import AgentProcess
+from conftest import AgentConfig
 
 from elkeid_agent.health import Health
 from elkeid_agent.service import Notifier, watchdog_interval
+from elkeid_center.testing import CenterThread
 
 
 @pytest.mark.parametrize(
@@ -61,3 +64,23 @@ def test_notify_socket_nobody_reads_never_blocks(tmp_path: Path) -> None:
         sock.recv(64)
         assert notifier.send("STOPPING=1")
         notifier.close()
+
+
+def test_agent_heartbeats_with_a_notify_socket_nobody_reads(
+    center: CenterThread, agent_config: AgentConfig, tmp_path: Path
+) -> None:
+    """A service manager that stopped reading must not freeze the agent's event loop."""
+    path = str(tmp_path / "notify.sock")
+    fast = {"heartbeat_interval": 0.3, "dial_timeout": 1.0, "backoff_initial": 0.2}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)  # and never read: the kernel's queue fills after a few datagrams
+        env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"}  # a tick every 50 ms
+        with AgentProcess(agent_config(transport=fast), env=env) as agent:
+            center.wait_records(1000, timeout=10)
+            time.sleep(2)  # ~40 watchdog ticks: far more than the queue holds
+            before = len(center.records(1000))
+            beats = center.wait_records(1000, count=before + 3, timeout=10)
+            last = dict(beats[-1].fields)
+            assert int(last["notify_dropped"]) > 0
+            assert last["state"] == "running"
+            assert agent.stop() == 0
