@@ -284,7 +284,8 @@ class Agent:
         if not values:
             raise TaskFailed("neither idc nor region given")
         try:
-            specified_env.write(self.work_dir, values)
+            # Durable (fsync): off the loop, where a slow disk cannot stall everything else.
+            await asyncio.to_thread(specified_env.write, self.work_dir, values)
         except ValueError as exc:
             raise TaskFailed(f"cannot persist metadata: {exc}") from exc
         except OSError as exc:
@@ -382,8 +383,8 @@ def run_agent(config_path: str | None) -> int:
             return EX_ROLLED_BACK
         return EX_CONFIG
     work_dir = config.work_path
-    # Tried before logging so a failure is known; reported (and retried) by the Agent.
-    make_work_dirs(work_dir, Health())
+    # Never raises: a work dir that cannot hold the log leaves stderr (the Agent reports it,
+    # and makes the work dir's subdirectories, or reports why it cannot).
     log_file = setup_logging(work_dir, config.log)
     try:
         startup = check_pending_upgrade(work_dir, settings=settings_from(config.upgrade))
