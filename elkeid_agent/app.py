@@ -92,11 +92,11 @@ class Agent:
         self.health = Health()
         self.log_file = log_file
         self.notifier = Notifier(env, self.health)
+        make_work_dirs(self.work_dir, self.health)  # first: it makes the work dir itself
         self.agent_id = load_agent_id(Path("/"), self.work_dir, env, self.health)
         self.facts = read_host_facts()
         self._header = self._encode_header(self.facts)
         self.errors: dict[str, str] = {}
-        make_work_dirs(self.work_dir, self.health)
         self.plugins = PluginSupervisor(
             self.work_dir, self.buffer, config.plugins, health=self.health
         )
