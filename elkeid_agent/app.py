@@ -249,7 +249,8 @@ class Agent:
 
     def _check_own_files(self) -> None:
         """Faults of the log file, the work dir and the machine-id, retried each heartbeat."""
-        if self.health.faulty(WORK_DIR_UNIT):
+        if self.health.faulty(WORK_DIR_UNIT) or self.health.faulty(STATUS_UNIT):
+            # The work dir itself may be gone (ENOENT): made again, so the files can follow.
             make_work_dirs(self.work_dir, self.health)
         if self.health.faulty(ID_FILE_UNIT):
             save_agent_id(Path("/"), self.work_dir, self.agent_id, self.health)

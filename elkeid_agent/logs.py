@@ -94,17 +94,27 @@ class LogFileHandler(logging.Handler):
     # -- recovery -----------------------------------------------------------------------------
 
     def retry(self) -> None:
-        """After failures, try the file once more (the disk may have room again).
+        """After failures, try the file once more (the disk may have room again); and reopen
+        a file that was deleted under the open descriptor (its lines would go nowhere).
 
         Called on each heartbeat, so the file recovers, and `error` clears, even when nothing
         else is logged; the line written says how much was lost.
         """
         self.acquire()
         try:
+            if self._fd is not None and self._unlinked(self._fd):
+                self._close_fd()
             if self.error is not None and not self._closed:
                 self._write(b"")
         finally:
             self.release()
+
+    @staticmethod
+    def _unlinked(fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_nlink == 0
+        except OSError:
+            return True
 
     # -- internals ----------------------------------------------------------------------------
 

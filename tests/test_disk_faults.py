@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,21 @@ def test_each_file_fails_alone_and_clears_on_the_next_write(tmp_path: Path) -> N
     assert sorted(p.name for p in work.iterdir()) == ["plugin", "specified_env", "status.json"]
     assert orphans.save(groups, [], health)
     assert health.details() == []
+
+
+def test_removed_work_dir_is_reported_and_made_again(
+    center: CenterThread, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    with AgentProcess(config_for(center, tmp_path, work)) as agent:
+        beat_after(center, 0, "running")
+        shutil.rmtree(work)
+        gone_at = beats(center)
+        faulty = beat_after(center, gone_at, "abnormal", "status.json", "ENOENT")
+        assert int(faulty["pid"]) == agent.pid
+        # Made again at the next heartbeat (with its subdirectories); the log reopened.
+        beat_after(center, beats(center), "running")
+        assert (work / "plugin").is_dir()
+        assert read_status(work) is not None
+        wait_until(lambda: "status file: recovered" in agent.log(), timeout=10)
+        assert agent.stop() == 0

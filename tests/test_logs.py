@@ -123,13 +123,11 @@ def test_missing_log_dir_is_recreated(tmp_path: Path, logger: logging.Logger) ->
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.info("one")
-    # An operator removes the directory while the agent runs: the open file keeps taking
-    # lines until the handler reopens it (at the next failure or rotation).
+    # An operator removes the directory while the agent runs: lines would go to the deleted
+    # file until the heartbeat's retry() notices and the next line reopens it.
     path.unlink()
     path.parent.rmdir()
-    handler.acquire()
-    handler._close_fd()  # as a failed write or a rotation does
-    handler.release()
+    handler.retry()
     logger.info("two")
     assert path.read_text() == "two\n"
     assert handler.error is None
