@@ -190,3 +190,19 @@ def test_removed_work_dir_is_reported_and_made_again(
         assert read_status(work) is not None
         wait_until(lambda: "status file: recovered" in agent.log(), timeout=10)
         assert agent.stop() == 0
+
+
+def test_full_disk_at_start_still_connects_and_heartbeats(
+    center: CenterThread, tmp_path: Path
+) -> None:
+    with tmpfs(tmp_path / "fs", "4m") as fs:
+        work = fs / "work"
+        filler = fill(fs)
+        with AgentProcess(config_for(center, tmp_path, work)) as agent:
+            faulty = beat_after(center, 0, "abnormal", "ENOSPC")
+            assert int(faulty["pid"]) == agent.pid
+            filler.unlink()
+            healthy = beat_after(center, beats(center), "running")
+            assert int(healthy["pid"]) == agent.pid
+            assert (work / "machine-id").read_text() == center.connections()[0].agent_id
+            assert agent.stop() == 0
