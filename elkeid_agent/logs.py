@@ -60,6 +60,7 @@ class LogFileHandler(logging.Handler):
         self._size = 0
         self._lost = 0  # lines not written since the last successful write
         self._torn = False  # a line was cut off: the next write starts on a new line
+        self._rotation_held = False  # a rename failed: tried again after the next retry()
         self._closed = False
         self._compressor = _Compressor(path, backups)
         if self._compressor.pending.exists():  # a killed agent's unfinished rotation
@@ -102,6 +103,7 @@ class LogFileHandler(logging.Handler):
         """
         self.acquire()
         try:
+            self._rotation_held = False
             if self._fd is not None and self._unlinked(self._fd):
                 self._close_fd()
             if self.error is not None and not self._closed:
@@ -121,6 +123,7 @@ class LogFileHandler(logging.Handler):
     def _write(self, data: bytes) -> bool:
         if self._closed:
             return False
+        line = 1 if data else 0  # b"" is retry()'s probe, not a line
         try:
             if self._fd is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,8 +135,8 @@ class LogFileHandler(logging.Handler):
                 data = self._recovery_note() + data
             self._write_all(self._fd, data)
         except OSError as exc:
-            self.failed_writes += 1
-            self._lost += 1 if data else 0
+            self.failed_writes += line
+            self._lost += line
             # The path that failed: the file, or its directory when that cannot be made.
             self.error = describe_error(Path(exc.filename or self.path), exc)
             self._close_fd()
@@ -167,15 +170,17 @@ class LogFileHandler(logging.Handler):
 
     def _rotate(self) -> None:
         compressor = self._compressor
-        if compressor.busy() or compressor.pending.exists():
-            return  # the previous rotation is still being compressed
-        self._close_fd()
+        if self._rotation_held or compressor.busy() or compressor.pending.exists():
+            return  # the previous rotation is still being compressed, or could not be made
         try:
-            os.rename(self.path, compressor.pending)
+            os.rename(self.path, compressor.pending)  # the open descriptor follows the file
         except OSError:
             # Counted, not logged: logging here would come straight back to this handler.
+            # The file stays open and takes lines (a read-only bind over it leaves it writable).
             compressor.failures += 1
+            self._rotation_held = True
             return
+        self._close_fd()  # all of it is in `pending`: the next line opens a fresh file
         compressor.request()
 
     def _close_fd(self) -> None:

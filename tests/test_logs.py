@@ -117,6 +117,29 @@ def test_full_disk_never_raises_counts_and_recovers(
     fallback.close()
 
 
+def test_rotation_that_cannot_rename_is_counted_and_tried_again(
+    tmp_path: Path, logger: logging.Logger
+) -> None:
+    path = tmp_path / "log" / LOG_NAME
+    handler = LogFileHandler(path, max_bytes=200, backups=2)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.info("opened before the disk turned read-only")
+    with read_only(tmp_path / "log"):
+        for i in range(20):  # the open file still takes lines; the rename cannot happen
+            logger.info("line %d %s", i, "r" * 40)
+        assert handler.rotation_failures == 1  # once, not once per line
+        assert handler.error is None
+        handler.retry()  # a heartbeat later: one more try
+        logger.info("after retry")
+        assert handler.rotation_failures == 2
+    handler.retry()
+    logger.info("writable again")
+    handler.close()
+    assert (tmp_path / "log" / f"{LOG_NAME}.1.gz").exists()
+    assert handler.rotation_failures == 2
+
+
 def test_missing_log_dir_is_recreated(tmp_path: Path, logger: logging.Logger) -> None:
     path = tmp_path / "log" / LOG_NAME
     handler = LogFileHandler(path, max_bytes=2000, backups=2)
