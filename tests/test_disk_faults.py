@@ -20,6 +20,7 @@ from elkeid_agent import specified_env
 from elkeid_agent.health import Health
 from elkeid_agent.plugins import orphans
 from elkeid_agent.status import AgentStatus, read_status, write_status
+from elkeid_agent.version import PRODUCT
 from elkeid_center.testing import CenterThread
 
 FAST = {"heartbeat_interval": 0.3, "dial_timeout": 1.0, "backoff_initial": 0.2,
@@ -107,9 +108,19 @@ def test_read_only_remount_is_reported_and_recovers(
             ro_at = beats(center)
             faulty = beat_after(center, ro_at, "abnormal", "status.json", "EROFS")
             assert int(faulty["pid"]) == agent.pid
+            # A 1051 that cannot be persisted fails as that task, with the reason.
+            center.send_task(1051, PRODUCT, {"idc": "dc-ro"}, "ro-1051")
+            (result,) = center.wait_records(5100, timeout=10)
+            assert result.fields["status"] == "failed"
+            assert f"{work / 'specified_env'}: EROFS" in result.fields["msg"]
+            beat_after(center, ro_at, "abnormal", "specified_env file: cannot write")
+        # The status file clears by itself; specified_env at the next 1051 that succeeds.
+        center.send_task(1051, PRODUCT, {"idc": "dc-rw"}, "rw-1051")
+        center.wait_records(5100, count=2, timeout=10)
         rw_at = beats(center)
         healthy = beat_after(center, rw_at, "running")
         assert int(healthy["pid"]) == agent.pid
+        assert healthy["idc"] == "dc-rw"
         assert len(center.connections()) == 1
         assert agent.stop() == 0
 
