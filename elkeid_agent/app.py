@@ -2,7 +2,8 @@
 
 Task ownership (all children of `Agent.run`'s TaskGroup):
   transfer   TransferLoop.run: discover, stream, reconnect
-  heartbeat  every interval (and on each new stream, via TransferLoop.on_open)
+  heartbeat  every interval (and on each new stream, via TransferLoop.on_open), watchdog
+             ticks in turn; owns the work dir's usage walk (a worker thread, once a minute)
   uploads    Uploader.run: one 1050 at a time
   configs    Dispatcher.run_configs: Configs applied one sync at a time, latest wins
   plugins    PluginSupervisor.run (its own TaskGroup per plugin)
@@ -31,15 +32,17 @@ from elkeid_agent.buffer import RecordBuffer
 from elkeid_agent.commands import Dispatcher, MetadataRequest, UploadRequest
 from elkeid_agent.config import EX_CONFIG, Config, ConfigError, load_run_config, work_dir_hint
 from elkeid_agent.errors import TaskFailed
+from elkeid_agent.fsutil import describe_error
 from elkeid_agent.health import Health
 from elkeid_agent.host import HostFacts, read_host_facts
-from elkeid_agent.identity import load_agent_id
-from elkeid_agent.logs import RecordHandler, setup_logging
+from elkeid_agent.identity import ID_FILE_UNIT, load_agent_id, save_agent_id
+from elkeid_agent.logs import LogFileHandler, RecordHandler, setup_logging
 from elkeid_agent.memory import trim_after_start
 from elkeid_agent.plugins.supervisor import PluginSupervisor
 from elkeid_agent.runtime_dir import clean_stale_unpack_dirs
-from elkeid_agent.service import dump_tasks, release_memory, sd_notify, watchdog_interval
-from elkeid_agent.status import AgentStatus, write_status
+from elkeid_agent.service import Notifier, dump_tasks, release_memory, watchdog_interval
+from elkeid_agent.status import STATUS_FILE, AgentStatus, write_status
+from elkeid_agent.timers import Job, run_every
 from elkeid_agent.transport.stream import TransferLoop
 from elkeid_agent.transport.tls import TlsError, TlsMaterial
 from elkeid_agent.transport.upload import Uploader
@@ -62,6 +65,12 @@ TRIM_AFTER_SECONDS = 10.0
 # sysexits EX_TEMPFAIL: the start-up check restored the previous executable; the service
 # manager's restart runs it.
 EX_ROLLED_BACK = 75
+WORK_SUBDIRS = ("plugin", "log", "tmp")
+# Health units of the agent's own files; each fault names the path and the errno.
+STATUS_UNIT = "status file"
+LOG_UNIT = "log file"
+WORK_DIR_UNIT = "work dir"
+SPECIFIED_ENV_UNIT = "specified_env file"
 
 
 class _Stop(Exception):
@@ -75,6 +84,7 @@ class Agent:
         tls: TlsMaterial,
         env: dict[str, str],
         startup: StartupResult | None = None,
+        log_file: LogFileHandler | None = None,
     ) -> None:
         self.config = config
         self.work_dir = config.work_path
@@ -83,11 +93,14 @@ class Agent:
         self._loop_thread = threading.get_ident()
         self.buffer = RecordBuffer(config.buffer.max_bytes, config.buffer.agent_lane_bytes)
         self.stopping = asyncio.Event()
-        self.agent_id = load_agent_id(Path("/"), self.work_dir, env)
+        self.health = Health()
+        self.log_file = log_file
+        self.notifier = Notifier(env, self.health)
+        make_work_dirs(self.work_dir, self.health)  # first: it makes the work dir itself
+        self.agent_id = load_agent_id(Path("/"), self.work_dir, env, self.health)
         self.facts = read_host_facts()
         self._header = self._encode_header(self.facts)
         self.errors: dict[str, str] = {}
-        self.health = Health()
         self.plugins = PluginSupervisor(
             self.work_dir, self.buffer, config.plugins, health=self.health
         )
@@ -112,6 +125,7 @@ class Agent:
         self._own_processes = hb.agent_processes()
         self._sampler = hb.ProcessGroupSampler(self._own_processes)
         self._cpu = hb.CpuUsageSampler()
+        self._usage = hb.DirUsage(self.work_dir, "plugin")
         self._last_tick = time.monotonic()
         self._last_stats = (0, 0, 0, 0)
         self.last_heartbeat = 0.0
@@ -185,7 +199,13 @@ class Agent:
             self.health.clear("heartbeat")
 
     def _queue_heartbeat(self) -> None:
-        """Queue a 1000 record (and the plugins' 1001s) and refresh the status file."""
+        """Queue a 1000 record (and the plugins' 1001s) and refresh the status file.
+
+        Reads nothing slow: host facts and the directory usage are refreshed off the loop
+        (`_beat`, `DirUsage`). Retries the agent's own files that had failed, so their faults
+        clear by themselves once the disk takes writes again.
+        """
+        self._check_own_files()
         now = time.monotonic()
         elapsed = max(now - self._last_tick, 1e-9)
         stats = self.transfer.state.stats
@@ -197,10 +217,9 @@ class Agent:
             c - p for c, p in zip(current, self._last_stats, strict=True)
         )
         self._last_tick, self._last_stats = now, current
-        facts = read_host_facts()
-        if facts != self.facts:
-            self.facts = facts
-            self._header = self._encode_header(facts)
+        facts = self.facts
+        self.last_heartbeat = time.time()
+        self._write_status()
         detail = self.state_detail()
         fields = hb.build_agent_heartbeat(
             facts=facts,
@@ -215,7 +234,7 @@ class Agent:
             tx_speed=tx_bytes / elapsed,
             rx_tps=rx_commands / elapsed,
             tx_tps=tx_records / elapsed,
-            du=hb.dir_usage(self.work_dir, "plugin"),
+            du=self._usage.bytes,
             ngr=len(asyncio.all_tasks()) + threading.active_count(),
             extra=self.counters(),
         )
@@ -225,31 +244,59 @@ class Agent:
         self.buffer.put_agent(encode_record(AGENT_HEARTBEAT, timestamp, fields))
         for record in self.plugins.heartbeats():
             self.buffer.put_agent(record)
-        self.last_heartbeat = time.time()
-        self._write_status()
 
     def _write_status(self, state: str = "") -> None:
         """The one writer of status.json: at start, each heartbeat, link up/down, stop."""
         link = self.transfer.state
-        detail = self.state_detail()
-        write_status(
-            self.work_dir,
-            AgentStatus(
-                pid=os.getpid(),
-                version=VERSION,
-                state=state or ("abnormal" if detail else "running"),
-                net_mode=str(link.net_mode),
-                connected=link.connected,
-                server=link.server,
-                last_heartbeat=self.last_heartbeat,
-                updated=time.time(),
-                upgrade_state=self.upgrader.state,
-                started=self._started,
-                connected_since=link.connected_since if link.connected else 0.0,
-                detail=detail,
-                exit_reason=self.exit_reason,
-            ),
-        )
+        # The file's own fault is left out: the state it records holds once it is written.
+        own = f"{STATUS_UNIT}: "
+        detail = [d for d in self.state_detail() if not d.startswith(own)]
+        try:
+            write_status(
+                self.work_dir,
+                AgentStatus(
+                    pid=os.getpid(),
+                    version=VERSION,
+                    state=state or ("abnormal" if detail else "running"),
+                    net_mode=str(link.net_mode),
+                    connected=link.connected,
+                    server=link.server,
+                    last_heartbeat=self.last_heartbeat,
+                    updated=time.time(),
+                    upgrade_state=self.upgrader.state,
+                    started=self._started,
+                    connected_since=link.connected_since if link.connected else 0.0,
+                    detail=detail,
+                    exit_reason=self.exit_reason,
+                ),
+            )
+        except OSError as exc:
+            reason = "cannot write: " + describe_error(self.work_dir / STATUS_FILE, exc)
+            self.health.fault(STATUS_UNIT, reason, "status_write_failures")
+        else:
+            self.health.clear(STATUS_UNIT)
+
+    def _check_own_files(self) -> None:
+        """Faults of the log file, the work dir and the machine-id, retried each heartbeat."""
+        if self.health.faulty(WORK_DIR_UNIT) or self.health.faulty(STATUS_UNIT):
+            # The work dir itself may be gone (ENOENT): made again, so the files can follow.
+            make_work_dirs(self.work_dir, self.health)
+        if self.health.faulty(ID_FILE_UNIT):
+            save_agent_id(Path("/"), self.work_dir, self.agent_id, self.health)
+        log_file = self.log_file
+        if log_file is None:
+            return
+        log_file.retry()
+        for counter, value in (
+            ("log_write_failures", log_file.failed_writes),
+            ("log_rotation_failures", log_file.rotation_failures),
+            ("log_stderr_dropped", log_file.stderr_dropped),
+        ):
+            self.health.count(counter, value - self.health.counters[counter])
+        if log_file.error is not None:
+            self.health.fault(LOG_UNIT, "cannot write: " + log_file.error)
+        else:
+            self.health.clear(LOG_UNIT)
 
     def request_stop(self, reason: str) -> None:
         """Begin the orderly shutdown; the first reason is the one status.json keeps."""
@@ -273,9 +320,15 @@ class Agent:
         if not values:
             raise TaskFailed("neither idc nor region given")
         try:
-            specified_env.write(self.work_dir, values)
-        except (OSError, ValueError) as exc:
+            # Durable (fsync): off the loop, where a slow disk cannot stall everything else.
+            await asyncio.to_thread(specified_env.write, self.work_dir, values)
+        except ValueError as exc:
             raise TaskFailed(f"cannot persist metadata: {exc}") from exc
+        except OSError as exc:
+            reason = "cannot write: " + describe_error(self.work_dir / specified_env.FILE_NAME, exc)
+            self.health.fault(SPECIFIED_ENV_UNIT, reason)
+            raise TaskFailed(f"cannot persist metadata: {reason}") from exc
+        self.health.clear(SPECIFIED_ENV_UNIT)
         self.config = msgspec.structs.replace(
             self.config,
             idc=request.idc if request.idc is not None else self.config.idc,
@@ -307,7 +360,7 @@ class Agent:
                 tg.create_task(self.upgrader.run(), name="upgrade")
                 tg.create_task(self._shutdown_when_asked(), name="shutdown")
                 tg.create_task(self._trim_when_settled(), name="trim")
-                sd_notify("READY=1")
+                self.notifier.send("READY=1")
                 log.info("elkeid-agent %s started, id %s", VERSION, self.agent_id)
         except* _Stop:
             pass
@@ -315,20 +368,29 @@ class Agent:
             logging.getLogger().removeHandler(self.record_handler)
             self.exit_reason = self.exit_reason or "ended by an error (see the log)"
             self._write_status("stopped")
+            self.notifier.close()
         log.info("elkeid-agent stopped: %s", self.exit_reason)
 
     async def _heartbeat_loop(self) -> None:
         interval = self.config.transport.heartbeat_interval
         watchdog = watchdog_interval(self.env, {p.pid for p in self._own_processes})
-        tick = min(interval, watchdog) if watchdog else interval
-        next_beat = time.monotonic() + interval
-        while True:
-            await asyncio.sleep(tick)
-            if watchdog:
-                sd_notify("WATCHDOG=1")
-            if time.monotonic() >= next_beat:
-                next_beat += interval
-                self.send_heartbeat()
+        jobs: list[tuple[float, Job]] = [(interval, self._beat)]
+        if watchdog:
+            jobs.append((watchdog, self._watchdog_tick))
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._usage.run(), name="dir usage")
+            await run_every(jobs)
+
+    async def _beat(self) -> None:
+        # Host facts walk /sys, /proc and the interfaces (~3 ms idle, more under load).
+        facts = await asyncio.to_thread(read_host_facts)
+        if facts != self.facts:
+            self.facts = facts
+            self._header = self._encode_header(facts)
+        self.send_heartbeat()
+
+    async def _watchdog_tick(self) -> None:
+        self.notifier.send("WATCHDOG=1")
 
     async def _trim_when_settled(self) -> None:
         # By then the first stream has opened and carried a heartbeat: start-up is over.
@@ -337,7 +399,7 @@ class Agent:
 
     async def _shutdown_when_asked(self) -> None:
         await self.stopping.wait()
-        sd_notify("STOPPING=1")
+        self.notifier.send("STOPPING=1")
         log.info("stopping: plugins first")
         await self.plugins.stop()
         if self.transfer.state.connected:
@@ -361,18 +423,40 @@ def run_agent(config_path: str | None) -> int:
             return EX_ROLLED_BACK
         return EX_CONFIG
     work_dir = config.work_path
-    for sub in ("plugin", "log", "tmp"):
-        (work_dir / sub).mkdir(parents=True, exist_ok=True)
-    setup_logging(work_dir, config.log)
-    startup = check_pending_upgrade(work_dir, settings=settings_from(config.upgrade))
-    if startup.exit:
-        return EX_ROLLED_BACK
-    clean_stale_unpack_dirs(work_dir / "tmp")
-    import uvloop
+    # Never raises: a work dir that cannot hold the log leaves stderr (the Agent reports it,
+    # and makes the work dir's subdirectories, or reports why it cannot).
+    log_file = setup_logging(work_dir, config.log)
+    try:
+        startup = check_pending_upgrade(work_dir, settings=settings_from(config.upgrade))
+        if startup.exit:
+            return EX_ROLLED_BACK
+        clean_stale_unpack_dirs(work_dir / "tmp")
+        import uvloop
 
-    async def main() -> None:
-        await Agent(config, tls, env, startup).run()
+        async def main() -> None:
+            await Agent(config, tls, env, startup, log_file).run()
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main())
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    finally:
+        # Stops the log's compressor thread: nothing of ours outlives the agent.
+        logging.getLogger().removeHandler(log_file)
+        log_file.close()
     return 0
+
+
+def make_work_dirs(work_dir: Path, health: Health) -> bool:
+    """`plugin/`, `log/`, `tmp/`; a read-only or full work dir is a fault, not the end.
+
+    Without them the agent still connects and heartbeats: the log goes to stderr, plugins and
+    upgrades fail as units of work, and the fault says why until the directories can be made.
+    """
+    for sub in WORK_SUBDIRS:
+        path = work_dir / sub
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            health.fault(WORK_DIR_UNIT, "cannot create: " + describe_error(path, exc))
+            return False
+    health.clear(WORK_DIR_UNIT)
+    return True

@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -19,6 +19,8 @@ from elkeid_agent import specified_env
 
 DEFAULT_CONFIG_PATH = Path("/etc/elkeid/elkeid-agent.toml")
 PRODUCT_CONFIG_PATH = Path(__file__).with_name("product.toml")
+#: The Elkeid server's keepalive enforcement: a client pinging more often gets GOAWAY.
+MIN_KEEPALIVE_SECONDS = 5
 EX_CONFIG = 78  # sysexits EX_CONFIG: systemd and operators know it as "bad configuration"
 
 
@@ -36,8 +38,9 @@ class TlsConfig(_Strict):
 class TransportConfig(_Strict):
     compression: Literal["gzip", "none"] = "gzip"
     dial_timeout: float = 15.0
-    # The server closes connections that ping more often than every 5 s; 30 s is well clear.
-    keepalive_seconds: int = 30
+    # The server answers pings more often than every 5 s with GOAWAY (too_many_pings) and the
+    # agent would reconnect forever: below that is refused here. 30 s is well clear.
+    keepalive_seconds: Annotated[int, msgspec.Meta(ge=MIN_KEEPALIVE_SECONDS)] = 30
     send_interval: float = 0.1
     heartbeat_interval: float = 60.0
     backoff_initial: float = 1.0

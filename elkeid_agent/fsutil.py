@@ -9,6 +9,7 @@ theirs alone (a status file) or the end of their unit of work (an upgrade swap).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -62,3 +63,9 @@ def atomic_write(dest: Path, data: bytes, mode: int = 0o600, *, durable: bool = 
         with contextlib.suppress(OSError):
             staging_path(dest).unlink()
         raise
+
+
+def describe_error(path: Path, exc: OSError) -> str:
+    """`PATH: ENOSPC (No space left on device)`: what a Health fault says of a failed write."""
+    name = errno.errorcode.get(exc.errno or 0, "error")
+    return f"{path}: {name} ({exc.strerror or exc})"

@@ -10,6 +10,7 @@ non-finite value becomes zero: the Go agent once sent "+Inf" when no time had el
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -170,6 +171,26 @@ def dir_usage(directory: Path, exclude: str = "") -> int:
         except OSError:
             continue
     return total
+
+
+class DirUsage:
+    """`dir_usage` of one directory as of its last walk, for a heartbeat that must not wait.
+
+    `run` walks it in a worker thread, then again every `max_age` seconds: a large directory
+    (plugin data, logs) costs the event loop nothing, and the disk at most one walk a minute.
+    """
+
+    def __init__(self, directory: Path, exclude: str = "", max_age: float = 60.0) -> None:
+        self.directory = directory
+        self.exclude = exclude
+        self.max_age = max_age
+        #: Bytes at the last walk; 0 until the first one ends.
+        self.bytes = 0
+
+    async def run(self) -> None:
+        while True:
+            self.bytes = await asyncio.to_thread(dir_usage, self.directory, self.exclude)
+            await asyncio.sleep(self.max_age)
 
 
 # ---------------------------------------------------------------------------------------

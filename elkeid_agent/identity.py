@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+from elkeid_agent.fsutil import atomic_write, describe_error
+from elkeid_agent.health import Health
 from elkeid_agent.host import under_root
 
 log = logging.getLogger(__name__)
@@ -169,29 +169,45 @@ def derive_agent_id(root: Path, work_dir: Path, env: Mapping[str, str]) -> str:
     )
 
 
+#: The Health unit of a machine-id that could not be saved.
+ID_FILE_UNIT = "machine-id file"
+
+
 def write_id_file(directory: Path, agent_id: str) -> None:
-    """Atomically replace <directory>/machine-id with ``agent_id``, mode 0600."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{ID_FILE}.")
+    """Atomically replace <directory>/machine-id with ``agent_id``, mode 0600.
+
+    Durable: a random id lost to a power cut would come back as another host to the server.
+    """
+    atomic_write(directory / ID_FILE, agent_id.encode(), 0o600)  # no newline, like Go
+
+
+def save_agent_id(root: Path, work_dir: Path, agent_id: str, health: Health) -> bool:
+    """Persist the id unless the file already holds it; a failure is a Health fault only.
+
+    The id is used for this run either way; the caller retries while the fault stands, and
+    the first write that succeeds clears it.
+    """
+    directory = under_root(root, work_dir)
+    if (_read(directory / ID_FILE) or b"").strip() == agent_id.encode():
+        health.clear(ID_FILE_UNIT)
+        return True
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(agent_id.encode())  # no newline, like the Go agent
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / ID_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_id_file(directory, agent_id)
+    except OSError as exc:
+        health.fault(ID_FILE_UNIT, "cannot save: " + describe_error(work_dir / ID_FILE, exc))
+        return False
+    health.clear(ID_FILE_UNIT)
+    return True
 
 
-def load_agent_id(root: Path, work_dir: Path, env: Mapping[str, str]) -> str:
+def load_agent_id(
+    root: Path, work_dir: Path, env: Mapping[str, str], health: Health | None = None
+) -> str:
     """Derive the id and save it to <work_dir>/machine-id, so a random id stays stable.
 
-    A failed write is logged, not raised: the agent can run with the id it derived.
+    A failed write is a fault in ``health``, not an exception: the agent runs with the id
+    it derived.
     """
     agent_id = derive_agent_id(root, work_dir, env)
-    try:
-        write_id_file(under_root(root, work_dir), agent_id)
-    except OSError as e:
-        log.warning("cannot save the agent id to %s: %s", work_dir / ID_FILE, e)
+    save_agent_id(root, work_dir, agent_id, health if health is not None else Health())
     return agent_id

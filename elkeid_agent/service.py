@@ -7,26 +7,55 @@ import ctypes
 import gc
 import io
 import logging
-import os
 import socket
 from collections.abc import Collection, Mapping
+
+from elkeid_agent.health import Health
 
 log = logging.getLogger(__name__)
 
 
-def sd_notify(message: str, env: dict[str, str] | None = None) -> bool:
-    """Send one datagram to $NOTIFY_SOCKET; False when there is no service manager to tell."""
-    path = (env if env is not None else os.environ).get("NOTIFY_SOCKET", "")
-    if not path:
-        return False
-    address = "\0" + path[1:] if path.startswith("@") else path
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(message.encode(), address)
-    except OSError as exc:
-        log.warning("sd_notify %s failed: %s", message, exc)
-        return False
-    return True
+class Notifier:
+    """$NOTIFY_SOCKET: one datagram per message, never blocking the event loop.
+
+    A service manager that does not read its socket (the kernel queues only a few datagrams)
+    must not freeze the agent: the socket is non-blocking, and a message that finds the queue
+    full is dropped and counted (`notify_dropped`); the next watchdog tick is another chance.
+    Other failures (the socket is gone) are counted as `notify_failures`, logged once per errno.
+    """
+
+    def __init__(self, env: Mapping[str, str], health: Health) -> None:
+        path = env.get("NOTIFY_SOCKET", "")
+        self._address = "\0" + path[1:] if path.startswith("@") else path
+        self._health = health
+        self._sock: socket.socket | None = None
+        self._logged: set[int] = set()
+
+    def send(self, message: str) -> bool:
+        """True when the datagram was queued; False without a manager or when dropped."""
+        if not self._address:
+            return False
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                )
+            self._sock.sendto(message.encode(), self._address)
+        except BlockingIOError:
+            self._health.count("notify_dropped")
+            return False
+        except OSError as exc:
+            self._health.count("notify_failures")
+            if (key := exc.errno or 0) not in self._logged:
+                self._logged.add(key)
+                log.warning("sd_notify %s failed: %s", message, exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 def watchdog_interval(env: Mapping[str, str], own_pids: Collection[int]) -> float | None:

@@ -6,10 +6,10 @@ Written by `ctl set` and by task 1051; the agent reads it at start too, so value
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+
+from elkeid_agent.fsutil import atomic_write
 
 FILE_NAME = "specified_env"
 
@@ -47,7 +47,10 @@ def update_lines(lines: list[str], values: Mapping[str, str]) -> list[str]:
 
 
 def write(work_dir: Path, values: Mapping[str, str]) -> Path:
-    """Update keys atomically (temp file + rename), keeping every other line."""
+    """Update keys atomically, keeping every other line; OSError leaves the file as it was.
+
+    Durable: a 1051 the server was told succeeded must hold after a power loss.
+    """
     for key, value in values.items():
         if "\n" in value or "\0" in value:
             raise ValueError(f"{key} must be a single line without NUL")
@@ -58,13 +61,5 @@ def write(work_dir: Path, values: Mapping[str, str]) -> Path:
         lines = []
     text = "".join(line + "\n" for line in update_lines(lines, values))
     work_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=work_dir)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text.encode(), 0o644)
     return path

@@ -10,11 +10,11 @@ that says running is believed only while its pid is alive and is that same proce
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import msgspec
+
+from elkeid_agent.fsutil import atomic_write
 
 STATUS_FILE = "status.json"
 
@@ -40,16 +40,13 @@ _decoder = msgspec.json.Decoder(AgentStatus)
 
 
 def write_status(work_dir: Path, st: AgentStatus) -> None:
-    """Replace the status file atomically (readers see the old or the new record)."""
-    fd, tmp = tempfile.mkstemp(prefix=".status.", suffix=".tmp", dir=work_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_encoder.encode(st))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, work_dir / STATUS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace the status file atomically (readers see the old or the new record).
+
+    Not durable (no fsync): it describes a live process and is rewritten every heartbeat,
+    so after a power loss an old or missing copy is as good as the latest. OSError (a full or
+    read-only disk) is the caller's to report.
+    """
+    atomic_write(work_dir / STATUS_FILE, _encoder.encode(st), 0o644, durable=False)
 
 
 def read_status(work_dir: Path) -> AgentStatus | None:

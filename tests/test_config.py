@@ -115,6 +115,10 @@ BAD = {
     "wrong type in region": ("[regions.default]\nprivate = 6751\n", "private"),
     "section as string": ("tls = 'x'\n", "tls"),
     "buffer size as string": ("[buffer]\nmax_bytes = '64M'\n", "buffer.max_bytes"),
+    # The server's minimum is 5 s: faster pings get GOAWAY too_many_pings, a reconnect loop.
+    "keepalive below the server's minimum": (
+        "[transport]\nkeepalive_seconds = 4\n", "transport.keepalive_seconds"
+    ),
 }
 
 
@@ -135,6 +139,14 @@ def test_bad_file_names_file_and_key(tmp_path: Path, certs: Path, case: str) -> 
     assert str(path) in message
     assert key in message
     assert "\n" not in message
+
+
+def test_keepalive_at_the_server_minimum_is_accepted(tmp_path: Path, certs: Path) -> None:
+    path = write(tmp_path / "agent.toml",
+                 tls_section(certs) + "[transport]\nkeepalive_seconds = 5\n")
+    assert load(path).transport.keepalive_seconds == 5
+    with pytest.raises(ConfigError, match=r"key transport\.keepalive_seconds: .*>= 5"):
+        load(write(path, tls_section(certs) + "[transport]\nkeepalive_seconds = 0\n"))
 
 
 def test_not_toml(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from elkeid_agent.fsutil import atomic_write, staging_path
+from elkeid_agent.fsutil import atomic_write, describe_error, staging_path
 from elkeid_agent.health import Health
 
 
@@ -39,3 +39,11 @@ def test_health_faults_clear_and_count() -> None:
     h.clear("status file")
     assert h.details() == []
     assert h.counters["file_write_failures"] == 2
+
+
+def test_describe_error_names_path_and_errno(tmp_path: Path) -> None:
+    try:
+        (tmp_path / "absent" / "f").write_bytes(b"")
+    except OSError as exc:
+        text = describe_error(tmp_path / "absent" / "f", exc)
+    assert text == f"{tmp_path / 'absent' / 'f'}: ENOENT (No such file or directory)"

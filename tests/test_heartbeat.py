@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import os
@@ -17,6 +19,7 @@ import pytest
 
 from elkeid_agent.heartbeat import (
     CpuUsageSampler,
+    DirUsage,
     ProcessGroupSampler,
     ProcSample,
     agent_processes,
@@ -220,6 +223,34 @@ def test_dir_usage_skips_every_directory_named_like_the_exclusion(tmp_path: Path
     assert dir_usage(tmp_path, "plugin") == 1000 + 36 + 10_000 + links
     assert dir_usage(tmp_path) == 1000 + 36 + 50_000 + 7 + 10_000 + links
     assert dir_usage(tmp_path / "missing") == 0
+
+
+def test_dir_usage_is_cached_and_refreshed_off_the_loop(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"x" * 100)
+    (tmp_path / "plugin").mkdir()
+    (tmp_path / "plugin/p").write_bytes(b"x" * 5000)
+    usage = DirUsage(tmp_path, "plugin", max_age=0.3)
+    seen: list[tuple[float, int]] = []
+
+    async def main() -> None:
+        walker = asyncio.create_task(usage.run())
+        started = time.monotonic()
+        while time.monotonic() - started < 1.0:
+            seen.append((time.monotonic() - started, usage.bytes))
+            if usage.bytes == 100:
+                (tmp_path / "b").write_bytes(b"x" * 20)  # seen only at the next walk
+            await asyncio.sleep(0.01)
+        walker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await walker
+
+    asyncio.run(main())
+    values = [v for _, v in seen]
+    assert values[0] == 0  # nothing walked yet: the heartbeat does not wait for the walk
+    assert 100 in values
+    assert values[-1] == 120
+    first_120 = next(t for t, v in seen if v == 120)
+    assert first_120 >= 0.25  # not re-walked before max_age
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from elkeid_agent.identity import derive_agent_id, load_agent_id, parse_go_uuid, uuid5_oid
+from elkeid_agent.health import Health
+from elkeid_agent.identity import (
+    ID_FILE_UNIT,
+    derive_agent_id,
+    load_agent_id,
+    parse_go_uuid,
+    save_agent_id,
+    uuid5_oid,
+)
 
 WORK_DIR = Path("/etc/elkeid")
 INSTANCE_ID = "var/lib/cloud/data/instance-id"
@@ -197,9 +205,32 @@ def test_load_without_a_writable_work_dir_still_returns_the_id(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     root = make_tree(tmp_path, HW_ROW_2)  # no etc/elkeid directory
+    health = Health()
     with caplog.at_level(logging.WARNING):
-        assert load_agent_id(root, WORK_DIR, {}) == ID_ROW_2
-    assert "cannot save the agent id" in caplog.text
+        assert load_agent_id(root, WORK_DIR, {}, health) == ID_ROW_2
+    (detail,) = health.details()
+    assert detail.startswith(f"{ID_FILE_UNIT}: cannot save: {WORK_DIR / 'machine-id'}: ENOENT")
+    assert "cannot save" in caplog.text
+    # The directory comes back: the next attempt saves the id and clears the fault.
+    (root / "etc/elkeid").mkdir(parents=True)
+    assert save_agent_id(root, WORK_DIR, ID_ROW_2, health)
+    assert (root / SAVED_ID).read_text() == ID_ROW_2
+    assert not health.details()
+
+
+def test_an_id_already_saved_needs_no_write(tmp_path: Path) -> None:
+    """A read-only work dir that already holds the id is no fault."""
+    root = make_tree(tmp_path, {**HW_ROW_2, SAVED_ID: ID_ROW_2})
+    (root / "etc/elkeid").chmod(0o500)
+    (root / SAVED_ID).chmod(0o400)
+    health = Health()
+    try:
+        assert load_agent_id(root, WORK_DIR, {}, health) == ID_ROW_2
+    finally:
+        (root / "etc/elkeid").chmod(0o700)
+    assert not health.details()
+    # Not rewritten (a rewrite would have made it 0600): root ignores the directory's mode.
+    assert stat.S_IMODE((root / SAVED_ID).stat().st_mode) == 0o400
 
 
 @pytest.mark.parametrize(

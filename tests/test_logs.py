@@ -5,18 +5,21 @@ from __future__ import annotations
 import gzip
 import inspect
 import logging
+import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from diskfaults import fill, read_only, tmpfs
 
 from elkeid_agent._proto import grpc_pb2
 from elkeid_agent.config import LogConfig
 from elkeid_agent.logs import (
     AGENT_LOG,
     LOG_NAME,
-    GzipRotatingFileHandler,
+    LogFileHandler,
     RecordHandler,
     setup_logging,
 )
@@ -41,51 +44,188 @@ def lines_of(path: Path) -> list[str]:
 
 def test_rotation_gzips_and_caps_the_count(tmp_path: Path, logger: logging.Logger) -> None:
     path = tmp_path / LOG_NAME
-    handler = GzipRotatingFileHandler(path, max_bytes=2000, backups=3)
+    handler = LogFileHandler(path, max_bytes=2000, backups=3)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     messages = [f"line {i:05d} " + "x" * 80 for i in range(200)]  # ~18 KiB: many rotations
     for message in messages:
         logger.info(message)
+        time.sleep(0.001)  # give the compressor thread its turn, as a real agent does
+    assert "log-rotate" in {t.name for t in threading.enumerate()}  # compression off-thread
     handler.close()
+    assert "log-rotate" not in {t.name for t in threading.enumerate()}  # and stopped by close
 
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [LOG_NAME, f"{LOG_NAME}.1.gz", f"{LOG_NAME}.2.gz", f"{LOG_NAME}.3.gz"]
     for i in (1, 2, 3):
         data = (tmp_path / f"{LOG_NAME}.{i}.gz").read_bytes()
         assert data[:2] == b"\x1f\x8b"  # really gzip
-        assert len(gzip.decompress(data)) <= 2000
+        # Rotated at the limit; a rotation waits while the previous one compresses.
+        assert 2000 <= len(gzip.decompress(data)) <= 2000 * 4
     # Oldest in the highest number; together they are the newest lines, contiguous, in order.
     kept = []
     for name in (f"{LOG_NAME}.3.gz", f"{LOG_NAME}.2.gz", f"{LOG_NAME}.1.gz", LOG_NAME):
         kept += lines_of(tmp_path / name)
     assert kept == messages[-len(kept) :]
     assert len(kept) >= 3 * 2000 // 91
-    assert not list(tmp_path.glob("*.log.[0-9]"))  # no uncompressed rotated file left behind
+    assert not list(tmp_path.glob("*.rotating"))  # no uncompressed rotated file left behind
+    assert handler.rotation_failures == 0
+
+
+def test_a_killed_agents_unfinished_rotation_is_compressed(tmp_path: Path) -> None:
+    path = tmp_path / LOG_NAME
+    path.with_name(LOG_NAME + ".rotating").write_text("from the last run\n")
+    handler = LogFileHandler(path, max_bytes=2000, backups=2)
+    handler.close()
+    assert lines_of(tmp_path / f"{LOG_NAME}.1.gz") == ["from the last run"]
+    assert not path.with_name(LOG_NAME + ".rotating").exists()
+
+
+def test_full_disk_never_raises_counts_and_recovers(
+    tmp_path: Path, logger: logging.Logger
+) -> None:
+    fallback = (tmp_path / "stderr").open("w")
+    with tmpfs(tmp_path / "fs", "1m") as fs:
+        path = fs / "log" / LOG_NAME
+        handler = LogFileHandler(path, max_bytes=10_000_000, backups=2, fallback=fallback)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.raiseExceptions = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.info("before")
+        filler = fill(fs)
+        for i in range(100):
+            logger.info("while full %d %s", i, "y" * 200)  # past any partly used page
+        assert handler.failed_writes > 0
+        assert handler.error is not None
+        assert handler.error.startswith(f"{path}: ENOSPC")
+        fallback.flush()
+        assert "while full 99" in (tmp_path / "stderr").read_text()  # stderr still gets it
+        handler.retry()
+        assert handler.error is not None  # still full
+        filler.unlink()
+        handler.retry()  # what the heartbeat does: no line needs to be logged
+        assert handler.error is None
+        logger.info("after")
+        text = path.read_text()
+        lines = text.splitlines()
+        assert lines[0] == "before"
+        assert lines[-1] == "after"
+        assert "lines were not written to it" in text
+        assert all(line.startswith(("before", "while full", "after")) or "not written" in line
+                   for line in lines)  # a line cut by ENOSPC does not run into the next
+        handler.close()
+    fallback.close()
+
+
+def test_rotation_that_cannot_rename_is_counted_and_tried_again(
+    tmp_path: Path, logger: logging.Logger
+) -> None:
+    path = tmp_path / "log" / LOG_NAME
+    handler = LogFileHandler(path, max_bytes=200, backups=2)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.info("opened before the disk turned read-only")
+    with read_only(tmp_path / "log"):
+        for i in range(20):  # the open file still takes lines; the rename cannot happen
+            logger.info("line %d %s", i, "r" * 40)
+        assert handler.rotation_failures == 1  # once, not once per line
+        assert handler.error is None
+        handler.retry()  # a heartbeat later: one more try
+        logger.info("after retry")
+        assert handler.rotation_failures == 2
+    handler.retry()
+    logger.info("writable again")
+    handler.close()
+    assert (tmp_path / "log" / f"{LOG_NAME}.1.gz").exists()
+    assert handler.rotation_failures == 2
+
+
+def test_missing_log_dir_is_recreated(tmp_path: Path, logger: logging.Logger) -> None:
+    path = tmp_path / "log" / LOG_NAME
+    handler = LogFileHandler(path, max_bytes=2000, backups=2)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.info("one")
+    # An operator removes the directory while the agent runs: lines would go to the deleted
+    # file until the heartbeat's retry() notices and the next line reopens it.
+    path.unlink()
+    path.parent.rmdir()
+    handler.retry()
+    logger.info("two")
+    assert path.read_text() == "two\n"
+    assert handler.error is None
+
+
+def test_fallback_to_a_pipe_nobody_reads_never_blocks(
+    tmp_path: Path, logger: logging.Logger
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    read_end, write_end = os.pipe()
+    fallback = os.fdopen(write_end, "w")
+    try:
+        handler = LogFileHandler(blocker / LOG_NAME, max_bytes=2000, backups=1,
+                                 fallback=fallback)
+        logger.addHandler(handler)
+        started = time.monotonic()
+        for i in range(5000):  # ~0.5 MB: far beyond a pipe's 64 KiB
+            logger.info("line %d %s", i, "z" * 80)
+        assert time.monotonic() - started < 10
+        assert handler.failed_writes == 5000
+        assert handler.error == f"{blocker}: EEXIST (File exists)"
+        assert handler.stderr_dropped > 0
+    finally:
+        fallback.close()
+        os.close(read_end)
 
 
 def test_setup_logging_writes_into_work_dir(tmp_path: Path) -> None:
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
     try:
-        setup_logging(tmp_path, LogConfig(level="info", file_bytes=10_000, file_count=2))
+        handler = setup_logging(
+            tmp_path, LogConfig(level="info", file_bytes=10_000, file_count=2)
+        )
         logging.getLogger("elkeid.test").warning("written to the file")
         logging.getLogger("elkeid.test").debug("below the level")
-        for handler in root.handlers:
-            handler.flush()
         text = (tmp_path / "log" / LOG_NAME).read_text()
         assert "written to the file" in text
         assert "below the level" not in text
-        file_handlers = [h for h in root.handlers if isinstance(h, GzipRotatingFileHandler)]
-        assert len(file_handlers) == 1
-        assert file_handlers[0].maxBytes == 10_000
-        assert file_handlers[0].backupCount == 2
+        file_handlers = [h for h in root.handlers if isinstance(h, LogFileHandler)]
+        assert file_handlers == [handler]
+        assert handler.max_bytes == 10_000
+        assert handler.backups == 2
     finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-            handler.close()
-        for handler in saved_handlers:
-            root.addHandler(handler)
+        for h in list(root.handlers):
+            root.removeHandler(h)
+            h.close()
+        for h in saved_handlers:
+            root.addHandler(h)
+        root.setLevel(saved_level)
+
+
+def test_setup_logging_in_a_read_only_work_dir(tmp_path: Path) -> None:
+    """The agent starts anyway: the file reports its fault, the lines go to stderr."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    work = tmp_path / "work"
+    work.mkdir()
+    try:
+        with read_only(work):
+            handler = setup_logging(work, LogConfig())
+            logging.getLogger("elkeid.test").warning("nowhere to write")
+            assert handler.error is not None
+            assert handler.error == f"{work / 'log'}: EROFS (Read-only file system)"
+            assert handler.failed_writes == 1
+        handler.retry()  # writable again
+        assert handler.error is None
+        assert "1 lines were not written" in (work / "log" / LOG_NAME).read_text()
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+            h.close()
+        for h in saved_handlers:
+            root.addHandler(h)
         root.setLevel(saved_level)
 
 

@@ -12,8 +12,10 @@ process of a recorded group is killed if /proc shows it is still that plugin:
   and its executable or working directory lies in the plugin directory.
 
 Parsing is pure (`parse_stat`, `is_plugin_process`); `reap` is the thin I/O around it.
-No fsync for the file: it only matters while the host stays up, and the page cache survives
-the agent's death.
+No fsync for the file (`durable=False`): it only matters while the host stays up (a reboot
+ends every recorded group), and the page cache survives the agent's death. A failed write (a
+full or read-only disk) is a Health fault under `GROUPS_UNIT`, cleared by the next write that
+succeeds; the plugins run on, only the clean-up after a hard kill is at risk meanwhile.
 """
 
 from __future__ import annotations
@@ -26,9 +28,14 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from elkeid_agent.fsutil import atomic_write, describe_error
+from elkeid_agent.health import Health
+
 log = logging.getLogger(__name__)
 
 PGIDS_FILE = ".pgids"
+#: The Health unit of a failed write of the records.
+GROUPS_UNIT = "plugin groups file"
 
 
 @dataclass(frozen=True)
@@ -98,11 +105,22 @@ def record_for(pid: int, directory: Path, proc_root: Path = Path("/proc")) -> Gr
     return GroupRecord(pid, info.start_ticks, boot_id(proc_root), str(directory))
 
 
-def save(path: Path, records: Iterable[GroupRecord]) -> None:
-    """Replace the file atomically (a torn file would lose every record)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
-    os.replace(tmp, path)
+def save(path: Path, records: Iterable[GroupRecord], health: Health | None = None) -> bool:
+    """Replace the file atomically (a torn file would lose every record).
+
+    With `health`, a failure is recorded there and False returned; without, OSError raises.
+    """
+    data = "".join(json.dumps(asdict(r)) + "\n" for r in records).encode()
+    try:
+        atomic_write(path, data, 0o644, durable=False)
+    except OSError as exc:
+        if health is None:
+            raise
+        health.fault(GROUPS_UNIT, "cannot record plugin groups: " + describe_error(path, exc))
+        return False
+    if health is not None:
+        health.clear(GROUPS_UNIT)
+    return True
 
 
 def load(path: Path) -> list[GroupRecord]:
@@ -149,5 +167,9 @@ def reap(path: Path, proc_root: Path = Path("/proc")) -> list[int]:
                         record.directory,
                     )
                     break
-    path.unlink(missing_ok=True)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        # A read-only disk: the records stay and are checked again (harmlessly) next start.
+        log.warning("cannot remove %s: %s", path, exc)
     return killed

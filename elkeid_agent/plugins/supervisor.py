@@ -147,10 +147,10 @@ class PluginSupervisor:
         health: Health | None = None,
     ) -> None:
         self.root = Path(work_dir) / PLUGIN_DIR
+        self.health = health if health is not None else Health()
         self.buffer = buffer
         self.config = config
         self.on_state = on_state
-        self.health = Health() if health is None else health
         self._slots: dict[str, _Slot] = {}
         self._sync_errors: list[str] = []
         self._sync_lock = asyncio.Lock()
@@ -166,7 +166,12 @@ class PluginSupervisor:
 
     async def run(self) -> None:
         """Reap orphans of a previous agent, then own the plugin slots until stop() or cancel."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # A read-only or full work dir (the agent reports it): no plugin can be installed,
+            # and the agent runs on without.
+            log.error("cannot create %s: %s", self.root, exc)
         try:
             killed = orphans.reap(self.root / orphans.PGIDS_FILE)
         except Exception as exc:  # the boundary of the reaping: what it reads is from disk
@@ -446,7 +451,4 @@ class PluginSupervisor:
                 record = orphans.record_for(slot.process.pid, slot.directory)
                 if record is not None:
                     records.append(record)
-        try:
-            orphans.save(self.root / orphans.PGIDS_FILE, records)
-        except OSError as exc:
-            log.error("cannot record plugin process groups: %s", exc)
+        orphans.save(self.root / orphans.PGIDS_FILE, records, self.health)
