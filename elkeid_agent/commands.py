@@ -29,6 +29,7 @@ from typing import Annotated, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
+from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
 
 from elkeid_agent._proto import grpc_pb2
@@ -147,11 +148,27 @@ def task_result(token: str, ok: bool, msg: str) -> bytes:
     return encode_record(TASK_RESULT, int(time.time()), fields)
 
 
+#: Wire types of Command's fields as the server encodes them (1 is its AgentCtrl, an int32 we do
+#: not use). A field of another type makes the Go agent's decoder fail the whole Command; upb
+#: keeps it as an unknown field instead, and the Command would read as empty: the empty desired
+#: set, which stops every plugin. So such a Command is refused, as the Go agent refuses it.
+_COMMAND_WIRE_TYPES = {1: 0, 2: 2, 3: 2}
+
+
 def decode_command(raw: bytes) -> grpc_pb2.Command:
     try:
-        return grpc_pb2.Command.FromString(raw)
+        command = grpc_pb2.Command.FromString(raw)
     except DecodeError as exc:
         raise TaskFailed(f"undecodable command: {exc}") from exc
+    found = unknown_fields.UnknownFieldSet(command)
+    for unknown in (found[i] for i in range(len(found))):
+        expected = _COMMAND_WIRE_TYPES.get(unknown.field_number)
+        if expected is not None and unknown.wire_type != expected:
+            raise TaskFailed(
+                f"undecodable command: field {unknown.field_number} "
+                f"has wire type {unknown.wire_type}"
+            )
+    return command
 
 
 def config_specs(command: grpc_pb2.Command) -> list[ConfigSpec]:

@@ -247,6 +247,37 @@ def test_empty_command_is_the_empty_desired_set() -> None:
     assert h.dispatcher.failures == 0
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [b"\x10\x01", b"\x18\x07", b"\x0a\x00", b"\x15\x01\x02\x03\x04"],
+    ids=["task as varint", "configs as varint", "agent_ctrl as bytes", "task as fixed32"],
+)
+def test_a_mistyped_command_is_refused_not_read_as_empty(raw: bytes) -> None:
+    """upb would read it as no Task and no Configs: the empty set, stopping every plugin."""
+    h = Harness()
+
+    async def body() -> None:
+        await h.dispatcher.handle(raw)
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert h.plugins.syncs == []
+    assert h.dispatcher.failures == 1
+
+
+def test_a_command_with_agent_ctrl_and_unknown_fields_is_read() -> None:
+    """Field 1 (the server's AgentCtrl) and fields a newer server may add are not errors."""
+    h = Harness()
+
+    async def body() -> None:
+        await h.dispatcher.handle(b"\x08\x05" + b"\x20\x01")
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert h.plugins.syncs == [[]]
+    assert h.dispatcher.failures == 0
+
+
 def test_a_task_without_configs_is_only_the_task() -> None:
     h = Harness()
 

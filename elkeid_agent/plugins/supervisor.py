@@ -230,6 +230,8 @@ class PluginSupervisor:
                     await self._install_and_start(spec)
                 except Exception as exc:  # noqa: BLE001 - the boundary of one entry
                     errors.append(f"plugin {spec.name}: {_reason(exc)}")
+                    if isinstance(exc, UnsafeArchive) and exc.counter is not None:
+                        self.health.count(exc.counter)
             for reason in errors:
                 log.error("sync: %s", reason)
             if errors:
