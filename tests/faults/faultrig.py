@@ -59,9 +59,11 @@ class LoggedAgent(AgentProcess):
     def __init__(self, config: Path, stderr: Path, env: dict[str, str] | None = None) -> None:
         super().__init__(config, env)
         self.stderr_path = stderr
+        self.stderr_offset = 0
 
     def start(self) -> LoggedAgent:
         with self.stderr_path.open("ab") as err:
+            self.stderr_offset = err.tell()
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "elkeid_agent", "run", "--config", str(self.config)],
                 env=self.env,
@@ -71,9 +73,12 @@ class LoggedAgent(AgentProcess):
             )
         return self
 
-    def stderr_tail(self, n: int = 2000) -> str:
+    def stderr_text(self) -> str:
+        """What this start of the agent wrote to stderr."""
         try:
-            return self.stderr_path.read_text(errors="replace")[-n:]
+            with self.stderr_path.open("rb") as fh:
+                fh.seek(self.stderr_offset)
+                return fh.read().decode(errors="replace")
         except OSError:
             return ""
 
@@ -191,7 +196,7 @@ class Rig:
     def death(self) -> str:
         """The exception lines of the agent's last traceback, from its stderr."""
         assert self.agent is not None
-        lines = self.agent.stderr_tail(20000).splitlines()
+        lines = self.agent.stderr_text().splitlines()
         errors = [ln.strip(" |") for ln in lines if re.search(r"\w(Error|Exception)\b", ln)]
         return " / ".join(dict.fromkeys(errors[-4:])) or "\n".join(lines[-10:])
 
@@ -238,6 +243,24 @@ class Rig:
             return None
 
         return self.wait(found, timeout, f"a heartbeat whose state_detail names {needle!r}")
+
+    def refused(self, since: float, name: str, timeout: float = 20.0) -> dict[str, str]:
+        """Plugin `name` is reported in state_detail (state abnormal) and never ran.
+        Fails as soon as it runs, rather than at the timeout."""
+
+        def outcome() -> tuple[str, dict[str, str]] | None:
+            ran = [r for r in self.center.records(1001) if r.fields.get("name") == name]
+            if ran:
+                return "ran", ran[0].fields
+            for beat in self.beats(since):
+                if name in beat.fields.get("state_detail", ""):
+                    return "reported", beat.fields
+            return None
+
+        verdict, fields = self.wait(outcome, timeout, f"plugin {name} refused and reported")
+        assert verdict == "reported", f"plugin {name} was started"
+        assert fields["state"] == "abnormal"
+        return fields
 
     def plugin_beat_after(self, since: float, name: str, timeout: float = 20.0) -> dict[str, str]:
         def found() -> dict[str, str] | None:

@@ -70,6 +70,9 @@ class Hostile:
 
     def close(self) -> None:
         self.release()
+        # close() alone does not wake a thread blocked in accept(); shutdown() does.
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
         self._acceptor.join(5)
 
