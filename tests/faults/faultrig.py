@@ -150,14 +150,12 @@ class Rig:
         self.work = Path(tomllib.loads(self.config.read_text())["work_dir"])
         self.agent: LoggedAgent | None = None
         self.pid = 0
-        self.restarts = -1
 
     # -- life ----------------------------------------------------------------------------------
 
     def start(self) -> None:
         self.agent = LoggedAgent(self.config, self.tmp / "agent.stderr", self.env).start()
         self.pid = self.agent.pid
-        self.restarts += 1
         self.beat_after(time.time() - 60, timeout=20)
 
     def ensure_running(self) -> None:
