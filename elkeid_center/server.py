@@ -45,6 +45,13 @@ _ACCEPTED_COMPRESSION = 0b111
 
 Target = Literal["all", "latest"]
 ConfigLike = grpc_pb2.Config | Mapping[str, Any]
+#: What the center can push: a Command, or bytes sent as they are (for tests of the agent's
+#: decoding: wrong wire types, truncations, invalid UTF-8 the protobuf API cannot build).
+CommandLike = grpc_pb2.Command | bytes
+
+
+def serialize_command(command: CommandLike) -> bytes:
+    return command if isinstance(command, bytes) else command.SerializeToString()
 
 
 def transfer_handler(behaviour: Any) -> grpc.GenericRpcHandler:
@@ -57,7 +64,7 @@ def transfer_handler(behaviour: Any) -> grpc.GenericRpcHandler:
             "Transfer": grpc.stream_stream_rpc_method_handler(
                 behaviour,
                 request_deserializer=None,
-                response_serializer=grpc_pb2.Command.SerializeToString,
+                response_serializer=serialize_command,
             )
         },
     )
@@ -122,7 +129,7 @@ _DISCONNECT = _Disconnect()
 @dataclass
 class _Stream:
     id: int
-    queue: asyncio.Queue[grpc_pb2.Command | _Disconnect | None]
+    queue: asyncio.Queue[CommandLike | _Disconnect | None]
 
 
 class AgentCenterServer:
@@ -210,9 +217,9 @@ class AgentCenterServer:
             return [self._streams[max(self._streams)]] if self._streams else []
         return list(self._streams.values())
 
-    def push(self, command: grpc_pb2.Command, target: Target | int = "all") -> int:
-        """Queue `command` for the target streams (a stream id, the newest, or all);
-        returns how many streams it was queued for."""
+    def push(self, command: CommandLike, target: Target | int = "all") -> int:
+        """Queue `command` (a Command, or raw bytes sent verbatim) for the target streams
+        (a stream id, the newest, or all); returns how many streams it was queued for."""
         streams = self._targets(target)
         for stream in streams:
             stream.queue.put_nowait(command)

@@ -400,6 +400,10 @@ class CenterThread:
         how many streams it went to."""
         return self._on_loop(lambda: self.center.grpc.push(command, target))
 
+    def send_raw_command(self, raw: bytes, target: Target | int = "all") -> int:
+        """Push bytes as one Command message, exactly as given (b"" is the empty Command)."""
+        return self._on_loop(lambda: self.center.grpc.push(raw, target))
+
     def send_task(
         self,
         data_type: int,

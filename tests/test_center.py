@@ -308,6 +308,28 @@ def test_tasks_and_configs_to_latest_or_all(center: CenterThread, channel: grpc.
     assert only_a.task.object_name == "x"
 
 
+def test_raw_command_bytes_are_sent_verbatim(
+    center: CenterThread, channel: grpc.Channel
+) -> None:
+    stream = open_stream(channel)
+    stream.send(heartbeat())
+    center.wait_records(1000)
+    task = grpc_pb2.Command(task=grpc_pb2.Task(data_type=7, object_name="p", token="t"))
+    # An unknown field 15 (varint 1) after the task: the protobuf API could not build it.
+    raw = task.SerializeToString() + b"\x78\x01"
+    assert center.send_raw_command(raw) == 1
+    got = stream.recv()
+    assert got is not None
+    assert (got.task.data_type, got.task.token) == (7, "t")
+    assert got.SerializeToString() == raw
+    # b"" is the empty Command: neither a Task nor Configs.
+    assert center.send_raw_command(b"", target="latest") == 1
+    empty = stream.recv()
+    assert empty is not None
+    assert not empty.HasField("task")
+    assert empty.ByteSize() == 0
+
+
 def test_stop_breaks_streams_and_restart_keeps_port(
     center: CenterThread, channel: grpc.Channel
 ) -> None:
