@@ -397,5 +397,8 @@ class Dispatcher:
         self.health.count("config_entries_refused", len(check.refused))
         if check.over_limit:
             self.health.count("config_entries_over_limit", check.over_limit)
-        summary = "; ".join(f"{name!r}: {reason}" for name, reason in check.refused[:3])
-        self.health.fault("config entries", f"{len(check.refused)} refused ({summary})")
+        # Every refused entry named (shortened), then why the first was: state_detail is short.
+        names = [repr(name if len(name) <= 20 else name[:17] + "...") for name, _ in check.refused]
+        listed = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        first = check.refused[0][1]
+        self.health.fault("config entries", f"{len(names)} refused: {listed} ({first})")
