@@ -196,4 +196,10 @@ def test_a_tar_gz_with_100000_empty_members(rig: Rig, many_members: bytes) -> No
         _refused(rig, "manymembers", since, timeout=30)
     assert not (rig.plugin_root / "manymembers" / "e0").exists()
     assert rss.peak < RSS_LIMIT, f"agent RSS peaked at {rss.peak / MIB:.1f} MiB"
+    # The breach of the cap is counted in the heartbeat.
+    rig.wait(
+        lambda: [b for b in rig.beats(since) if int(b.fields.get("archive_member_cap", 0)) > 0],
+        10,
+        "archive_member_cap counted",
+    )
     rig.survived()
