@@ -326,7 +326,7 @@ class PluginSupervisor:
     async def _install_and_start(self, spec: ConfigSpec) -> None:
         directory = self.root / spec.name
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        install.clean_leftovers(directory)
+        await asyncio.to_thread(install.clean_leftovers, directory)
         # Built per install (a few ms), so a host CA store updated meanwhile is seen.
         https = any(u.startswith("https:") for u in spec.download_urls)
         staged = await install.prepare(
@@ -344,11 +344,12 @@ class PluginSupervisor:
             if self._closing:
                 return
             if staged is not None:
-                install.commit(staged, spec.name)
+                # Renames and, for an archive replacing a directory, rmtree: off the loop.
+                await asyncio.to_thread(install.commit, staged, spec.name)
                 staged = None
         finally:
             if staged is not None:
-                install.discard(staged)
+                await asyncio.to_thread(install.discard, staged)
         self._start_slot(spec, directory)
         log.info("plugin %s %s started", spec.name, spec.version)
 

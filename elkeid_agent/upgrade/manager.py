@@ -380,7 +380,7 @@ class UpgradeManager:
         except UpgradeFailed as exc:
             self._failed(config, str(exc))
         finally:
-            shutil.rmtree(attempt_dir, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, attempt_dir, ignore_errors=True)
 
     def _failed(self, config: ConfigSpec, reason: str) -> None:
         event = Event.SWAP_FAILED if self.machine.state is UpgradeState.SWAPPED else Event.FAILED
