@@ -6,13 +6,15 @@ on the real Elkeid Go plugin library (one `SendRecord` per record into a 512 KiB
 flushed every 200 ms), driven through the Config's `detail` (`RATE=… DURATION=…`). Agents
 alternate within each scenario (A B … B A), so drift on the machine hits both.
 
-Printed per scenario and agent: CPU % of one core (every agent process: the frozen build's
-launcher parents too; the plugin excluded) over the run, the largest RSS sampled, records
-delivered per second, and records lost (what the plugin reports it sent minus what the sink
-counted after a settle time); then ours / Go.
+Each run has a warm-up (12 s by default, the same for both agents: start-up is not the steady
+state a fleet pays for) before its window. Printed per scenario and agent: CPU % of one core
+(every agent process: the frozen build's launcher parents too; the plugin excluded) over the
+window, the largest RSS sampled in it, records delivered per second, and records lost (what the
+plugin reports it sent minus what the sink counted after a settle time); then ours / Go.
 
-    .venv/bin/python bench/vs_go.py [--seconds 20] [--only idle,5000,20000,flood] [--repeats 1]
-        [--go-dir ../shared/go-agent] [--frozen dist/elkeid-agent-…-linux-amd64 | --no-frozen]
+    .venv/bin/python bench/vs_go.py [--seconds 20] [--warmup 12] [--repeats 1]
+        [--only idle,5000,20000,flood] [--go-dir ../shared/go-agent]
+        [--frozen dist/elkeid-agent-…-linux-amd64 | --no-frozen]
 
 Exits 0 with a message when the Go agent is not there (a clone without ../shared).
 """
@@ -203,8 +205,9 @@ class Result:
 
 
 class Bench:
-    def __init__(self, go_dir: Path, base: Path) -> None:
+    def __init__(self, go_dir: Path, base: Path, warmup: float = 12.0) -> None:
         self.go_dir = go_dir
+        self.warmup = warmup
         self.base = base
         self.certs = base / "certs"
         shutil.copytree(go_dir / "certs", self.certs)
@@ -213,6 +216,13 @@ class Bench:
         shutil.copy2(go_dir / "bin" / PLUGIN, files / PLUGIN)
         self.sha256 = hashlib.sha256((files / PLUGIN).read_bytes()).hexdigest()
         self.files = FileServer(files)
+        # The sink gets its own copy of grpc: sharing the agent's mapping of the 12 MiB
+        # extension would keep those pages resident in the agent (the kernel pages out only
+        # pages no other process maps). On a host the center is elsewhere.
+        import grpc
+
+        self.sink_lib = base / "sink-lib"
+        shutil.copytree(Path(grpc.__file__).parent, self.sink_lib / "grpc")
 
     def close(self) -> None:
         self.files.close()
@@ -237,6 +247,7 @@ class Bench:
              str(tally_file)],
             stdout=subprocess.PIPE,
             text=True,
+            env={**os.environ, "PYTHONPATH": f"{self.sink_lib}:{ROOT}"},
         )
         assert sink_proc.stdout is not None
         if sink_proc.stdout.readline().strip() != "READY":
@@ -283,6 +294,8 @@ class Bench:
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise SystemExit(f"{proc.args[0]}: the plugin did not start within 60 s")
             time.sleep(0.02)
+        # Both agents get the same warm-up before the window: start-up is not steady state.
+        time.sleep(self.warmup)
         group = agent_group(proc.pid)
         cpu0, wall0 = cpu_seconds(group), time.monotonic()
         samples: list[float] = []
@@ -337,6 +350,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sink", nargs=3, metavar=("CERTS", "CONFIGS", "TALLY"))
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=12.0, help="seconds before each window")
     parser.add_argument("--only", default="idle,5000,20000,flood")
     parser.add_argument("--repeats", type=int, default=1, help="A B … B A rounds per scenario")
     parser.add_argument("--go-dir", type=Path, default=ROOT.parent / "shared" / "go-agent")
@@ -363,16 +377,17 @@ def main() -> None:
     order = agents + agents[::-1]
     print(
         f"bench/vs_go.py: go-plugin-loadgen, compression none, {os.cpu_count()} CPUs, "
-        f"{args.seconds:g} s windows, order {' '.join(a.name for a in order)}"
-        f" x{args.repeats}"
+        f"{args.seconds:g} s windows after {args.warmup:g} s of warm-up, "
+        f"order {' '.join(a.name for a in order)} x{args.repeats}"
     )
     with tempfile.TemporaryDirectory(prefix="bench-vs-go-") as tmp:
-        bench = Bench(args.go_dir, Path(tmp))
+        bench = Bench(args.go_dir, Path(tmp), args.warmup)
         try:
             for scenario in args.only.split(","):
                 idle = scenario == "idle"
                 rate = 0 if scenario in ("idle", "flood") else int(scenario)
-                detail = "RATE=0 DURATION=0" if idle else f"RATE={rate} DURATION={args.seconds:g}"
+                sending = args.warmup + args.seconds
+                detail = "RATE=0 DURATION=0" if idle else f"RATE={rate} DURATION={sending:g}"
                 results: dict[str, list[Result]] = {a.name: [] for a in agents}
                 for _ in range(args.repeats):
                     for agent in order:
