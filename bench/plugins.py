@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from procstat import agent_group, cpu_seconds, rss_bytes  # beside this file
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -150,47 +152,6 @@ async def sink(certs_dir: str, configs: list[dict[str, Any]], tally_file: str) -
 # --- the bench (this process) --------------------------------------------------------------------
 
 
-def agent_group(pid: int) -> list[Any]:
-    import psutil
-
-    me = psutil.Process(pid)
-    group = [me]
-    # A frozen agent runs as launcher parents plus the Python child; a venv agent is one.
-    cmdline = me.cmdline()
-    for child in me.children(recursive=True):
-        try:
-            if child.cmdline() == cmdline:
-                group.append(child)
-        except psutil.Error:
-            continue
-    return group
-
-
-def cpu_seconds(group: list[Any]) -> float:
-    import psutil
-
-    total = 0.0
-    for proc in group:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            continue
-    return total
-
-
-def rss(group: list[Any]) -> int:
-    import psutil
-
-    total = 0
-    for proc in group:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
-
-
 class Run:
     """A sink and an agent running one plugin, in a temporary directory."""
 
@@ -256,7 +217,11 @@ class Run:
                 self.close()
                 raise SystemExit("the agent did not start the plugin within 30 s")
             time.sleep(0.02)
-        self.group = agent_group(self.agent.pid)
+        import psutil
+
+        # A frozen agent's launchers share its command line; the plugin does not.
+        cmdline = psutil.Process(self.agent.pid).cmdline()
+        self.group = agent_group(self.agent.pid, lambda c: c != cmdline)
 
     def tally(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.tally_file.read_text())
@@ -286,7 +251,7 @@ def scenario(name: str, rate: float, seconds: float, agent_cmd: list[str]) -> di
             tally = run.tally()
         wall = time.monotonic() - wall0
         cpu = cpu_seconds(run.group) - cpu0
-        memory = rss(run.group)
+        memory = rss_bytes(run.group)
     finally:
         run.close()
     span = tally["last"] - tally["first"]
@@ -312,7 +277,7 @@ def idle(seconds: float, agent_cmd: list[str]) -> dict[str, Any]:
         time.sleep(seconds)
         wall = time.monotonic() - wall0
         cpu = cpu_seconds(run.group) - cpu0
-        memory = rss(run.group)
+        memory = rss_bytes(run.group)
     finally:
         run.close()
     return {"cpu_pct": 100 * cpu / wall, "rss_mib": memory / 2**20, "wall": wall}

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from procstat import agent_group, cpu_seconds, rss_bytes  # beside this file
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -100,46 +102,6 @@ async def sink(certs: Path, configs: list[dict[str, Any]], tally_file: str) -> N
 
 
 # --- measuring ----------------------------------------------------------------------------------
-
-
-def agent_group(pid: int) -> list[Any]:
-    """The agent's processes: itself and its descendants that are not plugins."""
-    import psutil
-
-    me = psutil.Process(pid)
-    group = [me]
-    for child in me.children(recursive=True):
-        try:
-            if PLUGIN not in " ".join(child.cmdline()):
-                group.append(child)
-        except psutil.Error:
-            continue
-    return group
-
-
-def cpu_seconds(group: list[Any]) -> float:
-    import psutil
-
-    total = 0.0
-    for proc in group:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            continue
-    return total
-
-
-def rss_bytes(group: list[Any]) -> int:
-    import psutil
-
-    total = 0
-    for proc in group:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
 
 
 class FileServer:
@@ -296,7 +258,7 @@ class Bench:
             time.sleep(0.02)
         # Both agents get the same warm-up before the window: start-up is not steady state.
         time.sleep(self.warmup)
-        group = agent_group(proc.pid)
+        group = agent_group(proc.pid, lambda cmdline: PLUGIN in " ".join(cmdline))
         cpu0, wall0 = cpu_seconds(group), time.monotonic()
         samples: list[float] = []
         sent = -1

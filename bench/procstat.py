@@ -1,0 +1,51 @@
+"""CPU and memory of an agent's processes, for the benchmarks.
+
+A frozen agent runs as launcher parents (staticx, the PyInstaller bootloader) plus the Python
+child; a venv agent is one process. Plugins are the agent's children too, but their cost is not
+the agent's: the caller says which descendants are plugins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def agent_group(pid: int, is_plugin: Callable[[list[str]], bool]) -> list[Any]:
+    """The agent's processes: `pid` and its descendants whose command line is not a plugin's."""
+    import psutil
+
+    me = psutil.Process(pid)
+    group = [me]
+    for child in me.children(recursive=True):
+        try:
+            if not is_plugin(child.cmdline()):
+                group.append(child)
+        except psutil.Error:
+            continue
+    return group
+
+
+def cpu_seconds(group: list[Any]) -> float:
+    import psutil
+
+    total = 0.0
+    for proc in group:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def rss_bytes(group: list[Any]) -> int:
+    import psutil
+
+    total = 0
+    for proc in group:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
