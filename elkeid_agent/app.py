@@ -71,6 +71,7 @@ class Agent:
         tls: TlsMaterial,
         env: dict[str, str],
         startup: StartupResult | None = None,
+        config_path: str | None = None,
     ) -> None:
         self.config = config
         self.work_dir = config.work_path
@@ -93,6 +94,7 @@ class Agent:
             startup=startup or StartupResult(False, UpgradeState.IDLE),
             env=env,
             settings=settings_from(config.upgrade),
+            config_path=config_path,
         )
         self.dispatcher = Dispatcher(self, self.plugins, self.upgrader, self.emit)
         self.transfer = TransferLoop(
@@ -329,7 +331,7 @@ def run_agent(config_path: str | None) -> int:
     import uvloop
 
     async def main() -> None:
-        await Agent(config, tls, env, startup).run()
+        await Agent(config, tls, env, startup, config_path).run()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())

@@ -1,0 +1,81 @@
+"""`elkeid-agent upgrade-guard [--config PATH]`: counts the starts of an unconfirmed new
+version from outside it, and restores the previous executable when it is out of chances.
+
+The new version counts its own starts in `check_pending_upgrade`, but only once its Python
+code runs: a build that dies in the launcher, at an import, or is not our program at all
+would crash-loop under Restart=always forever. So the service runs the guard before every
+start from the saved previous executable (`<work_dir>/elkeid-agent.prev`), the version
+known to work, whatever the new one is (deploy/elkeid-agent.service, `ExecStartPre=-`).
+
+The guard does nothing unless `<work_dir>/upgrade.json` holds a pending swap. Then it
+counts the start (`guard_starts`; a second run for the same systemd start, same
+INVOCATION_ID, is not counted), and after `max_unconfirmed_starts` counted starts, or once
+`confirm_bound` has passed, it rolls back exactly as the start-up check does (quarantine,
+record marked rolled_back, `.prev` copied over the target), so the start that follows runs
+the previous version, which reports the rollback. It never fails the start: every error is
+logged to stderr and it exits 0.
+
+Light on purpose (it runs under the unit's 10 % CPU quota before each start while an
+upgrade is pending): config, record and file code only, no grpc, no event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from elkeid_agent.config import ConfigError, UpgradeConfig, load_config, work_dir_hint
+from elkeid_agent.upgrade import swap
+from elkeid_agent.upgrade.record import CorruptFile, Verdict, decide_guard
+from elkeid_agent.upgrade.rollback import boot_time, roll_back
+
+log = logging.getLogger("elkeid_agent.upgrade.guard")
+
+#: Built-in values, the same as manager.DEFAULT_SETTINGS (not imported: the manager
+#: pulls in the run path).
+CONFIRM_BOUND = 600.0
+MAX_UNCONFIRMED_STARTS = 3
+QUARANTINE_SECONDS = 24 * 3600.0
+
+
+def run_guard(config_path: str | None, environ: Mapping[str, str]) -> int:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="elkeid-agent upgrade-guard: %(message)s")
+    try:
+        config = load_config(config_path, dict(environ))
+        work_dir, upgrade = config.work_path, config.upgrade
+    except ConfigError as exc:
+        # The config is the new version's problem; the guard still needs the work dir.
+        work_dir, upgrade = work_dir_hint(config_path), UpgradeConfig()
+        log.warning("config refused (%s); using %s and the built-in limits", exc, work_dir)
+    try:
+        guard(work_dir, upgrade, environ.get("INVOCATION_ID", ""))
+    except (OSError, CorruptFile) as exc:
+        log.error("%s", exc)
+    return 0
+
+
+def guard(work_dir: Path, upgrade: UpgradeConfig, invocation: str,
+          now: float | None = None) -> Verdict:
+    """Count this start of a pending upgrade; roll back when it is out of chances."""
+    record = swap.read_record(work_dir)
+    now = time.time() if now is None else now
+    bound = CONFIRM_BOUND if upgrade.confirm_bound is None else upgrade.confirm_bound
+    max_starts = (MAX_UNCONFIRMED_STARTS if upgrade.max_unconfirmed_starts is None
+                  else upgrade.max_unconfirmed_starts)
+    decision = decide_guard(record, now, bound=bound, max_starts=max_starts, boot=boot_time(),
+                            invocation=invocation)
+    kept = decision.record
+    if decision.verdict is Verdict.AWAIT_CONFIRM and kept is not None:
+        swap.write_record(work_dir, kept)
+        log.info("upgrade from %s to %s: start %d of %d without confirmation",
+                 kept.from_version, kept.to_version, kept.guard_starts, max_starts)
+    elif decision.verdict is Verdict.ROLL_BACK and kept is not None:
+        quarantine = (QUARANTINE_SECONDS if upgrade.quarantine_seconds is None
+                      else upgrade.quarantine_seconds)
+        message = roll_back(work_dir, kept, decision.reason, now, quarantine)
+        log.error("%s; %s starts now", message, kept.from_version)
+    return decision.verdict
