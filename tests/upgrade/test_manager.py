@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from upgradetools import http_files, make_deb, make_rpm, need_dpkg_deb, sha
+from upgradetools import answering, http_files, make_deb, make_rpm, need_dpkg_deb, sha
 
 from elkeid_agent.commands import ConfigSpec
 from elkeid_agent.upgrade import swap
@@ -26,8 +26,8 @@ from elkeid_agent.upgrade.manager import (
 from elkeid_agent.upgrade.record import UpgradeRecord
 from elkeid_agent.upgrade.state import UpgradeState
 
-A = b"#!/bin/sh\necho A\n"
-B = b"#!/bin/sh\necho B\n"
+A = answering("A")
+B = answering("B")
 HANG = b"#!/bin/sh\nexec sleep 300\n"
 
 # dpkg as the manager sees it: `-S` says whether it owns the path, `-i` installs the
@@ -186,7 +186,7 @@ def test_rpm_owned_by_rpm_is_installed_with_rpm(tmp_path: Path) -> None:
 def test_one_attempt_at_a_time_and_the_latest_wish_wins(tmp_path: Path) -> None:
     work = setup_work(tmp_path)
     hits: list[str] = []
-    c = b"#!/bin/sh\necho C\n"
+    c = answering("C")
     h = Harness(work, probe_timeout=1.0)
     attempt_dirs: list[int] = []
 
