@@ -244,7 +244,8 @@ def test_selftest_probe_refuses_a_candidate_that_passes_version_but_cannot_run(
         assert center.packaged()[-1][1].version == "A"
     finally:
         service.stop()
-    assert "--version" in service.log() and "selftest --config" in service.log()
+    assert "--version" in service.log()
+    assert "selftest --config" in service.log()
 
 
 def test_guard_restores_a_when_b_dies_before_its_own_code_runs(
