@@ -24,10 +24,19 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
-from elkeid_agent.config import ConfigError, UpgradeConfig, load_config, work_dir_hint
+import msgspec
+
+from elkeid_agent.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    UpgradeConfig,
+    load_config,
+    work_dir_hint,
+)
 from elkeid_agent.upgrade import swap
 from elkeid_agent.upgrade.record import CorruptFile, Verdict, decide_guard
 from elkeid_agent.upgrade.rollback import boot_time, roll_back
@@ -48,14 +57,25 @@ def run_guard(config_path: str | None, environ: Mapping[str, str]) -> int:
         config = load_config(config_path, dict(environ))
         work_dir, upgrade = config.work_path, config.upgrade
     except ConfigError as exc:
-        # The config is the new version's problem; the guard still needs the work dir.
-        work_dir, upgrade = work_dir_hint(config_path), UpgradeConfig()
-        log.warning("config refused (%s); using %s and the built-in limits", exc, work_dir)
+        # The config is the new version's problem (or a TLS file's); the guard still needs
+        # the work dir and the [upgrade] limits.
+        work_dir, upgrade = work_dir_hint(config_path), _lenient_upgrade(config_path)
+        log.warning("config refused (%s); using %s and its [upgrade] section", exc, work_dir)
     try:
         guard(work_dir, upgrade, environ.get("INVOCATION_ID", ""))
     except (OSError, CorruptFile) as exc:
         log.error("%s", exc)
     return 0
+
+
+def _lenient_upgrade(config_path: str | None) -> UpgradeConfig:
+    """The config file's [upgrade] section if it reads as one, else the built-in values."""
+    path = Path(config_path) if config_path is not None else DEFAULT_CONFIG_PATH
+    try:
+        table = tomllib.loads(path.read_text()).get("upgrade", {})
+        return msgspec.convert(table, UpgradeConfig)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, msgspec.ValidationError):
+        return UpgradeConfig()
 
 
 def guard(work_dir: Path, upgrade: UpgradeConfig, invocation: str,

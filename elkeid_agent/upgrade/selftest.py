@@ -36,7 +36,7 @@ LATE_IMPORTS = ("uvloop", "pkgutil", "grpc._cython.cygrpc", "google.protobuf.mes
 SKIPPED = ("elkeid_agent.__main__",)
 
 
-class SelftestAnswer(msgspec.Struct, kw_only=True, frozen=True):
+class SelftestAnswer(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
     selftest: str
     version: str
     error: str = ""
