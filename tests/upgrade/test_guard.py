@@ -112,3 +112,26 @@ def test_no_record_no_work(tmp_path: Path) -> None:
     assert "rolled back" not in out.stderr
     assert not (work / "upgrade.json").exists()
     assert (work / "elkeid-agent").read_bytes() == NEW
+
+
+def ctl_status(work: Path) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "elkeid_agent", "ctl", "--work-dir", str(work), "status"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    ).stdout
+
+
+def test_ctl_status_says_what_is_pending_rolled_back_and_quarantined(tmp_path: Path) -> None:
+    work, config = pending(tmp_path, max_starts=1)
+    assert run_guard(config, "1").returncode == 0
+    status = ctl_status(work)
+    assert "upgrade pending: A -> B (dpkg), 1 start(s) without confirmation" in status
+    assert run_guard(config, "2").returncode == 0  # out of starts: rolled back
+    status = ctl_status(work)
+    assert "upgrade rolling back: A <- B: B started 1 times" in status
+    assert "last upgrade: B rolled back to A " in status
+    assert "counted by the upgrade guard" in status
+    assert "quarantined: B until " in status
+    # Corrupt files are named, not a traceback.
+    (work / "upgrade-last.json").write_text("[")
+    assert "upgrade files: upgrade-last.json" in ctl_status(work)
