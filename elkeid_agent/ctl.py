@@ -19,15 +19,7 @@ from elkeid_agent import specified_env
 from elkeid_agent.childenv import child_env
 from elkeid_agent.runtime_dir import UNPACK_PREFIXES, clean_stale_unpack_dirs
 from elkeid_agent.status import read_status
-from elkeid_agent.upgrade.record import (
-    OUTCOME_FILE,
-    QUARANTINE_FILE,
-    RECORD_FILE,
-    CorruptFile,
-    decode_outcome,
-    decode_quarantine,
-    decode_record,
-)
+from elkeid_agent.upgrade.report import upgrade_lines
 
 SERVICE = "elkeid-agent.service"
 DEFAULT_WORK_DIR = Path("/etc/elkeid")
@@ -165,7 +157,8 @@ def _status(work_dir: Path) -> int:
     st = read_status(work_dir)
     if st is None:
         print("agent: no status yet")
-        _print_upgrade(work_dir, time.time())
+        for line in upgrade_lines(work_dir, time.time()):
+            print(line)
         return 0 if running else 3
     now = time.time()
     stale = now - st.updated > STALE_AFTER_S
@@ -177,49 +170,10 @@ def _status(work_dir: Path) -> int:
     beat = _fmt_time(st.last_heartbeat, now) if st.last_heartbeat else "never"
     print(f"last heartbeat: {beat}")
     print(f"upgrade: {st.upgrade_state}")
-    _print_upgrade(work_dir, now)
+    for line in upgrade_lines(work_dir, now):
+        print(line)
     print(f"updated: {_fmt_time(st.updated, now)}")
     return 0 if running else 3
-
-
-def _print_upgrade(work_dir: Path, now: float) -> None:
-    """The self-upgrade's files: what is pending, how the last upgrade ended and why, what
-    is quarantined. Read directly, so they show while the agent is down or crash-looping."""
-
-    def read(name: str) -> bytes | None:
-        try:
-            return (work_dir / name).read_bytes()
-        except OSError:
-            return None
-
-    try:
-        raw = read(RECORD_FILE)
-        record = decode_record(raw) if raw is not None else None
-        raw = read(OUTCOME_FILE)
-        outcome = decode_outcome(raw) if raw is not None else None
-        raw = read(QUARANTINE_FILE)
-        quarantine = decode_quarantine(raw).versions if raw is not None else {}
-    except CorruptFile as exc:
-        print(f"upgrade files: {exc}")
-        return
-    if record is not None and record.phase == "swapped":
-        starts = max(record.starts_without_confirm, record.guard_starts)
-        print(f"upgrade pending: {record.from_version} -> {record.to_version} ({record.method}),"
-              f" {starts} start(s) without confirmation")
-    elif record is not None:
-        print(f"upgrade rolling back: {record.from_version} <- {record.to_version}: "
-              f"{record.reason}")
-    if outcome is not None:
-        if outcome.result == "confirmed":
-            print(f"last upgrade: {outcome.from_version} -> {outcome.to_version} confirmed "
-                  f"{_fmt_time(outcome.at, now)}")
-        else:
-            print(f"last upgrade: {outcome.to_version} rolled back to {outcome.from_version} "
-                  f"{_fmt_time(outcome.at, now)}: {outcome.reason}")
-    for version, until in sorted(quarantine.items()):
-        if until > now:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(until))
-            print(f"quarantined: {version} until {stamp}")
 
 
 # --- cleanup ---------------------------------------------------------------------
