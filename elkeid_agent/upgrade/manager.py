@@ -6,11 +6,13 @@ Two entry points, two processes:
   loop. It finds the upgrade record, counts this start, and when the new version is out of
   chances (more than `max_unconfirmed_starts` starts, or `confirm_bound` seconds since the
   swap) it restores the previous executable, quarantines the version and tells the caller to
-  exit, so the service manager starts the old one again.
+  exit, so the service manager starts the old one again. (A new version that dies before
+  this check runs is counted by the upgrade guard instead, `guard.py`.)
 * `UpgradeManager` lives in the running agent. `consider()` (from the Dispatcher) only
   records the wish; `run()` (a task of the agent's TaskGroup) does the work one attempt at a
   time: download and verify into `<work_dir>/tmp`, extract the candidate, probe it with
-  `--version`, swap, ask the agent to exit. In the new process it also waits for `confirm()`
+  `--version` and then `selftest` (its whole run path against the live config), swap, ask
+  the agent to exit. In the new process it also waits for `confirm()`
   (the first heartbeat went out on a stream) and rolls back when the bound passes first.
 
 Every state change goes through `state.UpgradeMachine`; the heartbeat reports `state` and
