@@ -19,7 +19,6 @@ from elkeid_agent import specified_env
 from elkeid_agent.childenv import child_env
 from elkeid_agent.runtime_dir import UNPACK_PREFIXES, clean_stale_unpack_dirs
 from elkeid_agent.status import read_status
-from elkeid_agent.upgrade.report import upgrade_lines
 
 SERVICE = "elkeid-agent.service"
 DEFAULT_WORK_DIR = Path("/etc/elkeid")
@@ -146,6 +145,9 @@ def _fmt_time(ts: float, now: float) -> str:
 
 def _status(work_dir: Path) -> int:
     """Print the service and agent state; exit 0 when the service runs, 3 when not."""
+    # Here, not at the top: `--version` imports this module and must stay lean.
+    from elkeid_agent.upgrade.report import upgrade_lines
+
     props = _service_props(SERVICE)
     running = props.get("ActiveState") == "active"
     if props:
