@@ -40,14 +40,9 @@ from elkeid_agent.config import (
 from elkeid_agent.upgrade import swap
 from elkeid_agent.upgrade.record import CorruptFile, Verdict, decide_guard
 from elkeid_agent.upgrade.rollback import boot_time, roll_back
+from elkeid_agent.upgrade.settings import UpgradeSettings, with_overrides
 
 log = logging.getLogger("elkeid_agent.upgrade.guard")
-
-#: Built-in values, the same as manager.DEFAULT_SETTINGS (not imported: the manager
-#: pulls in the run path).
-CONFIRM_BOUND = 600.0
-MAX_UNCONFIRMED_STARTS = 3
-QUARANTINE_SECONDS = 24 * 3600.0
 
 
 def run_guard(config_path: str | None, environ: Mapping[str, str]) -> int:
@@ -83,19 +78,16 @@ def guard(work_dir: Path, upgrade: UpgradeConfig, invocation: str,
     """Count this start of a pending upgrade; roll back when it is out of chances."""
     record = swap.read_record(work_dir)
     now = time.time() if now is None else now
-    bound = CONFIRM_BOUND if upgrade.confirm_bound is None else upgrade.confirm_bound
-    max_starts = (MAX_UNCONFIRMED_STARTS if upgrade.max_unconfirmed_starts is None
-                  else upgrade.max_unconfirmed_starts)
-    decision = decide_guard(record, now, bound=bound, max_starts=max_starts, boot=boot_time(),
-                            invocation=invocation)
+    settings = with_overrides(UpgradeSettings(), upgrade)
+    max_starts = settings.max_unconfirmed_starts
+    decision = decide_guard(record, now, bound=settings.confirm_bound, max_starts=max_starts,
+                            boot=boot_time(), invocation=invocation)
     kept = decision.record
     if decision.verdict is Verdict.AWAIT_CONFIRM and kept is not None:
         swap.write_record(work_dir, kept)
         log.info("upgrade from %s to %s: start %d of %d without confirmation",
                  kept.from_version, kept.to_version, kept.guard_starts, max_starts)
     elif decision.verdict is Verdict.ROLL_BACK and kept is not None:
-        quarantine = (QUARANTINE_SECONDS if upgrade.quarantine_seconds is None
-                      else upgrade.quarantine_seconds)
-        message = roll_back(work_dir, kept, decision.reason, now, quarantine)
+        message = roll_back(work_dir, kept, decision.reason, now, settings.quarantine_seconds)
         log.error("%s; %s starts now", message, kept.from_version)
     return decision.verdict

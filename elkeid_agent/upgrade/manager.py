@@ -22,7 +22,6 @@ Every state change goes through `state.UpgradeMachine`; the heartbeat reports `s
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import shutil
 import ssl
@@ -32,15 +31,12 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgspec
-
 from elkeid_agent.childenv import child_env
 from elkeid_agent.commands import ConfigSpec, task_result
 from elkeid_agent.config import UpgradeConfig
 from elkeid_agent.download import DownloadError, download_verified, sha256_file
 from elkeid_agent.upgrade import swap
 from elkeid_agent.upgrade.artifact import (
-    MAX_CANDIDATE_BYTES,
     ArtifactKind,
     BadArtifact,
     extract_candidate,
@@ -68,6 +64,7 @@ from elkeid_agent.upgrade.rollback import (
     rollback_message,
     write_outcome,
 )
+from elkeid_agent.upgrade.settings import UpgradeSettings, with_overrides
 from elkeid_agent.upgrade.state import Event, UpgradeMachine, UpgradeState
 from elkeid_agent.version import VERSION
 
@@ -92,30 +89,12 @@ OWN_EXECUTABLE = Path("/proc/self/exe")
 SKIP_SELFTEST_ENV = "ELKEID_TEST_SKIP_SELFTEST"
 
 
-@dataclass(frozen=True)
-class UpgradeSettings:
-    confirm_bound: float = 600.0  # seconds from the swap to the new version's confirmation
-    max_unconfirmed_starts: int = 3
-    #: Each probe's deadline: `--version` under a 10 % CPU quota takes ~12 s (staticx),
-    #: `selftest` about twice that (bench/startup.py).
-    probe_timeout: float = 60.0
-    quarantine_seconds: float = 24 * 3600.0
-    #: The same version and sha256 are not tried again this soon after a failed attempt
-    #: (the server pushes its Configs on every reconnect).
-    retry_after: float = 600.0
-    download_timeout: float = 600.0
-    max_artifact_bytes: int = 512 * 1024 * 1024
-    max_candidate_bytes: int = MAX_CANDIDATE_BYTES
-    package_timeout: float = 600.0
-
-
 DEFAULT_SETTINGS = UpgradeSettings()
 
 
 def settings_from(config: UpgradeConfig) -> UpgradeSettings:
     """The built-in settings with the operator's overrides applied."""
-    overrides = {k: v for k, v in msgspec.structs.asdict(config).items() if v is not None}
-    return dataclasses.replace(DEFAULT_SETTINGS, **overrides)
+    return with_overrides(DEFAULT_SETTINGS, config)
 
 
 @dataclass(frozen=True)
