@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
-#: The upgrade's default probe_timeout (elkeid_agent.upgrade.manager.UpgradeSettings).
+#: The upgrade's default probe_timeout (elkeid_agent.upgrade.settings.UpgradeSettings).
 PROBE_TIMEOUT = 60.0
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PERIOD_US = 100_000
