@@ -26,7 +26,7 @@ done
 envs=(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8)
 for var in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_DEFAULT_TIMEOUT \
     PIP_DISABLE_PIP_VERSION_CHECK PIP_RETRIES http_proxy https_proxy no_proxy HTTP_PROXY \
-    HTTPS_PROXY NO_PROXY SOURCE_DATE_EPOCH STATICX STATICX_COMPRESS BUILD_VENV; do
+    HTTPS_PROXY NO_PROXY SOURCE_DATE_EPOCH STATICX STATICX_COMPRESS BUILD_VENV ELKEID_BUILD_EXCLUDE; do
     if [ -n "${!var:-}" ]; then
         envs+=("$var=${!var}")
     fi

@@ -15,6 +15,7 @@ Task ownership (all children of `Agent.run`'s TaskGroup):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -85,6 +86,7 @@ class Agent:
         env: dict[str, str],
         startup: StartupResult | None = None,
         log_file: LogFileHandler | None = None,
+        config_path: str | None = None,
     ) -> None:
         self.config = config
         self.work_dir = config.work_path
@@ -112,6 +114,7 @@ class Agent:
             startup=startup or StartupResult(False, UpgradeState.IDLE),
             env=env,
             settings=settings_from(config.upgrade),
+            config_path=config_path,
         )
         self.dispatcher = Dispatcher(
             self, self.plugins, self.upgrader, self.emit, health=self.health
@@ -419,22 +422,29 @@ def run_agent(config_path: str | None) -> int:
         sys.stderr.write(f"elkeid-agent: configuration error: {exc}\n")
         # A new version that refuses the config it inherited counts as a failed start.
         hint = work_dir_hint(config_path)
-        if hint.is_dir() and check_pending_upgrade(hint).exit:
-            return EX_ROLLED_BACK
+        with contextlib.suppress(OSError):
+            if hint.is_dir() and check_pending_upgrade(hint).exit:
+                return EX_ROLLED_BACK
         return EX_CONFIG
     work_dir = config.work_path
     # Never raises: a work dir that cannot hold the log leaves stderr (the Agent reports it,
     # and makes the work dir's subdirectories, or reports why it cannot).
     log_file = setup_logging(work_dir, config.log)
     try:
-        startup = check_pending_upgrade(work_dir, settings=settings_from(config.upgrade))
+        try:
+            startup = check_pending_upgrade(work_dir, settings=settings_from(config.upgrade))
+        except OSError as exc:
+            # The work dir refuses the upgrade record (read-only, full): this start goes
+            # uncounted by us (the unit's upgrade guard still counts it), the agent runs on.
+            log.error("upgrade start-up check failed: %s", exc)
+            startup = StartupResult(False, UpgradeState.IDLE, f"start-up check failed: {exc}")
         if startup.exit:
             return EX_ROLLED_BACK
         clean_stale_unpack_dirs(work_dir / "tmp")
         import uvloop
 
         async def main() -> None:
-            await Agent(config, tls, env, startup, log_file).run()
+            await Agent(config, tls, env, startup, log_file, config_path).run()
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(main())

@@ -235,6 +235,7 @@ def format_report(report: dict[str, Any], now: float) -> str:
         lines.append(f"pid: {report['service_pid']}")
     if "pid" not in report:
         lines += [f"agent: no status yet ({d})" for d in report["detail"]]
+        lines += report.get("upgrade_history", [])
         return "\n".join(lines) + "\n"
     state = report["state"] + (" (stale record)" if report["stale"] else "")
     lines += [
@@ -255,6 +256,7 @@ def format_report(report: dict[str, Any], now: float) -> str:
     lines += [
         f"last heartbeat: {_fmt_time(report['last_heartbeat'], now)}",
         f"upgrade: {report['upgrade_state']}",
+        *report.get("upgrade_history", []),
         f"updated: {_fmt_time(report['updated'], now)}",
         f"work dir: {report['work_dir']}",
     ]
@@ -267,6 +269,10 @@ def _status(work_dir: Path, as_json: bool) -> int:
     alive = st is not None and is_agent_process(st.pid, st.started)
     now = time.time()
     report = status_report(work_dir, st, alive, _service_props(SERVICE), now)
+    # Here, not at the top: `--version` imports this module and must stay lean.
+    from elkeid_agent.upgrade.report import upgrade_lines
+
+    report["upgrade_history"] = upgrade_lines(work_dir, now)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:

@@ -6,11 +6,13 @@ Two entry points, two processes:
   loop. It finds the upgrade record, counts this start, and when the new version is out of
   chances (more than `max_unconfirmed_starts` starts, or `confirm_bound` seconds since the
   swap) it restores the previous executable, quarantines the version and tells the caller to
-  exit, so the service manager starts the old one again.
+  exit, so the service manager starts the old one again. (A new version that dies before
+  this check runs is counted by the upgrade guard instead, `guard.py`.)
 * `UpgradeManager` lives in the running agent. `consider()` (from the Dispatcher) only
   records the wish; `run()` (a task of the agent's TaskGroup) does the work one attempt at a
   time: download and verify into `<work_dir>/tmp`, extract the candidate, probe it with
-  `--version`, swap, ask the agent to exit. In the new process it also waits for `confirm()`
+  `--version` and then `selftest` (its whole run path against the live config), swap, ask
+  the agent to exit. In the new process it also waits for `confirm()`
   (the first heartbeat went out on a stream) and rolls back when the bound passes first.
 
 Every state change goes through `state.UpgradeMachine`; the heartbeat reports `state` and
@@ -20,7 +22,6 @@ Every state change goes through `state.UpgradeMachine`; the heartbeat reports `s
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import shutil
 import ssl
@@ -30,15 +31,12 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgspec
-
 from elkeid_agent.childenv import child_env
 from elkeid_agent.commands import ConfigSpec, task_result
 from elkeid_agent.config import UpgradeConfig
 from elkeid_agent.download import DownloadError, download_verified, sha256_file
 from elkeid_agent.upgrade import swap
 from elkeid_agent.upgrade.artifact import (
-    MAX_CANDIDATE_BYTES,
     ArtifactKind,
     BadArtifact,
     extract_candidate,
@@ -48,15 +46,25 @@ from elkeid_agent.upgrade.probe import (
     architecture_verdict,
     probe_verdict,
     run_bounded,
+    selftest_verdict,
 )
 from elkeid_agent.upgrade.record import (
     CorruptFile,
     Method,
-    Quarantine,
+    Outcome,
     UpgradeRecord,
     Verdict,
     decide_at_start,
+    elapsed_since_swap,
 )
+from elkeid_agent.upgrade.rollback import (
+    boot_time,
+    read_quarantine,
+    roll_back,
+    rollback_message,
+    write_outcome,
+)
+from elkeid_agent.upgrade.settings import UpgradeSettings, with_overrides
 from elkeid_agent.upgrade.state import Event, UpgradeMachine, UpgradeState
 from elkeid_agent.version import VERSION
 
@@ -76,21 +84,9 @@ OWNER_QUERY_TIMEOUT = 30.0
 #: The running program (the frozen executable, or the Python interpreter from source): the
 #: architecture a candidate must have.
 OWN_EXECUTABLE = Path("/proc/self/exe")
-
-
-@dataclass(frozen=True)
-class UpgradeSettings:
-    confirm_bound: float = 600.0  # seconds from the swap to the new version's confirmation
-    max_unconfirmed_starts: int = 3
-    probe_timeout: float = 60.0  # `--version` under a 10 % CPU quota takes ~12 s (staticx)
-    quarantine_seconds: float = 24 * 3600.0
-    #: The same version and sha256 are not tried again this soon after a failed attempt
-    #: (the server pushes its Configs on every reconnect).
-    retry_after: float = 600.0
-    download_timeout: float = 600.0
-    max_artifact_bytes: int = 512 * 1024 * 1024
-    max_candidate_bytes: int = MAX_CANDIDATE_BYTES
-    package_timeout: float = 600.0
+#: Test-only (docs/upgrade.md): "1" in the agent's environment skips the selftest probe, so
+#: the tests can swap in a candidate that only the upgrade guard can catch.
+SKIP_SELFTEST_ENV = "ELKEID_TEST_SKIP_SELFTEST"
 
 
 DEFAULT_SETTINGS = UpgradeSettings()
@@ -98,8 +94,7 @@ DEFAULT_SETTINGS = UpgradeSettings()
 
 def settings_from(config: UpgradeConfig) -> UpgradeSettings:
     """The built-in settings with the operator's overrides applied."""
-    overrides = {k: v for k, v in msgspec.structs.asdict(config).items() if v is not None}
-    return dataclasses.replace(DEFAULT_SETTINGS, **overrides)
+    return with_overrides(DEFAULT_SETTINGS, config)
 
 
 @dataclass(frozen=True)
@@ -118,41 +113,6 @@ class UpgradeFailed(Exception):
 
 def _target(work_dir: Path) -> Path:
     return work_dir / EXECUTABLE
-
-
-def _read_quarantine(work_dir: Path) -> Quarantine:
-    try:
-        return swap.read_quarantine(work_dir)
-    except CorruptFile as exc:
-        log.error("upgrade: %s; starting a new quarantine list", exc)
-        return Quarantine()
-
-
-def roll_back(
-    work_dir: Path, record: UpgradeRecord, reason: str, now: float, settings: UpgradeSettings
-) -> str:
-    """Quarantine `record.to_version`, mark the record rolled back, restore the previous
-    executable. In this order, so a kill at any point is finished by the next start (the
-    record says "rolled_back" before the executable changes). Returns the message."""
-    until = now + settings.quarantine_seconds
-    quarantine = _read_quarantine(work_dir).add(record.to_version, until, now)
-    swap.write_quarantine(work_dir, quarantine)
-    swap.write_record(work_dir, msgspec.structs.replace(record, phase="rolled_back",
-                                                        reason=reason))
-    prev, target = Path(record.prev), Path(record.target)
-    swap.copy_atomic(prev, target, swap.executable_mode(target))
-    return rollback_message(record, reason, until)
-
-
-def rollback_message(record: UpgradeRecord, reason: str, until: float | None) -> str:
-    message = f"upgrade from {record.from_version} to {record.to_version} rolled back: {reason}"
-    if until is not None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until))
-        message += f"; {record.to_version} quarantined until {stamp}"
-    if record.method != "file":
-        message += (f" (the {record.method} database still lists {record.to_version}; "
-                    f"the executable is {record.from_version})")
-    return message
 
 
 def check_pending_upgrade(
@@ -175,7 +135,7 @@ def check_pending_upgrade(
         swap.remove_record(work_dir)
         return StartupResult(False, UpgradeState.IDLE, f"corrupt upgrade record: {exc}")
     decision = decide_at_start(record, version, now, bound=settings.confirm_bound,
-                               max_starts=settings.max_unconfirmed_starts)
+                               max_starts=settings.max_unconfirmed_starts, boot=boot_time())
     verdict, kept = decision.verdict, decision.record
     if verdict is Verdict.NONE:
         return StartupResult(False, UpgradeState.IDLE)
@@ -189,7 +149,8 @@ def check_pending_upgrade(
     if verdict is Verdict.ROLL_BACK:
         assert kept is not None
         try:
-            message = roll_back(work_dir, kept, decision.reason, now, settings)
+            message = roll_back(work_dir, kept, decision.reason, now,
+                                settings.quarantine_seconds)
         except OSError as exc:
             # No way back (the saved executable is gone): running on beats exiting forever.
             swap.remove_record(work_dir)
@@ -201,7 +162,7 @@ def check_pending_upgrade(
     swap.remove_record(work_dir)
     if verdict is Verdict.REPORT_ROLLBACK:
         assert record is not None
-        until = _read_quarantine(work_dir).until(record.to_version, now)
+        until = read_quarantine(work_dir).until(record.to_version, now)
         message = rollback_message(record, decision.reason, until)
         log.error("back on %s: %s", version, message)
         state = UpgradeState.QUARANTINED if until else UpgradeState.IDLE
@@ -228,8 +189,10 @@ class UpgradeManager:
         settings: UpgradeSettings | None = None,
         version: str = VERSION,
         ssl_context: ssl.SSLContext | None = None,
+        config_path: str | None = None,
     ) -> None:
         self.work_dir = work_dir
+        self.config_path = config_path  # the live config the selftest probe reads
         self.target = _target(work_dir)
         self.emit = emit
         self.errors = errors
@@ -297,7 +260,7 @@ class UpgradeManager:
             return (f"unconfirmed/{config.version}",
                     f"upgrade to {config.version} ignored: an upgrade is not confirmed yet")
         now = time.time()
-        until = _read_quarantine(self.work_dir).until(config.version, now)
+        until = read_quarantine(self.work_dir).until(config.version, now)
         if until is not None:
             return (f"quarantined/{config.version}",
                     f"upgrade to {config.version} ignored: quarantined for another "
@@ -320,6 +283,9 @@ class UpgradeManager:
         self._clear_error()
         message = f"upgraded from {record.from_version} to {self.version}: confirmed"
         log.info("%s", message)
+        write_outcome(self.work_dir, Outcome(from_version=record.from_version,
+                                             to_version=self.version, result="confirmed",
+                                             at=time.time()))
         self.emit(task_result(RESULT_TOKEN, True, message))
 
     # -- the worker -------------------------------------------------------------------------------
@@ -346,7 +312,8 @@ class UpgradeManager:
     def _bound_left(self) -> float | None:
         if self._record is None or self.machine.state is not UpgradeState.SWAPPED:
             return None
-        return max(0.0, self._record.started_at + self.settings.confirm_bound - time.time())
+        elapsed = elapsed_since_swap(self._record, time.time(), boot_time())
+        return max(0.0, self.settings.confirm_bound - elapsed)
 
     def _bound_passed(self) -> None:
         record = self._record
@@ -355,7 +322,8 @@ class UpgradeManager:
         reason = f"{self.version} did not reach the server within {self.settings.confirm_bound:g} s"
         self._record = None
         try:
-            message = roll_back(self.work_dir, record, reason, time.time(), self.settings)
+            message = roll_back(self.work_dir, record, reason, time.time(),
+                                self.settings.quarantine_seconds)
         except OSError as exc:
             swap.remove_record(self.work_dir)
             self.machine.handle(Event.CONFIRMED)
@@ -417,10 +385,28 @@ class UpgradeManager:
         reason = probe_verdict(result, config.version, s.probe_timeout)
         if reason is not None:
             raise UpgradeFailed(f"probe: {reason}")
+        await self._selftest(candidate, config.version, attempt_dir)
         if kind in (ArtifactKind.DEB, ArtifactKind.RPM) and await self._owned_by(kind):
             await self._package_swap(config, kind, artifact, attempt_dir)
         else:
             await self._file_swap(config, candidate)
+
+    async def _selftest(self, candidate: Path, version: str, attempt_dir: Path) -> None:
+        """The deep probe: the candidate walks its whole run path against the live config."""
+        if self.env.get(SKIP_SELFTEST_ENV) == "1":
+            log.warning("upgrade to %s: selftest probe skipped (%s=1, test-only)",
+                        version, SKIP_SELFTEST_ENV)
+            return
+        argv = [str(candidate), "selftest"]
+        if self.config_path is not None:
+            argv += ["--config", self.config_path]
+        log.info("upgrade to %s: probing %s", version, " ".join(argv))
+        timeout = self.settings.probe_timeout
+        result = await run_bounded(argv, child_env(self.env), timeout=timeout,
+                                   output=attempt_dir / "selftest.out")
+        reason = selftest_verdict(result, version, timeout)
+        if reason is not None:
+            raise UpgradeFailed(f"probe: {reason}")
 
     async def _owned_by(self, kind: ArtifactKind) -> bool:
         """True if the package manager of `kind` installed the executable."""
@@ -434,8 +420,10 @@ class UpgradeManager:
         return result.returncode == 0
 
     def _new_record(self, config: ConfigSpec, method: Method) -> UpgradeRecord:
+        boot = boot_time()
         return UpgradeRecord(
             from_version=self.version, to_version=config.version, started_at=time.time(),
+            boot_id=boot.boot_id if boot else "", started_boottime=boot.seconds if boot else 0.0,
             target=str(self.target), prev=str(self._prev()), method=method,
         )
 

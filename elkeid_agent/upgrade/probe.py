@@ -1,5 +1,5 @@
-"""Run a short-lived command with a deadline: the candidate's `--version` probe, and
-dpkg/rpm for the package swap (thin I/O; `probe_verdict` is the pure part).
+"""Run a short-lived command with a deadline: the candidate's `--version` and `selftest`
+probes, and dpkg/rpm for the package swap (thin I/O; the verdicts are the pure part).
 
 The child is started with `os.posix_spawn` (never fork: gRPC's threads, see BUILD-FACTS) in
 a process group of its own, because a frozen candidate runs as two or three processes
@@ -20,6 +20,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
+
+from elkeid_agent.upgrade.selftest import OK, SelftestAnswer
 
 #: What the probe keeps of the candidate's output (a version line is a few bytes).
 MAX_OUTPUT_BYTES = 64 * 1024
@@ -177,6 +181,41 @@ def probe_verdict(result: RunResult, expected: str, timeout: float) -> str | Non
     printed = result.output.strip()
     if printed != expected:
         return f"--version printed {_snippet(printed)!r}, expected {expected!r}"
+    return None
+
+
+def selftest_verdict(result: RunResult, expected: str, timeout: float) -> str | None:
+    """Why `<candidate> selftest` failed, or None when it answered ok for `expected`.
+
+    The answer is the last line of the output that decodes as the selftest's JSON object
+    (warnings may precede it on stderr, which shares the output file)."""
+    if result.exec_error:
+        return f"selftest: {result.exec_error}"
+    if result.timed_out:
+        return f"selftest did not finish within {timeout:g} s"
+    if result.too_much_output:
+        return "selftest printed too much"
+    answer = _selftest_answer(result.output)
+    if answer is None:
+        return (f"selftest exited with {result.returncode} without an answer: "
+                f"{_snippet(result.output)}")
+    if answer.version != expected:
+        return f"selftest answered for version {_snippet(answer.version)!r}, expected {expected!r}"
+    if answer.selftest != OK or result.returncode != 0:
+        error = _snippet(answer.error) or _snippet(result.output)
+        return f"selftest failed (exit {result.returncode}): {error}"
+    return None
+
+
+def _selftest_answer(output: str) -> SelftestAnswer | None:
+    for raw in reversed(output.splitlines()):
+        line = raw.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            return msgspec.json.decode(line, type=SelftestAnswer)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
     return None
 
 

@@ -4,7 +4,14 @@ decision (pure: bytes in, bytes and decisions out; `files.py` does the reading a
 The record (`<work_dir>/upgrade.json`) is written before the executable is replaced, so the
 process that starts from the new executable finds it. It is the only memory shared by the
 old and the new process: how many times the new one started without confirming, when the
-upgrade began, where the previous executable was saved, and, after a rollback, why.
+upgrade began, where the previous executable was saved, and, after a rollback, why. The
+upgrade guard (`guard.py`, run from the previous executable before every start) counts the
+starts too, in fields of its own, so a new version that dies before its Python code runs is
+still counted.
+
+Time since the swap: within one boot, CLOCK_BOOTTIME (monotonic, counts suspend), so an NTP
+step of the wall clock cannot roll back a good version; across a reboot (another boot id)
+the wall clock, the only clock both boots share.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import msgspec
 
 RECORD_FILE = "upgrade.json"
 QUARANTINE_FILE = "upgrade-quarantine.json"
+#: The last upgrade's outcome, kept for `ctl status` (the record is gone by then).
+OUTCOME_FILE = "upgrade-last.json"
 
 Method = Literal["file", "dpkg", "rpm"]
 Phase = Literal["swapped", "rolled_back"]
@@ -27,6 +36,10 @@ class UpgradeRecord(msgspec.Struct, kw_only=True, frozen=True):
     to_version: str
     started_at: float  # unix time the swap began; the bound is measured from here
     starts_without_confirm: int = 0
+    boot_id: str = ""  # /proc/sys/kernel/random/boot_id at the swap ("": unknown)
+    started_boottime: float = 0.0  # CLOCK_BOOTTIME at the swap, valid within boot_id
+    guard_starts: int = 0  # starts counted by the upgrade guard (outside the new version)
+    guard_invocation: str = ""  # the service start the guard counted last (systemd's id)
     target: str  # the executable the service manager starts
     prev: str  # the saved previous executable
     method: Method = "file"
@@ -49,6 +62,31 @@ class Quarantine(msgspec.Struct, frozen=True):
         return Quarantine(kept)
 
 
+@dataclass(frozen=True)
+class BootTime:
+    """CLOCK_BOOTTIME seconds, meaningful only within the boot named by boot_id."""
+
+    boot_id: str
+    seconds: float
+
+
+def elapsed_since_swap(record: UpgradeRecord, now: float, boot: BootTime | None) -> float:
+    """Seconds since the swap: monotonic within the swap's boot, wall clock across boots."""
+    if boot is not None and record.boot_id and record.boot_id == boot.boot_id:
+        return boot.seconds - record.started_boottime
+    return now - record.started_at
+
+
+class Outcome(msgspec.Struct, kw_only=True, frozen=True):
+    """How the last upgrade ended: which version runs, which was rolled back and why."""
+
+    from_version: str
+    to_version: str
+    result: Literal["confirmed", "rolled_back"]
+    reason: str = ""
+    at: float  # unix time
+
+
 class CorruptFile(Exception):
     """A record or quarantine file that does not decode."""
 
@@ -62,6 +100,17 @@ def decode_record(raw: bytes) -> UpgradeRecord:
         return msgspec.json.decode(raw, type=UpgradeRecord)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise CorruptFile(f"{RECORD_FILE}: {exc}") from exc
+
+
+def encode_outcome(outcome: Outcome) -> bytes:
+    return msgspec.json.encode(outcome)
+
+
+def decode_outcome(raw: bytes) -> Outcome:
+    try:
+        return msgspec.json.decode(raw, type=Outcome)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise CorruptFile(f"{OUTCOME_FILE}: {exc}") from exc
 
 
 def encode_quarantine(q: Quarantine) -> bytes:
@@ -100,6 +149,7 @@ def decide_at_start(
     *,
     bound: float,
     max_starts: int,
+    boot: BootTime | None = None,
 ) -> Decision:
     """The start-up decision: count this start, roll back after `max_starts` unconfirmed
     starts or once `bound` seconds have passed since the swap."""
@@ -108,7 +158,7 @@ def decide_at_start(
     if record.phase == "swapped" and record.to_version == version:
         starts = record.starts_without_confirm + 1
         counted = msgspec.structs.replace(record, starts_without_confirm=starts)
-        elapsed = now - record.started_at
+        elapsed = elapsed_since_swap(record, now, boot)
         if starts > max_starts:
             why = f"{version} started {starts - 1} times without reaching the server"
             return Decision(Verdict.ROLL_BACK, counted, why)
@@ -127,3 +177,35 @@ def decide_at_start(
         return Decision(Verdict.NOT_TAKEN, None, why)
     why = f"upgrade record from {record.from_version} to {record.to_version} names neither"
     return Decision(Verdict.STALE, None, f"{why} this version ({version})")
+
+
+def decide_guard(
+    record: UpgradeRecord | None,
+    now: float,
+    *,
+    bound: float,
+    max_starts: int,
+    boot: BootTime | None = None,
+    invocation: str = "",
+) -> Decision:
+    """The upgrade guard's decision before a start of the service (it runs from the previous
+    executable, whatever the new one is): count this start in the record, and roll back
+    once the new version has had `max_starts` unconfirmed starts or `bound` has passed.
+
+    `invocation` names the start (systemd's INVOCATION_ID): a start already counted (the
+    guard ran twice for one start) is not counted again. Any record that is not a pending
+    swap is the agent's own business (NONE)."""
+    if record is None or record.phase != "swapped":
+        return Decision(Verdict.NONE, record)
+    if invocation and invocation == record.guard_invocation:
+        return Decision(Verdict.NONE, record)
+    starts = record.guard_starts + 1
+    counted = msgspec.structs.replace(record, guard_starts=starts, guard_invocation=invocation)
+    if starts > max_starts:
+        why = (f"{record.to_version} started {starts - 1} times without reaching the server "
+               f"(counted by the upgrade guard)")
+        return Decision(Verdict.ROLL_BACK, counted, why)
+    if elapsed_since_swap(record, now, boot) > bound:
+        why = f"{record.to_version} did not reach the server within {bound:g} s"
+        return Decision(Verdict.ROLL_BACK, counted, why)
+    return Decision(Verdict.AWAIT_CONFIRM, counted)

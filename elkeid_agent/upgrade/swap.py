@@ -22,12 +22,16 @@ from pathlib import Path
 from elkeid_agent.fsutil import atomic_write, fsync_dir, open_staging, publish, staging_path
 from elkeid_agent.upgrade.artifact import ArtifactKind
 from elkeid_agent.upgrade.record import (
+    OUTCOME_FILE,
     QUARANTINE_FILE,
     RECORD_FILE,
+    Outcome,
     Quarantine,
     UpgradeRecord,
+    decode_outcome,
     decode_quarantine,
     decode_record,
+    encode_outcome,
     encode_quarantine,
     encode_record,
 )
@@ -92,6 +96,20 @@ def read_quarantine(work_dir: Path) -> Quarantine:
 
 def write_quarantine(work_dir: Path, q: Quarantine) -> None:
     atomic_write(work_dir / QUARANTINE_FILE, encode_quarantine(q), 0o644)
+
+
+def write_outcome(work_dir: Path, outcome: Outcome) -> None:
+    atomic_write(work_dir / OUTCOME_FILE, encode_outcome(outcome), 0o644)
+
+
+def read_outcome(work_dir: Path) -> Outcome | None:
+    """The last upgrade's outcome; None if there is none; record.CorruptFile if it does not
+    decode."""
+    try:
+        raw = (work_dir / OUTCOME_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
+    return decode_outcome(raw)
 
 
 # -- package managers ------------------------------------------------------------------------

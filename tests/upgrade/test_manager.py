@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from upgradetools import http_files, make_deb, make_rpm, need_dpkg_deb, sha
+from upgradetools import answering, http_files, make_deb, make_rpm, need_dpkg_deb, sha
 
 from elkeid_agent.commands import ConfigSpec
 from elkeid_agent.upgrade import swap
@@ -24,10 +24,11 @@ from elkeid_agent.upgrade.manager import (
     check_pending_upgrade,
 )
 from elkeid_agent.upgrade.record import UpgradeRecord
+from elkeid_agent.upgrade.rollback import boot_time
 from elkeid_agent.upgrade.state import UpgradeState
 
-A = b"#!/bin/sh\necho A\n"
-B = b"#!/bin/sh\necho B\n"
+A = answering("A")
+B = answering("B")
 HANG = b"#!/bin/sh\nexec sleep 300\n"
 
 # dpkg as the manager sees it: `-S` says whether it owns the path, `-i` installs the
@@ -186,7 +187,7 @@ def test_rpm_owned_by_rpm_is_installed_with_rpm(tmp_path: Path) -> None:
 def test_one_attempt_at_a_time_and_the_latest_wish_wins(tmp_path: Path) -> None:
     work = setup_work(tmp_path)
     hits: list[str] = []
-    c = b"#!/bin/sh\necho C\n"
+    c = answering("C")
     h = Harness(work, probe_timeout=1.0)
     attempt_dirs: list[int] = []
 
@@ -307,3 +308,36 @@ def test_start_up_counts_starts_in_the_record(tmp_path: Path) -> None:
     start = check_pending_upgrade(work, "A")
     assert start.exit is True
     assert (work / "elkeid-agent").read_bytes() == b"#!/bin/sh\necho Z\n"
+
+
+def test_a_wall_clock_step_does_not_roll_back_a_good_version(tmp_path: Path) -> None:
+    """Within one boot the bound runs on CLOCK_BOOTTIME: a record whose wall-clock start
+    looks a day old (an NTP step) but that this boot's clock says is 2 s old is kept, at the
+    start-up check and in the running agent; the swap's record carries both clocks."""
+    work = setup_work(tmp_path)
+    boot = boot_time()
+    assert boot is not None
+    record = UpgradeRecord(from_version="Z", to_version="A", started_at=time.time() - 86_400,
+                           boot_id=boot.boot_id, started_boottime=boot.seconds - 2,
+                           target=str(work / "elkeid-agent"),
+                           prev=str(work / "elkeid-agent.prev"))
+    swap.write_record(work, record)
+    start = check_pending_upgrade(work, "A")
+    assert start.state is UpgradeState.SWAPPED
+    h = Harness(work, startup=start, confirm_bound=600.0)
+    left = h.manager._bound_left()
+    assert left is not None
+    assert 590 < left <= 598
+
+
+def test_the_swap_record_names_this_boot(tmp_path: Path) -> None:
+    work = setup_work(tmp_path)
+    with http_files({"/b": B}) as base:
+        h = Harness(work)
+        asyncio.run(drive(h, spec("B", B, base + "/b"), done=h.exit_requested.is_set))
+    record = swap.read_record(work)
+    assert record is not None
+    boot = boot_time()
+    assert boot is not None
+    assert record.boot_id == boot.boot_id
+    assert 0 <= boot.seconds - record.started_boottime < 60

@@ -1,14 +1,19 @@
-"""The `--version` probe against real processes: wrong architecture, hangs, floods."""
+"""The `--version` and `selftest` probes against real processes: wrong architecture,
+hangs, floods, impostors; the selftest of this tree."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import AgentConfig
 
 from elkeid_agent.upgrade.probe import (
     RunResult,
@@ -16,7 +21,11 @@ from elkeid_agent.upgrade.probe import (
     elf_machine,
     probe_verdict,
     run_bounded,
+    selftest_verdict,
 )
+from elkeid_agent.version import VERSION
+
+REPO = Path(__file__).resolve().parents[2]
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -160,3 +169,69 @@ def test_cancellation(tmp_path: Path, survive: bool) -> None:
         if survive:
             os.kill(pid, 9)
             os.waitpid(pid, 0)
+
+
+def selftest(path: Path, tmp_path: Path, timeout: float = 5.0, expected: str = "B"
+             ) -> str | None:
+    result = asyncio.run(run_bounded([str(path), "selftest"], ENV, timeout=timeout,
+                                     output=tmp_path / "selftest.out"))
+    return selftest_verdict(result, expected, timeout)
+
+
+OK_B = '{"selftest":"ok","version":"B"}'
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (f"echo '{OK_B}'", None),
+        # Warnings before the answer are fine; the answer is the last JSON line.
+        (f"echo 'warning: x' >&2; echo '{OK_B}'", None),
+        ("exit 1", "selftest exited with 1 without an answer"),
+        ("echo B", "selftest exited with 0 without an answer: B"),
+        ("echo '{\"selftest\":\"ok\",\"version\":\"C\"}'", "answered for version 'C'"),
+        ("echo '{\"selftest\":\"failed\",\"version\":\"B\",\"error\":\"ImportError: x\"}'; "
+         "exit 1", "selftest failed (exit 1): ImportError: x"),
+        # An ok answer with a failing exit is not ok.
+        (f"echo '{OK_B}'; exit 3", "selftest failed (exit 3)"),
+        ("echo '{\"selftest\": 1}'", "without an answer"),
+        ("exec sleep 300", "selftest did not finish within 1 s"),
+        ("yes", "selftest printed too much"),
+    ],
+)
+def test_selftest_verdict(tmp_path: Path, body: str, reason: str | None) -> None:
+    verdict = selftest(script(tmp_path, body), tmp_path, timeout=1.0)
+    if reason is None:
+        assert verdict is None
+    else:
+        assert verdict is not None
+        assert reason in verdict
+
+
+def test_selftest_of_this_tree_passes_and_writes_nothing(
+    agent_config: AgentConfig, tmp_path: Path
+) -> None:
+    config = agent_config()
+    work = tmp_path / "agent-work"
+    before = sorted(work.rglob("*")) if work.exists() else []
+    out = subprocess.run(
+        [sys.executable, "-m", "elkeid_agent", "selftest", "--config", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"selftest": "ok", "version": VERSION}
+    assert (sorted(work.rglob("*")) if work.exists() else []) == before
+
+
+def test_selftest_refuses_a_config_run_would_refuse(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text("not_a_key = 1\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "elkeid_agent", "selftest", "--config", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert out.returncode == 1
+    answer = json.loads(out.stdout)
+    assert (answer["selftest"], answer["version"]) == ("failed", VERSION)
+    assert "ConfigError" in answer["error"]
+    assert "not_a_key" in answer["error"]

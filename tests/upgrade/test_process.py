@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import AgentConfig
 from test_probe import aarch64_elf
-from upgradetools import Service, http_files, sha, standin
+from upgradetools import Service, http_files, impostor, sha, standin
 
 from elkeid_center.testing import CenterThread, DecodedRecord
 
@@ -208,5 +208,84 @@ def test_b_that_cannot_reach_the_server_is_rolled_back_within_the_bound(
         assert time.time() - swapped_at >= bound
         assert "did not reach the server within 4 s" in service.log()
         _quarantined_a_ignores_b(center, service, work, a, "did not reach the server", pushed)
+    finally:
+        service.stop()
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        # Not our program: answers --version as B, exits 1 for anything else.
+        ("impostor", "selftest exited with 1 without an answer: impostor: not an agent"),
+        # Our program without a module only the run path imports.
+        ("nomodule", "selftest failed (exit 1): ModuleNotFoundError: import of uvloop halted"),
+    ],
+)
+def test_selftest_probe_refuses_a_candidate_that_passes_version_but_cannot_run(
+    center: CenterThread, agent_config: AgentConfig, tmp_path: Path, case: str, reason: str
+) -> None:
+    config, work, a = install_a(tmp_path, agent_config)
+    b = impostor("B") if case == "impostor" else standin(tmp_path / "runner", "B", "nomodule")
+    serve(tmp_path, "b", b)
+    center.set_configs([upgrade_config("B", b, center.file_url("b"))])
+    service = Service(work, config, {}, guard=True)
+    try:
+        service.start()
+        beat = wait_beat(center, lambda b: reason in b.fields["upgrade_error"], 60)
+        assert beat.fields["state"] == "abnormal"
+        assert beat.fields["upgrade_state"] == "idle"
+        failed = results(center)[-1]
+        assert failed["status"] == "failed"
+        assert reason in failed["msg"]
+        assert service.alive()
+        assert (work / "elkeid-agent").read_bytes() == a
+        assert not (work / "upgrade.json").exists()
+        assert not (work / "elkeid-agent.prev").exists()
+        assert center.packaged()[-1][1].version == "A"
+    finally:
+        service.stop()
+    assert "--version" in service.log()
+    assert "selftest --config" in service.log()
+
+
+def test_guard_restores_a_when_b_dies_before_its_own_code_runs(
+    center: CenterThread, agent_config: AgentConfig, tmp_path: Path
+) -> None:
+    """The selftest probe is skipped (test-only switch), so the impostor is swapped in. It
+    never reaches the agent's start-up check; the guard, run from A's saved executable
+    before every start, counts its starts and puts A back before the fourth."""
+    config, work, a = install_a(tmp_path, agent_config)
+    b = impostor("B")
+    serve(tmp_path, "b", b)
+    pushed = upgrade_config("B", b, center.file_url("b"))
+    center.set_configs([pushed])
+    service = Service(work, config, {"ELKEID_TEST_SKIP_SELFTEST": "1"}, guard=True)
+    try:
+        service.start()
+        assert service.wait(60) == 0
+        assert (work / "elkeid-agent").read_bytes() == b
+        assert "selftest probe skipped" in service.log()
+        codes = []
+        for _ in range(3):
+            service.start()
+            codes.append(service.wait(60))
+        assert codes == [1, 1, 1]  # B never counted anything itself
+        record = json.loads((work / "upgrade.json").read_text())
+        assert (record["guard_starts"], record["starts_without_confirm"]) == (3, 0)
+        center.clear()
+        service.start()  # the guard restores A first; A starts
+        assert (work / "elkeid-agent").read_bytes() == a
+        assert "rolled back" in service.guard_output[-1]
+        beat = wait_beat(center, lambda b: b.fields["upgrade_state"] == "quarantined")
+        assert "started 3 times without reaching the server (counted by the upgrade guard)" in (
+            beat.fields["upgrade_error"])
+        assert center.packaged()[-1][1].version == "A"
+        assert any("upgrade from A to B rolled back" in r["msg"] for r in results(center))
+        assert service.alive()
+        assert json.loads((work / "upgrade-quarantine.json").read_text())["versions"]["B"] > (
+            time.time() + 23 * 3600)
+        outcome = json.loads((work / "upgrade-last.json").read_text())
+        assert (outcome["from_version"], outcome["to_version"], outcome["result"]) == (
+            "A", "B", "rolled_back")
     finally:
         service.stop()

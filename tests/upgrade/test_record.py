@@ -1,17 +1,24 @@
-"""The upgrade record's encoding and the start-up decision, as a table."""
+"""The upgrade record's encoding, the start-up and guard decisions as tables, and the
+clock the confirmation bound is measured on."""
 
 from __future__ import annotations
 
 import pytest
 
 from elkeid_agent.upgrade.record import (
+    BootTime,
     CorruptFile,
+    Outcome,
     Quarantine,
     UpgradeRecord,
     Verdict,
     decide_at_start,
+    decide_guard,
+    decode_outcome,
     decode_quarantine,
     decode_record,
+    elapsed_since_swap,
+    encode_outcome,
     encode_quarantine,
     encode_record,
 )
@@ -80,3 +87,75 @@ def test_start_up_decision(
         assert decision.record is not None
         assert decision.record.starts_without_confirm == starts
     assert reason in decision.reason
+
+
+BOOT = BootTime("boot-1", 5_000.0)
+
+
+@pytest.mark.parametrize(
+    ("record", "now", "boot", "elapsed"),
+    [
+        # Same boot: CLOCK_BOOTTIME, whatever the wall clock did (an NTP step of a day).
+        (rec(boot_id="boot-1", started_boottime=4_900.0), T0 + 86_400, BOOT, 100.0),
+        (rec(boot_id="boot-1", started_boottime=4_900.0), T0 - 86_400, BOOT, 100.0),
+        # Another boot, or a record without a boot id (older version): the wall clock.
+        (rec(boot_id="boot-0", started_boottime=4_900.0), T0 + 30, BOOT, 30.0),
+        (rec(), T0 + 30, BOOT, 30.0),
+        (rec(boot_id="boot-1", started_boottime=4_900.0), T0 + 30, None, 30.0),
+    ],
+)
+def test_elapsed_since_swap_is_monotonic_within_a_boot(
+    record: UpgradeRecord, now: float, boot: BootTime | None, elapsed: float
+) -> None:
+    assert elapsed_since_swap(record, now, boot) == elapsed
+
+
+def test_a_wall_clock_step_does_not_roll_back_within_the_boot() -> None:
+    record = rec(boot_id="boot-1", started_boottime=4_900.0)
+    stepped = T0 + 10 * BOUND  # the wall clock jumped forward; only 100 s really passed
+    decision = decide_at_start(record, "B", stepped, bound=BOUND, max_starts=3, boot=BOOT)
+    assert decision.verdict is Verdict.AWAIT_CONFIRM
+    later = BootTime("boot-1", 4_900.0 + BOUND + 1)
+    decision = decide_at_start(record, "B", T0, bound=BOUND, max_starts=3, boot=later)
+    assert decision.verdict is Verdict.ROLL_BACK
+    assert "within 600 s" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("record", "invocation", "verdict", "guard_starts", "reason"),
+    [
+        (None, "i1", Verdict.NONE, None, ""),
+        (rec(), "i1", Verdict.AWAIT_CONFIRM, 1, ""),
+        (rec(guard_starts=2, guard_invocation="i2"), "i3", Verdict.AWAIT_CONFIRM, 3, ""),
+        (rec(guard_starts=3, guard_invocation="i3"), "i4", Verdict.ROLL_BACK, 4,
+         "B started 3 times without reaching the server (counted by the upgrade guard)"),
+        # The same systemd start seen twice: not counted again.
+        (rec(guard_starts=1, guard_invocation="i1"), "i1", Verdict.NONE, 1, ""),
+        # Without an invocation id (another supervisor) every run counts.
+        (rec(guard_starts=1), "", Verdict.AWAIT_CONFIRM, 2, ""),
+        # Past the bound.
+        (rec(started_at=T0 - BOUND - 1), "i1", Verdict.ROLL_BACK, 1, "within 600 s"),
+        # Not a pending swap: the agent's own start-up check deals with it.
+        (rec(phase="rolled_back", reason="r"), "i1", Verdict.NONE, 0, ""),
+    ],
+)
+def test_guard_decision(
+    record: UpgradeRecord | None, invocation: str, verdict: Verdict, guard_starts: int | None,
+    reason: str,
+) -> None:
+    decision = decide_guard(record, T0, bound=BOUND, max_starts=3, invocation=invocation)
+    assert decision.verdict is verdict
+    if guard_starts is None:
+        assert decision.record is None
+    else:
+        assert decision.record is not None
+        assert decision.record.guard_starts == guard_starts
+        assert decision.record.starts_without_confirm == 0  # the agent's own count is apart
+    assert reason in decision.reason
+
+
+def test_outcome_round_trip_and_corruption() -> None:
+    outcome = Outcome(from_version="A", to_version="B", result="rolled_back", reason="r", at=T0)
+    assert decode_outcome(encode_outcome(outcome)) == outcome
+    with pytest.raises(CorruptFile, match=r"upgrade-last\.json"):
+        decode_outcome(b'{"result": "maybe"}')

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +23,25 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = b"#!/bin/sh\necho B\n"
+
+
+def answering(version: str, run: str = "exit 0") -> bytes:
+    """A shell candidate that passes both probes as `version` (`--version`, and `selftest`
+    with the ok answer); anything else runs `run`."""
+    return (
+        "#!/bin/sh\n"
+        f'case "$1" in\n'
+        f"--version) echo {version} ;;\n"
+        f"selftest) echo '{{\"selftest\":\"ok\",\"version\":\"{version}\"}}' ;;\n"
+        f"*) {run} ;;\n"
+        "esac\n"
+    ).encode()
+
+
+def impostor(version: str) -> bytes:
+    """Not our program at all: answers `--version` as `version`, exits 1 for anything else."""
+    return (f'#!/bin/sh\nif [ "$1" = --version ]; then echo {version}; exit 0; fi\n'
+            'echo "impostor: not an agent" >&2\nexit 1\n').encode()
 
 
 def make_tar_gz(path: Path, members: list[tuple[str, bytes | None, str]]) -> Path:
@@ -154,13 +174,16 @@ need_dpkg_deb = pytest.mark.skipif(shutil.which("dpkg-deb") is None,
 #: Runs the real agent from the source tree as "version X": `elkeid_agent.version.VERSION` is
 #: replaced before anything imports it (a test-only trick; the product has no such hook).
 #: Modes break B on purpose: "crash" dies right after the start-up check, "offline" never
-#: reaches a server, "hang" hangs on --version.
+#: reaches a server, "hang" hangs on --version, "nomodule" lacks uvloop (a module only the
+#: run path imports, as a frozen build that lost it).
 RUNNER = """
 import os, sys, time
 version, mode = sys.argv[1], sys.argv[2]
 sys.argv = ["elkeid-agent", *sys.argv[3:]]
 if mode == "hang" and "--version" in sys.argv:
     time.sleep(3600)
+if mode == "nomodule":
+    sys.modules["uvloop"] = None
 import elkeid_agent.version
 elkeid_agent.version.VERSION = version
 from elkeid_agent.upgrade import manager
@@ -202,18 +225,37 @@ def sha(data: bytes) -> str:
 
 
 class Service:
-    """Plays the service manager: runs `<work>/elkeid-agent run --config C` and restarts it."""
+    """Plays the service manager: runs `<work>/elkeid-agent run --config C` and restarts it.
 
-    def __init__(self, work: Path, config: Path, env: dict[str, str]) -> None:
+    `guard`: before every start, run the upgrade guard as deploy/elkeid-agent.service's
+    ExecStartPre does (only when upgrade.json and an executable .prev exist; its failure
+    never blocks the start), with a fresh INVOCATION_ID per start as systemd gives."""
+
+    def __init__(self, work: Path, config: Path, env: dict[str, str], guard: bool = False
+                 ) -> None:
         self.work = work
         self.config = config
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+        self.guard = guard
+        self.guard_output: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.exits: list[int] = []
 
+    def _run_guard(self) -> None:
+        prev = self.work / "elkeid-agent.prev"
+        if not (self.work / "upgrade.json").exists() or not os.access(prev, os.X_OK):
+            return
+        env = {**self.env, "INVOCATION_ID": uuid.uuid4().hex}
+        done = subprocess.run([str(prev), "upgrade-guard", "--config", str(self.config)],
+                              env=env, capture_output=True, text=True, timeout=120,
+                              check=False)
+        self.guard_output.append(done.stdout + done.stderr)
+
     def start(self) -> Service:
         assert self.proc is None or self.proc.poll() is not None
+        if self.guard:
+            self._run_guard()
         self.proc = subprocess.Popen(
             [str(self.work / "elkeid-agent"), "run", "--config", str(self.config)],
             env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
