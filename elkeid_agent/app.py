@@ -7,7 +7,10 @@ Task ownership (all children of `Agent.run`'s TaskGroup):
   configs    Dispatcher.run_configs: Configs applied one sync at a time, latest wins
   plugins    PluginSupervisor.run (its own TaskGroup per plugin)
   upgrade    UpgradeManager.run: one self-upgrade attempt at a time; the confirmation bound
-  shutdown   waits for SIGTERM/SIGINT/1060, stops plugins first, flushes, then ends the group
+  spool      Spool.run: the spool's disk writer (segments, checkpoint, fsync, bounds)
+  spooler    spool.pump.run_spooler: memory chunks to the spool while disconnected or full
+  shutdown   waits for SIGTERM/SIGINT/1060, stops plugins first, flushes, then ends the group;
+             what is still in memory then goes to the spool, durably, before the process ends
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -26,16 +30,19 @@ import msgspec
 from elkeid_agent import heartbeat as hb
 from elkeid_agent import specified_env
 from elkeid_agent.buffer import RecordBuffer
-from elkeid_agent.commands import Dispatcher, MetadataRequest, UploadRequest
+from elkeid_agent.commands import ConfigSpec, Dispatcher, MetadataRequest, UploadRequest
 from elkeid_agent.config import EX_CONFIG, Config, ConfigError, load_config, work_dir_hint
 from elkeid_agent.errors import TaskFailed
 from elkeid_agent.health import Health
 from elkeid_agent.host import HostFacts, read_host_facts
 from elkeid_agent.identity import load_agent_id
 from elkeid_agent.logs import RecordHandler, setup_logging
+from elkeid_agent.plugins import lastset
 from elkeid_agent.plugins.supervisor import PluginSupervisor
 from elkeid_agent.runtime_dir import clean_stale_unpack_dirs
 from elkeid_agent.service import dump_tasks, release_memory, sd_notify, watchdog_interval
+from elkeid_agent.spool.pump import run_spooler, spill_all
+from elkeid_agent.spool.store import Spool, SpoolState
 from elkeid_agent.status import AgentStatus, write_status
 from elkeid_agent.transport.stream import TransferLoop
 from elkeid_agent.transport.tls import TlsError, TlsMaterial
@@ -95,8 +102,16 @@ class Agent:
             settings=settings_from(config.upgrade),
         )
         self.dispatcher = Dispatcher(self, self.plugins, self.upgrader, self.emit)
+        self.dispatcher.on_applied = self._save_plugin_configs
+        self.spool = Spool(self.work_dir, config.spool, self.health)
         self.transfer = TransferLoop(
-            config, tls, self.buffer, self.header, self.dispatcher.handle, self.send_heartbeat
+            config,
+            tls,
+            self.buffer,
+            self.header,
+            self.dispatcher.handle,
+            self.send_heartbeat,
+            spool=self.spool if config.spool.enabled else None,
         )
         self.uploader = Uploader(lambda: self.transfer.channel, self.emit)
         self.record_handler = RecordHandler(self.emit, config.log.records_per_minute)
@@ -155,6 +170,7 @@ class Agent:
             "command_failures": self.dispatcher.failures,
             "uploads_completed": self.uploader.completed,
             "uploads_failed": self.uploader.failed,
+            **self.spool.counters(),
             **self.health.counters,
         }
 
@@ -195,6 +211,7 @@ class Agent:
         )
         fields["upgrade_state"] = self.upgrader.state
         fields["upgrade_error"] = self.upgrader.last_error
+        fields["spool_state"] = str(self.spool.state)
         timestamp = int(time.time())
         self.buffer.put_agent(encode_record(AGENT_HEARTBEAT, timestamp, fields))
         for record in self.plugins.heartbeats():
@@ -216,8 +233,21 @@ class Agent:
                 last_heartbeat=self.last_heartbeat,
                 updated=time.time(),
                 upgrade_state=self.upgrader.state,
+                spool_state=str(self.spool.state),
+                spool_records=self.spool.records,
+                spool_bytes=self.spool.held_bytes,
+                spool_oldest_seconds=round(self.spool.oldest_seconds(), 1),
+                spool_dropped_records=self.spool.stats.dropped_records,
             ),
         )
+
+    def _save_plugin_configs(self, configs: Sequence[ConfigSpec]) -> None:
+        try:
+            lastset.save(self.work_dir, configs)
+        except OSError as exc:
+            self.health.fault("plugin-configs", f"cannot persist the plugin set: {exc}")
+        else:
+            self.health.clear("plugin-configs")
 
     # -- the agent's own tasks (commands.AgentTasks) ---------------------------------------------
 
@@ -258,6 +288,8 @@ class Agent:
         self.loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
         self.loop.add_signal_handler(signal.SIGUSR2, release_memory)
         logging.getLogger().addHandler(self.record_handler)
+        await self.spool.open()
+        self.dispatcher.offline_configs = lastset.load(self.work_dir)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.transfer.run(), name="transfer")
@@ -266,12 +298,19 @@ class Agent:
                 tg.create_task(self.dispatcher.run_configs(), name="configs")
                 tg.create_task(self.plugins.run(), name="plugins")
                 tg.create_task(self.upgrader.run(), name="upgrade")
+                if self.config.spool.enabled:
+                    tg.create_task(self.spool.run(), name="spool")
+                    tg.create_task(
+                        run_spooler(self.spool, self.buffer, lambda: self.transfer.state.connected),
+                        name="spooler",
+                    )
                 tg.create_task(self._shutdown_when_asked(), name="shutdown")
                 sd_notify("READY=1")
                 log.info("elkeid-agent %s started, id %s", VERSION, self.agent_id)
         except* _Stop:
             pass
         finally:
+            await self._keep_unsent()
             logging.getLogger().removeHandler(self.record_handler)
         log.info("elkeid-agent stopped")
 
@@ -299,7 +338,17 @@ class Agent:
                     await self.buffer.wait_empty()
             except TimeoutError:
                 log.warning("stopping with %d records unsent", len(self.buffer))
+        await self.spool.stop()
         raise _Stop
+
+    async def _keep_unsent(self) -> None:
+        """What is still in memory goes to the spool, durably; the next process sends it first."""
+        if self.spool.state is SpoolState.DISABLED:
+            return
+        moved = spill_all(self.spool, self.buffer)
+        await self.spool.close()
+        if moved or self.spool.records:
+            log.info("spooled %d records at exit (%d held)", moved, self.spool.records)
 
 
 def run_agent(config_path: str | None) -> int:

@@ -166,6 +166,10 @@ class Dispatcher:
         self.failures = 0
         self._configs: list[ConfigSpec] | None = None
         self._configs_ready = asyncio.Event()
+        #: The plugin set applied last by a previous process, started before any server set.
+        self.offline_configs: Sequence[ConfigSpec] = ()
+        #: Called with each plugin set once applied (persisted for the next start).
+        self.on_applied: Callable[[Sequence[ConfigSpec]], None] | None = None
 
     async def handle(self, raw: bytes) -> None:
         self.commands += 1
@@ -215,6 +219,8 @@ class Dispatcher:
 
     async def run_configs(self) -> None:
         """Apply Configs one set at a time, so a long plugin download never blocks tasks."""
+        if self.offline_configs and self._configs is None:
+            await self.plugins.sync(self.offline_configs)
         while True:
             await self._configs_ready.wait()
             self._configs_ready.clear()
@@ -224,4 +230,7 @@ class Dispatcher:
             for config in configs:
                 if config.name == PRODUCT:
                     await self.upgrader.consider(config)
-            await self.plugins.sync([c for c in configs if c.name != PRODUCT])
+            plugins = [c for c in configs if c.name != PRODUCT]
+            await self.plugins.sync(plugins)
+            if self.on_applied is not None:
+                self.on_applied(plugins)

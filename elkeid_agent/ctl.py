@@ -167,6 +167,10 @@ def _status(work_dir: Path) -> int:
     beat = _fmt_time(st.last_heartbeat, now) if st.last_heartbeat else "never"
     print(f"last heartbeat: {beat}")
     print(f"upgrade: {st.upgrade_state}")
+    print(
+        f"spool: {st.spool_state}, {st.spool_records} records, {st.spool_bytes} bytes, "
+        f"oldest {st.spool_oldest_seconds:.0f} s, {st.spool_dropped_records} dropped"
+    )
     print(f"updated: {_fmt_time(st.updated, now)}")
     return 0 if running else 3
 

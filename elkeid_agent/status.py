@@ -26,6 +26,11 @@ class AgentStatus(msgspec.Struct, kw_only=True):
     last_heartbeat: float  # unix time of the last heartbeat sent, 0 if none yet
     updated: float  # unix time this record was written
     upgrade_state: str = "idle"
+    spool_state: str = "disabled"
+    spool_records: int = 0
+    spool_bytes: int = 0
+    spool_oldest_seconds: float = 0.0
+    spool_dropped_records: int = 0
 
 
 _encoder = msgspec.json.Encoder()

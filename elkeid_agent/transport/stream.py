@@ -6,7 +6,10 @@ heartbeat, then run the send and receive loops until either fails, close the cha
 
 Send loop: every `send_interval` it drains the RecordBuffer into PackagedData messages built by
 splicing (no protobuf objects per record) under the message cap. A message whose write fails goes
-back to the head of the buffer, so nothing queued is lost to a broken stream.
+back to the head of the buffer, so nothing queued is lost to a broken stream. While the spool
+holds a backlog, each round sends the agent lane from memory, then the spool oldest first, and
+the plugin lanes in memory only once the spool is empty (`spool.pump` states the order rule);
+a spool batch is forgotten only after its write succeeded.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from elkeid_agent.buffer import RecordBuffer
+from elkeid_agent.buffer import Batch, Lane, RecordBuffer
 from elkeid_agent.config import Config
+from elkeid_agent.spool.store import ReadBatch, Spool
 from elkeid_agent.transport.discovery import (
     Backoff,
     Candidate,
@@ -90,8 +94,10 @@ class TransferLoop:
         header: Callable[[], bytes],
         on_command: Callable[[bytes], Awaitable[None]],
         on_open: Callable[[], None],
+        spool: Spool | None = None,
     ) -> None:
         self.config = config
+        self.spool = spool
         self.tls = tls
         self.buffer = buffer
         self.header = header
@@ -198,31 +204,65 @@ class TransferLoop:
     async def _send_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         interval = self.config.transport.send_interval
         while True:
-            await self.buffer.wait_nonempty()
+            if not self._backlog():
+                await self.buffer.wait_nonempty()
             await self.flush(call)
             await asyncio.sleep(interval)
 
+    def _backlog(self) -> bool:
+        return self.spool is not None and self.spool.records > 0
+
     async def flush(self, call: grpc.aio.StreamStreamCall) -> None:
-        """Send everything queued, in messages under the cap."""
-        stats = self.state.stats
-        while len(self.buffer):
+        """Send everything queued (the spool's backlog first), in messages under the cap."""
+        while True:
             header = self.header()
-            batch = self.buffer.take(MAX_MESSAGE_BYTES - len(header))
+            cap = MAX_MESSAGE_BYTES - len(header)
+            if self.spool is not None and self._backlog():
+                if self.buffer.lane_bytes(Lane.AGENT):
+                    await self._send(call, self.buffer.take(cap, (Lane.AGENT,)), header)
+                    continue
+                backlog = await self.spool.read(cap)
+                if backlog.entries:
+                    await self._send_spooled(call, self.spool, backlog, header)
+                continue
+            if not len(self.buffer):
+                return
+            batch = self.buffer.take(cap)
             if not batch.chunks:
                 return
-            message = batch.spliced + header
-            try:
-                await call.write(message)
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-                self.buffer.requeue(batch)
-                stats.write_failures += 1
-                raise StreamClosed(f"write failed: {_describe(exc)}") from exc
-            except asyncio.CancelledError:
-                self.buffer.requeue(batch)
-                raise
-            stats.tx_messages += 1
-            stats.tx_records += batch.count
-            stats.tx_bytes += len(message)
+            await self._send(call, batch, header)
+
+    async def _send(self, call: grpc.aio.StreamStreamCall, batch: Batch, header: bytes) -> None:
+        message = batch.spliced + header
+        try:
+            await call.write(message)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            self.buffer.requeue(batch)
+            self.state.stats.write_failures += 1
+            raise StreamClosed(f"write failed: {_describe(exc)}") from exc
+        except asyncio.CancelledError:
+            self.buffer.requeue(batch)
+            raise
+        self._sent(batch.count, len(message))
+
+    async def _send_spooled(
+        self, call: grpc.aio.StreamStreamCall, spool: Spool, batch: ReadBatch, header: bytes
+    ) -> None:
+        # A failed or cancelled write leaves the entries in the spool, still at its head.
+        message = batch.spliced + header
+        try:
+            await call.write(message)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            self.state.stats.write_failures += 1
+            raise StreamClosed(f"write failed: {_describe(exc)}") from exc
+        spool.commit(batch)
+        self._sent(batch.count, len(message))
+
+    def _sent(self, records: int, size: int) -> None:
+        stats = self.state.stats
+        stats.tx_messages += 1
+        stats.tx_records += records
+        stats.tx_bytes += size
 
     async def _receive_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         stats = self.state.stats
