@@ -87,15 +87,14 @@ async def sink(certs_dir: str, configs_file: str, tally_file: str) -> None:
     async def transfer(requests: Any, context: Any) -> Any:
         pushed = False
         async for raw in requests:
-            message = grpc_pb2.PackagedData.FromString(raw)
-            for rec in message.records:
-                if rec.data_type == 9999:
-                    m = RUN_SEQ.search(rec.data)
-                    if m:
-                        note(m.group(1), int(m.group(2)))
-                elif rec.data_type == 1000:
-                    payload = grpc_pb2.Payload.FromString(rec.data)
-                    state["beat"] = dict(payload.fields)
+            # One C-level regex pass over the message instead of decoding every record.
+            for run, seq in RUN_SEQ.findall(raw):
+                note(run, int(seq))
+            if b"spool_records" not in raw:
+                continue
+            for rec in grpc_pb2.PackagedData.FromString(raw).records:
+                if rec.data_type == 1000:
+                    state["beat"] = dict(grpc_pb2.Payload.FromString(rec.data).fields)
                     state["beat_at"] = time.time()
                     if not pushed:
                         pushed = True
@@ -363,16 +362,22 @@ def drain_run(rate: int, minutes: float) -> dict[str, Any]:
         out.close()
         # No live plugin here: only the backlog is timed.
         (setup.work / "plugin" / "numbered" / "numbered").write_text("#!/bin/sh\nexec cat <&3\n")
+        import psutil
+
         began = time.monotonic()
         agent = setup.start_agent()
+        wait(lambda: setup.tally()["unique"] > 0, 120, "the first record")
+        first = time.monotonic() - began
         wait(lambda: setup.tally()["unique"] >= total, 900, "the prefilled backlog")
         seconds = time.monotonic() - began
+        cpu = psutil.Process(agent.pid).cpu_times()
         agent.send_signal(signal.SIGTERM)
         agent.wait(60)
         duplicates = setup.tally()["duplicates"]
     finally:
         setup.close()
-    return {"records": total, "seconds": seconds, "duplicates": duplicates}
+    return {"records": total, "seconds": seconds, "first": first, "duplicates": duplicates,
+            "cpu": cpu.user + cpu.system}
 
 
 def main() -> None:
@@ -399,8 +404,9 @@ def main() -> None:
             d = drain_run(args.rate, args.drain_minutes)
             print(f"drain     {d['records']:,} spooled records ({args.drain_minutes:g} min at "
                   f"{args.rate}/s) delivered in {d['seconds']:.1f} s "
-                  f"({d['records'] / d['seconds']:,.0f}/s, agent start included), "
-                  f"duplicates {d['duplicates']}   target <= 30 s", flush=True)
+                  f"from the agent's start, the first after {d['first']:.1f} s "
+                  f"({d['records'] / (d['seconds'] - d['first']):,.0f}/s), agent CPU "
+                  f"{d['cpu']:.1f} s, duplicates {d['duplicates']}   target <= 30 s", flush=True)
             continue
         r = outage_run(name, args.rate, args.outage)
         print(
