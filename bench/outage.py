@@ -12,7 +12,7 @@ the backlog drains, then the agent is stopped with SIGTERM (its plugin first, so
 last count is saved) and the books are closed. Printed per run:
 * produced: records the plugin processes generated (each saves its count after every flush),
 * delivered: unique records the sink received; duplicates: received more than once,
-* lost: produced − delivered (what is left in the spool at the end is shown apart),
+* lost: produced - delivered (what is left in the spool at the end is shown apart),
 * drain: seconds from the sink's return to the first heartbeat reporting an empty spool and
   less than a second of records in memory,
 * plugin back: seconds from the new agent's start to its plugin's first count (no server),
@@ -58,6 +58,16 @@ RUN_SEQ = re.compile(rb"\x0a\x03run\x12.([0-9]+)\x0a.\x0a\x03seq\x12.([0-9]+)", 
 # --- the sink (child process) -------------------------------------------------------------------
 
 
+def read_json(path: str) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: str, value: Any) -> None:
+    tmp = path + ".tmp"
+    Path(tmp).write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
 async def sink(certs_dir: str, configs_file: str, tally_file: str) -> None:
     import asyncio
 
@@ -68,7 +78,7 @@ async def sink(certs_dir: str, configs_file: str, tally_file: str) -> None:
     from elkeid_center.server import SERVER_OPTIONS, ServerTls, configs_command, transfer_handler
 
     tls = ServerTls.from_certs(ensure_certs(certs_dir))
-    command = configs_command(json.loads(Path(configs_file).read_text()))
+    command = configs_command(read_json(configs_file))
     seen: dict[bytes, bytearray] = {}
     state: dict[str, Any] = {"unique": 0, "duplicates": 0, "top": {}, "beat": {}, "beat_at": 0.0}
 
@@ -102,9 +112,7 @@ async def sink(certs_dir: str, configs_file: str, tally_file: str) -> None:
 
     async def save_loop() -> None:
         while True:
-            tmp = tally_file + ".tmp"
-            Path(tmp).write_text(json.dumps(state))
-            os.replace(tmp, tally_file)
+            write_json(tally_file, state)
             await asyncio.sleep(0.2)
 
     port = 0
@@ -343,7 +351,7 @@ def drain_run(rate: int, minutes: float) -> dict[str, Any]:
         pad = "p" * 200
         per_entry = 3000
         template = [
-            encode_record(9999, int(time.time()), {"run": "1", "seq": "%010d" % i, "pad": pad})
+            encode_record(9999, int(time.time()), {"run": "1", "seq": f"{i:010d}", "pad": pad})
             for i in range(per_entry)
         ]
         now = int(time.time())
@@ -409,10 +417,12 @@ def main() -> None:
                   f"{d['cpu']:.1f} s, duplicates {d['duplicates']}   target <= 30 s", flush=True)
             continue
         r = outage_run(name, args.rate, args.outage)
+        lost_pct = 100 * r["lost"] / r["produced"]
         print(
             f"{name:<9} produced {r['produced']:>9,}  delivered {r['delivered']:>9,}  "
-            f"dup {r['duplicates']:>6,}  lost {r['lost']:>7,} ({100 * r['lost'] / r['produced']:5.2f} %)"
-            f"  left {r['left']:,}  drain {r['drain']:5.1f} s  plugin back {r['plugin_back']:4.1f} s"
+            f"dup {r['duplicates']:>6,}  lost {r['lost']:>7,} ({lost_pct:5.2f} %)"
+            f"  left {r['left']:,}  drain {r['drain']:5.1f} s"
+            f"  plugin back {r['plugin_back']:4.1f} s"
             f"  written {r['written_per_record']:6.1f} B/rec",
             flush=True,
         )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hypothesis import given, settings
+import pytest
+from hypothesis import given
 from hypothesis import strategies as st
 
 from elkeid_agent.buffer import ALL_LANES, Lane, RecordBuffer
@@ -52,7 +54,8 @@ def test_scan_returns_every_entry_in_order(items: list[bytes]) -> None:
     data, _ = _segment(items)
     result = fmt.scan(data)
     assert _payloads(data, result) == items
-    assert [(h.lane, h.count) for h in result.entries] == [(i % 3, i + 1) for i in range(len(items))]
+    expected = [(i % 3, i + 1) for i in range(len(items))]
+    assert [(h.lane, h.count) for h in result.entries] == expected
     assert result.corrupt == 0
 
 
@@ -85,7 +88,9 @@ def test_zero_length_and_zero_filled_segments() -> None:
     assert fmt.scan(b"") == fmt.ScanResult([], 0, 0)
     good = fmt.encode_entry(2, 1, 5, b"x")
     result = fmt.scan(b"\0" * 100 + good + b"\0" * 7)
-    assert len(result.entries) == 1 and result.corrupt == 2 and result.corrupt_bytes == 107
+    assert len(result.entries) == 1
+    assert result.corrupt == 2
+    assert result.corrupt_bytes == 107
 
 
 @given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 19), st.integers(0, 7))
@@ -135,7 +140,8 @@ def test_entries_survive_a_restart_and_leave_once(tmp_path: Path) -> None:
     async def second() -> list[bytes]:
         spool = Spool(tmp_path, _config(), Health())
         await spool.open()
-        assert spool.records == 50 and spool.state is SpoolState.HOLDING
+        assert spool.records == 50
+        assert spool.state is SpoolState.HOLDING
         got = await _drain(spool)
         await spool.close()
         return got
@@ -178,7 +184,8 @@ def test_bound_drops_oldest_plugin_records_counted_exactly_and_keeps_agent_recor
         seqs = [int(r[:10]) for r in got]
         assert -1 in seqs
         plugin = [s for s in seqs if s >= 0]
-        assert plugin == sorted(plugin) and plugin[-1] == appended - 1
+        assert plugin == sorted(plugin)
+        assert plugin[-1] == appended - 1
         assert spool.stats.dropped_records == appended - len(plugin)
         assert spool.stats.dropped_records > 0
 
@@ -237,9 +244,10 @@ def test_zero_length_segment_and_garbage_checkpoint(tmp_path: Path) -> None:
 
 def test_a_failing_disk_degrades_to_memory_and_recovers(tmp_path: Path) -> None:
     async def until(cond: Any, limit: float) -> None:
-        async with asyncio.timeout(limit):
-            while not cond():
-                await asyncio.sleep(0.02)
+        deadline = time.monotonic() + limit
+        while not cond():
+            assert time.monotonic() < deadline, "condition not met"
+            await asyncio.sleep(0.02)
 
     async def go() -> None:
         health = Health()
@@ -251,14 +259,16 @@ def test_a_failing_disk_degrades_to_memory_and_recovers(tmp_path: Path) -> None:
         directory.write_bytes(b"not a directory")  # every file operation now fails
         spool.append(Lane.PLUGIN, 10, _records(0, 10))
         await until(lambda: spool.state is SpoolState.DEGRADED, 5)
-        assert not spool.accepting and health.faulty("spool")
+        assert not spool.accepting
+        assert health.faulty("spool")
         # What it held stays in memory and is delivered from there.
         batch = await spool.read(1 << 20)
         spool.commit(batch)
         assert [int(r[:10]) for r in unsplice(batch.spliced)] == list(range(10))
         directory.unlink()
         await until(lambda: spool.state is SpoolState.EMPTY, 5 + RETRY_SECONDS)
-        assert spool.accepting and not health.faulty("spool")
+        assert spool.accepting
+        assert not health.faulty("spool")
         spool.append(Lane.PLUGIN, 10, _records(10, 10))
         await until(lambda: spool.stats.written_entries == 1, 5)
         await spool.stop()
@@ -287,10 +297,34 @@ def test_spill_all_keeps_lane_order(tmp_path: Path) -> None:
         await buffer.put_many([b"u1"], Lane.URGENT)
         spool = Spool(tmp_path, _config(), Health())
         await spool.open()
-        assert spill_all(spool, buffer) == 4 and not len(buffer)
+        assert spill_all(spool, buffer) == 4
+        assert not len(buffer)
         await spool.close()
         reopened = Spool(tmp_path, _config(), Health())
         await reopened.open()
         return await _drain(reopened)
 
     assert run(go()) == [b"a1", b"u1", b"p1", b"p2"]
+
+
+# -- settings and the persisted plugin set --------------------------------------------------------
+
+
+def test_spool_settings_are_checked_by_name(tmp_path: Path) -> None:
+    from elkeid_agent.config import ConfigError, load_config
+
+    path = tmp_path / "agent.toml"
+    path.write_text("[spool]\nfsync_interval = 0\n")
+    with pytest.raises(ConfigError, match="key spool: fsync_interval must be between"):
+        load_config(path, {}, product=tmp_path / "none.toml")
+
+
+def test_last_plugin_set_round_trip_without_urls(tmp_path: Path) -> None:
+    from elkeid_agent.commands import ConfigSpec
+    from elkeid_agent.plugins import lastset
+
+    spec = ConfigSpec(name="p", version="2", sha256="ab" * 32, download_urls=("http://x/p",))
+    lastset.save(tmp_path, [spec])
+    assert lastset.load(tmp_path) == [ConfigSpec(name="p", version="2", sha256="ab" * 32)]
+    (tmp_path / lastset.LAST_SET_FILE).write_bytes(b"{not json")
+    assert lastset.load(tmp_path) == []

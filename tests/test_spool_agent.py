@@ -82,7 +82,8 @@ def test_restart_during_an_outage(
     else:
         # What the dead agent had not yet handed to the spool, and what sat in its pipes.
         assert result.lost <= RATE * 1.5
-    assert beat["spool_records"] == "0" and beat["spool_state"] == "empty"
+    assert beat["spool_records"] == "0"
+    assert beat["spool_state"] == "empty"
 
 
 def test_at_the_bound_drops_are_counted_exactly(
