@@ -241,9 +241,9 @@ class Agent:
             ),
         )
 
-    def _save_plugin_configs(self, configs: Sequence[ConfigSpec]) -> None:
+    async def _save_plugin_configs(self, configs: Sequence[ConfigSpec]) -> None:
         try:
-            lastset.save(self.work_dir, configs)
+            await asyncio.to_thread(lastset.save, self.work_dir, configs)
         except OSError as exc:
             self.health.fault("plugin-configs", f"cannot persist the plugin set: {exc}")
         else:

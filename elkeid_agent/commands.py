@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
 
 import msgspec
@@ -169,7 +169,7 @@ class Dispatcher:
         #: The plugin set applied last by a previous process, started before any server set.
         self.offline_configs: Sequence[ConfigSpec] = ()
         #: Called with each plugin set once applied (persisted for the next start).
-        self.on_applied: Callable[[Sequence[ConfigSpec]], None] | None = None
+        self.on_applied: Callable[[Sequence[ConfigSpec]], Awaitable[None]] | None = None
 
     async def handle(self, raw: bytes) -> None:
         self.commands += 1
@@ -233,4 +233,4 @@ class Dispatcher:
             plugins = [c for c in configs if c.name != PRODUCT]
             await self.plugins.sync(plugins)
             if self.on_applied is not None:
-                self.on_applied(plugins)
+                await self.on_applied(plugins)

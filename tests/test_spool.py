@@ -17,7 +17,7 @@ from elkeid_agent.buffer import ALL_LANES, Lane, RecordBuffer
 from elkeid_agent.config import SpoolConfig
 from elkeid_agent.health import Health
 from elkeid_agent.spool import format as fmt
-from elkeid_agent.spool.pump import PLUGIN_LANES, lanes_to_move, spill_all
+from elkeid_agent.spool.pump import PLUGIN_LANES, lanes_to_move, move, spill_all
 from elkeid_agent.spool.store import RETRY_SECONDS, Spool, SpoolState
 from elkeid_agent.wire import splice_records, unsplice
 
@@ -328,3 +328,22 @@ def test_last_plugin_set_round_trip_without_urls(tmp_path: Path) -> None:
     assert lastset.load(tmp_path) == [ConfigSpec(name="p", version="2", sha256="ab" * 32)]
     (tmp_path / lastset.LAST_SET_FILE).write_bytes(b"{not json")
     assert lastset.load(tmp_path) == []
+
+
+def test_a_record_larger_than_an_entry_is_spooled_whole(tmp_path: Path) -> None:
+    big = b"b" * (3 * 1024 * 1024)
+
+    async def go() -> list[bytes]:
+        buffer = RecordBuffer()
+        await buffer.put_many([b"small"])
+        await buffer.put_many([big])
+        spool = Spool(tmp_path, _config(), Health())
+        await spool.open()
+        assert move(spool, buffer, ALL_LANES, 0) == 2
+        assert buffer.stats.dropped_oversize == 0
+        await spool.close()
+        reopened = Spool(tmp_path, _config(), Health())
+        await reopened.open()
+        return await _drain(reopened)
+
+    assert run(go()) == [b"small", big]

@@ -19,6 +19,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from elkeid_agent.wire import MAX_MESSAGE_BYTES
+
 MAGIC = 0xE5
 _HEAD = struct.Struct("<BBIIII")
 _HEAD_CRC = struct.Struct("<I")
@@ -26,8 +28,9 @@ HEADER_BYTES = _HEAD.size + _HEAD_CRC.size
 _CHECKPOINT = struct.Struct("<QQ")
 CHECKPOINT_BYTES = _CHECKPOINT.size + 4
 MAX_LANE = 2
-#: Largest payload a header may announce; anything above is damage (entries are ≤ 1 MiB).
-MAX_PAYLOAD = 64 * 1024 * 1024
+#: Largest payload an entry may hold: it must fit one message with its header. A header
+#: announcing more is damage.
+MAX_PAYLOAD = MAX_MESSAGE_BYTES - 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)

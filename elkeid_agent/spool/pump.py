@@ -18,12 +18,13 @@ import asyncio
 from collections.abc import Callable
 
 from elkeid_agent.buffer import ALL_LANES, Batch, Lane, RecordBuffer
+from elkeid_agent.spool.format import MAX_PAYLOAD
 from elkeid_agent.spool.store import Spool
 
 #: How often the spooler looks at the buffer. Chunks younger than this are what a SIGKILL
 #: during an outage can lose besides the pipes.
 MOVE_INTERVAL = 0.1
-#: Records per spool entry are bounded by bytes: an entry is read back whole into a message.
+#: An entry is read back whole into a message: runs of chunks are cut at about this size.
 ENTRY_BYTES = 1024 * 1024
 HIGH_WATER = 0.5
 LOW_WATER = 0.25
@@ -47,17 +48,20 @@ def lanes_to_move(
 
 
 def store_batch(spool: Spool, batch: Batch) -> None:
-    """Append a batch to the spool, one entry per run of chunks of one lane."""
+    """Append a batch to the spool, one entry per run of chunks of one lane (≤ 1 MiB, or a
+    segment if smaller, unless a single chunk is larger)."""
     run: list[bytes] = []
-    count = 0
+    count = size = 0
     lane: Lane | None = None
+    cut = min(ENTRY_BYTES, spool.segment_bytes)
     for chunk_lane, (data, n) in batch.chunks:
-        if lane is not None and chunk_lane != lane:
+        if lane is not None and (chunk_lane != lane or size + len(data) > cut):
             spool.append(lane, count, b"".join(run))
-            run, count = [], 0
+            run, count, size = [], 0, 0
         lane = chunk_lane
         run.append(data)
         count += n
+        size += len(data)
     if lane is not None:
         spool.append(lane, count, b"".join(run))
 
@@ -69,7 +73,8 @@ def move(spool: Spool, buffer: RecordBuffer, lanes: tuple[Lane, ...], until_byte
     while spool.accepting:
         if lanes == PLUGIN_LANES and buffer.plugin_bytes <= until_bytes:
             break
-        batch = buffer.take(ENTRY_BYTES, lanes)
+        # Taken by the message's measure (a single record may be that large); cut below.
+        batch = buffer.take(MAX_PAYLOAD, lanes)
         if not batch.chunks:
             break
         store_batch(spool, batch)
@@ -82,7 +87,7 @@ def spill_all(spool: Spool, buffer: RecordBuffer) -> int:
     the records moved. `Spool.close` then writes it all."""
     moved = 0
     while True:
-        batch = buffer.take(ENTRY_BYTES)
+        batch = buffer.take(MAX_PAYLOAD)
         if not batch.chunks:
             return moved
         store_batch(spool, batch)

@@ -413,6 +413,13 @@ class Spool:
             self._unwritten_bytes = sum(e.size for e in self._unwritten)
             if not self._unwritten:
                 return
+            too_big = [e for e in self._unwritten if e.size > self.config.max_bytes // 2]
+            for entry in too_big:
+                # Larger than the spool can ever hold beside anything else: dropped, counted.
+                self._forget(entry)
+                self._count_dropped(entry)
+            if too_big:
+                continue
             pending: list[Entry] = []
             size = 0
             for entry in self._unwritten:
@@ -507,9 +514,7 @@ class Spool:
         for entry in held:
             self._forget(entry)
             if entry not in keep:
-                entry.dropped = True
-                self.stats.dropped_records += entry.count
-                self.stats.dropped_bytes += entry.size
+                self._count_dropped(entry)
         dropped = sum(e.count for e in held if e not in keep)
         if dropped:
             log.warning("spool: size bound reached, %d oldest records dropped", dropped)
@@ -520,6 +525,11 @@ class Spool:
             if decoded is not None:
                 self.append(entry.lane, entry.count, decoded[1])
         return True
+
+    def _count_dropped(self, entry: Entry) -> None:
+        entry.dropped = True
+        self.stats.dropped_records += entry.count
+        self.stats.dropped_bytes += entry.size
 
     async def _release_delivered(self) -> None:
         """Delete the segments before the oldest entry still held on disk."""
