@@ -347,3 +347,12 @@ def test_a_record_larger_than_an_entry_is_spooled_whole(tmp_path: Path) -> None:
         return await _drain(reopened)
 
     assert run(go()) == [b"small", big]
+
+
+def test_new_segments_sort_after_the_checkpoint(tmp_path: Path) -> None:
+    """A checkpoint naming a later segment than any on disk: new segments must not take a
+    lower id, which the next start would read as delivered."""
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "checkpoint").write_bytes(fmt.encode_checkpoint(7, 123))
+    _fill(tmp_path, 1)
+    assert _reopen(tmp_path) == (list(range(10)), 0)

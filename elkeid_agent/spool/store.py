@@ -168,6 +168,9 @@ class Spool:
         )
         found: list[Entry] = []
         corrupt = corrupt_bytes = 0
+        # New segments sort after everything here and after the checkpoint's: a lower id would
+        # read as delivered at the next start.
+        self._next_segment = max([*ids, checkpoint[0] if checkpoint else 0]) + 1
         for seg in ids:
             path = self.directory / fmt.segment_name(seg)
             if checkpoint is not None and seg < checkpoint[0]:
@@ -175,8 +178,8 @@ class Spool:
                 continue
             data = path.read_bytes()
             start = checkpoint[1] if checkpoint is not None and seg == checkpoint[0] else 0
-            # A checkpoint inside damaged bytes: scan from the segment's start instead of
-            # trusting an offset that may fall mid-entry, and skip what lies before it.
+            # Scanned from the start (the offset is trusted as a position, not as a boundary
+            # to parse from); what lies before the checkpoint was delivered.
             result = fmt.scan(data, 0)
             corrupt += result.corrupt
             corrupt_bytes += result.corrupt_bytes
@@ -185,7 +188,6 @@ class Spool:
                     found.append(Entry(head.lane, head.count, head.time, head.size, seg,
                                        head.offset))
             self._segments[seg] = len(data)
-            self._next_segment = seg + 1
         return found, corrupt, corrupt_bytes
 
     def _mkdir(self) -> None:
