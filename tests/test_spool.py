@@ -350,9 +350,17 @@ def test_a_record_larger_than_an_entry_is_spooled_whole(tmp_path: Path) -> None:
 
 
 def test_new_segments_sort_after_the_checkpoint(tmp_path: Path) -> None:
-    """A checkpoint naming a later segment than any on disk: new segments must not take a
-    lower id, which the next start would read as delivered."""
+    """A checkpoint naming a later segment than any on disk, then a SIGKILL before the next
+    checkpoint: new segments must not take a lower id, which the next start would read as
+    delivered."""
     (tmp_path / "spool").mkdir()
     (tmp_path / "spool" / "checkpoint").write_bytes(fmt.encode_checkpoint(7, 123))
-    _fill(tmp_path, 1)
+
+    async def killed_after_writing() -> None:
+        spool = Spool(tmp_path, _config(), Health())
+        await spool.open()
+        spool.append(Lane.PLUGIN, 10, _records(0, 10))
+        await spool.step()  # on disk; no close, no checkpoint
+
+    run(killed_after_writing())
     assert _reopen(tmp_path) == (list(range(10)), 0)
