@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 AGENT_HEARTBEAT = 1000
 # How long shutdown waits for queued records (the 1060 result among them) to leave.
 FLUSH_ON_EXIT_SECONDS = 3.0
+# How long shutdown waits for the server to end the half-closed stream (it has then read
+# every message written).
+FINISH_STREAM_SECONDS = 2.0
 # sysexits EX_TEMPFAIL: the start-up check restored the previous executable; the service
 # manager's restart runs it.
 EX_ROLLED_BACK = 75
@@ -338,6 +341,7 @@ class Agent:
                     await self.buffer.wait_empty()
             except TimeoutError:
                 log.warning("stopping with %d records unsent", len(self.buffer))
+        await self.transfer.finish(FINISH_STREAM_SECONDS)
         await self.spool.stop()
         raise _Stop
 

@@ -115,11 +115,13 @@ def _records(start: int, n: int, size: int = 100) -> bytes:
 
 
 async def _drain(spool: Spool) -> list[bytes]:
+    """Read and commit everything, then confirm (as when the server ends the stream)."""
     out = []
     while spool.records:
         batch = await spool.read(8 << 20)
         out += unsplice(batch.spliced)
         spool.commit(batch)
+    spool.confirm()
     await spool.step()
     return out
 
@@ -135,6 +137,7 @@ def test_entries_survive_a_restart_and_leave_once(tmp_path: Path) -> None:
         batch = await spool.read(5 * 1050)
         assert batch.count == 50
         spool.commit(batch)
+        spool.confirm()
         await spool.close()
 
     async def second() -> list[bytes]:
@@ -364,3 +367,20 @@ def test_new_segments_sort_after_the_checkpoint(tmp_path: Path) -> None:
 
     run(killed_after_writing())
     assert _reopen(tmp_path) == (list(range(10)), 0)
+
+
+def test_the_last_message_is_sent_again_unless_confirmed(tmp_path: Path) -> None:
+    """No acknowledgements: the last batch written may be unread when the process dies."""
+
+    async def send_two_then_exit() -> None:
+        spool = Spool(tmp_path, _config(), Health())
+        await spool.open()
+        for i in range(3):
+            spool.append(Lane.PLUGIN, 10, _records(i * 10, 10))
+        await spool.step()
+        for _ in range(2):
+            spool.commit(await spool.read(1050))
+        await spool.close()
+
+    run(send_two_then_exit())
+    assert _reopen(tmp_path) == (list(range(10, 30)), 0)

@@ -115,6 +115,9 @@ class Spool:
         self.max_unwritten = min(MAX_UNWRITTEN, max(config.max_bytes // 4, 1))
         self.stats = SpoolStats()
         self._index: deque[Entry] = deque()
+        # The batch written last: forgotten, but the checkpoint stays before it until another
+        # message was written after it or the server ended the stream (see `commit`).
+        self._unconfirmed: list[Entry] = []
         self._unwritten: list[Entry] = []
         self._unwritten_bytes = 0
         self._records = 0
@@ -315,7 +318,14 @@ class Spool:
         return out
 
     def commit(self, batch: ReadBatch) -> None:
-        """The batch was written to the stream: forget its entries, move the checkpoint."""
+        """The batch was written to the stream: forget its entries, move the checkpoint.
+
+        The protocol has no acknowledgements, and a written message may still wait unread in
+        the server's buffers when this process dies. So the checkpoint trails by one message:
+        after a crash the last message is sent again (duplicates, at most one message's worth)
+        rather than lost. `confirm` ends the wait when the server has provably read it.
+        """
+        self._unconfirmed = [e for e in batch.entries if e.segment >= 0]
         for entry in batch.entries:
             if entry.dropped:
                 # Dropped at the bound while on its way, and delivered all the same.
@@ -324,6 +334,12 @@ class Spool:
                 self.stats.dropped_bytes -= entry.size
             elif not entry.gone:
                 self._forget(entry)
+        self._checkpoint_due = True
+        self._wake.set()
+
+    def confirm(self) -> None:
+        """The server ended the stream after our half-close: it read every message."""
+        self._unconfirmed = []
         self._checkpoint_due = True
         self._wake.set()
 
@@ -536,12 +552,17 @@ class Spool:
     async def _release_delivered(self) -> None:
         """Delete the segments before the oldest entry still held on disk."""
         needed = next((e.segment for e in self._index if not e.gone and e.segment >= 0), None)
+        if self._unconfirmed:
+            needed = self._unconfirmed[0].segment
         done = [s for s in self._segments if s != self._active and (needed is None or s < needed)]
         for seg in done:
             del self._segments[seg]
             await self._io((self.directory / fmt.segment_name(seg)).unlink, True)
 
     def _checkpoint_position(self) -> tuple[int, int]:
+        for entry in self._unconfirmed:
+            if entry.segment in self._segments:
+                return entry.segment, entry.offset
         for entry in self._index:
             if not entry.gone and entry.segment >= 0:
                 return entry.segment, entry.offset

@@ -10,6 +10,10 @@ back to the head of the buffer, so nothing queued is lost to a broken stream. Wh
 holds a backlog, each round sends the agent lane from memory, then the spool oldest first, and
 the plugin lanes in memory only once the spool is empty (`spool.pump` states the order rule);
 a spool batch is forgotten only after its write succeeded.
+
+Orderly exit (`finish`): the send loop stops taking records, half-closes the stream and the
+loop waits for the server to end it: a server that ends the stream has read every message
+written before (the protocol's only acknowledgement); what stayed queued goes to the spool.
 """
 
 from __future__ import annotations
@@ -98,6 +102,9 @@ class TransferLoop:
     ) -> None:
         self.config = config
         self.spool = spool
+        self._finishing = False
+        self._finish_requested = asyncio.Event()
+        self._session_ended = asyncio.Event()
         self.tls = tls
         self.buffer = buffer
         self.header = header
@@ -152,7 +159,7 @@ class TransferLoop:
     # -- the loop ----------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
+        while not self._finishing:
             connected = await self.connect()
             if connected is None:
                 self.state.stats.connect_failures += 1
@@ -162,6 +169,9 @@ class TransferLoop:
                 await asyncio.sleep(delay)
                 continue
             channel, candidate = connected
+            if self._finishing:
+                await channel.close()
+                break
             started = time.monotonic()
             try:
                 await self._session(channel, candidate)
@@ -172,6 +182,9 @@ class TransferLoop:
                 self.state.connected = False
                 self.channel = None
                 await channel.close()
+                self._session_ended.set()
+            if self._finishing:
+                break
             if time.monotonic() - started >= HEALTHY_STREAM_SECONDS:
                 self.backoff.reset()
             await asyncio.sleep(self.backoff.next())
@@ -203,18 +216,43 @@ class TransferLoop:
 
     async def _send_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         interval = self.config.transport.send_interval
-        while True:
+        while not self._finishing:
             if not self._backlog():
-                await self.buffer.wait_nonempty()
+                await self._wait_for_records()
             await self.flush(call)
             await asyncio.sleep(interval)
+        await call.done_writing()
+
+    async def _wait_for_records(self) -> None:
+        """Until records are queued or an orderly exit begins."""
+        queued = asyncio.ensure_future(self.buffer.wait_nonempty())
+        finish = asyncio.ensure_future(self._finish_requested.wait())
+        try:
+            await asyncio.wait((queued, finish), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            queued.cancel()
+            finish.cancel()
+
+    async def finish(self, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a deadline
+        """Orderly exit: stop sending, half-close, wait for the server to end the stream."""
+        self._finishing = True
+        self._finish_requested.set()
+        if not self.state.connected:
+            return
+        self._session_ended.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._session_ended.wait()
+        except TimeoutError:
+            log.warning("the server did not end the stream within %.0f s: the last messages "
+                        "written may not have been read", timeout)
 
     def _backlog(self) -> bool:
         return self.spool is not None and self.spool.records > 0
 
     async def flush(self, call: grpc.aio.StreamStreamCall) -> None:
         """Send everything queued (the spool's backlog first), in messages under the cap."""
-        while True:
+        while not self._finishing:
             header = self.header()
             cap = MAX_MESSAGE_BYTES - len(header)
             if self.spool is not None and self._backlog():
@@ -269,6 +307,11 @@ class TransferLoop:
         while True:
             raw = await call.read()
             if raw is grpc.aio.EOF:
+                if self._finishing:
+                    # The answer to our half-close: everything written was read.
+                    if self.spool is not None:
+                        self.spool.confirm()
+                    return
                 raise StreamClosed("server closed the stream")
             stats.rx_commands += 1
             stats.rx_bytes += len(raw)
