@@ -4,6 +4,8 @@ damaged spool files, and no disk writes while connected."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -68,6 +70,15 @@ def test_restart_during_an_outage(
         wait_until(lambda: set(produced(counts)) - runs_before, 15)
         plugin_after = time.monotonic() - started
         time.sleep(3)
+        # `ctl status` shows the backlog (from the status file of the last heartbeat).
+        status = subprocess.run(
+            [sys.executable, "-m", "elkeid_agent", "ctl", "--work-dir", str(work), "status"],
+            env=agent.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+        assert "spool: holding, " in status, status
         center.start()
         _stop_plugins_and_settle(center, counts)
         result = tally(center, counts)
