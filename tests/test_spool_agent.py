@@ -77,6 +77,7 @@ def test_restart_during_an_outage(
             capture_output=True,
             text=True,
             timeout=30,
+            check=False,  # exit 3: no service manager here; the output is what counts
         ).stdout
         assert "spool: holding, " in status, status
         center.start()
