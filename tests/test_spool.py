@@ -384,3 +384,9 @@ def test_the_last_message_is_sent_again_unless_confirmed(tmp_path: Path) -> None
 
     run(send_two_then_exit())
     assert _reopen(tmp_path) == (list(range(10, 30)), 0)
+
+
+def test_an_unreadable_segment_is_counted_and_the_rest_kept(tmp_path: Path) -> None:
+    _fill(tmp_path, 1)
+    (tmp_path / "spool" / fmt.segment_name(5)).mkdir()  # read_bytes() fails on it
+    assert _reopen(tmp_path) == (list(range(10)), 1)

@@ -179,7 +179,13 @@ class Spool:
             if checkpoint is not None and seg < checkpoint[0]:
                 path.unlink(missing_ok=True)  # delivered before the last exit
                 continue
-            data = path.read_bytes()
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                # One unreadable file is damage like any other: counted, the rest kept.
+                log.error("spool: cannot read %s: %s", path.name, exc)
+                corrupt += 1
+                continue
             start = checkpoint[1] if checkpoint is not None and seg == checkpoint[0] else 0
             # Scanned from the start (the offset is trusted as a position, not as a boundary
             # to parse from); what lies before the checkpoint was delivered.
@@ -488,8 +494,14 @@ class Spool:
         """Close the active segment and start the next one."""
         old_fd, seg = self._fd, self._next_segment
         self._fd, self._active = -1, -1
-        self._next_segment = seg + 1
-        self._fd = await self._io(self._open_segment, old_fd, seg)
+        while True:
+            self._next_segment = seg + 1
+            try:
+                self._fd = await self._io(self._open_segment, old_fd, seg)
+                break
+            except FileExistsError:
+                old_fd = -1  # closed by the first attempt
+                seg += 1  # a file this process does not know (it could not list them all)
         self._active = seg
         self._segments[seg] = 0
 
