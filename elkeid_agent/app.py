@@ -8,7 +8,10 @@ Task ownership (all children of `Agent.run`'s TaskGroup):
   configs    Dispatcher.run_configs: Configs applied one sync at a time, latest wins
   plugins    PluginSupervisor.run (its own TaskGroup per plugin)
   upgrade    UpgradeManager.run: one self-upgrade attempt at a time; the confirmation bound
-  shutdown   waits for SIGTERM/SIGINT/1060, stops plugins first, flushes, then ends the group
+  spool      Spool.run: the spool's disk writer (segments, checkpoint, fsync, bounds)
+  spooler    spool.pump.run_spooler: memory chunks to the spool while disconnected or full
+  shutdown   waits for SIGTERM/SIGINT/1060, stops plugins first, flushes, then ends the group;
+             what is still in memory then goes to the spool, durably, before the process ends
   trim       once, when start-up is over: gives start-up-only memory back (memory.py)
 """
 
@@ -22,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -30,7 +34,7 @@ import psutil
 from elkeid_agent import heartbeat as hb
 from elkeid_agent import specified_env
 from elkeid_agent.buffer import RecordBuffer
-from elkeid_agent.commands import Dispatcher, MetadataRequest, UploadRequest
+from elkeid_agent.commands import ConfigSpec, Dispatcher, MetadataRequest, UploadRequest
 from elkeid_agent.config import EX_CONFIG, Config, ConfigError, load_run_config, work_dir_hint
 from elkeid_agent.errors import TaskFailed
 from elkeid_agent.fsutil import describe_error
@@ -39,9 +43,12 @@ from elkeid_agent.host import HostFacts, read_host_facts
 from elkeid_agent.identity import ID_FILE_UNIT, load_agent_id, save_agent_id
 from elkeid_agent.logs import LogFileHandler, RecordHandler, setup_logging
 from elkeid_agent.memory import trim_after_start
+from elkeid_agent.plugins import lastset
 from elkeid_agent.plugins.supervisor import PluginSupervisor
 from elkeid_agent.runtime_dir import clean_stale_unpack_dirs
 from elkeid_agent.service import Notifier, dump_tasks, release_memory, watchdog_interval
+from elkeid_agent.spool.pump import run_spooler, spill_all
+from elkeid_agent.spool.store import Spool, SpoolState
 from elkeid_agent.status import STATUS_FILE, AgentStatus, write_status
 from elkeid_agent.timers import Job, run_every
 from elkeid_agent.transport.stream import TransferLoop
@@ -63,6 +70,9 @@ AGENT_HEARTBEAT = 1000
 # How long shutdown waits for queued records (the 1060 result among them) to leave.
 FLUSH_ON_EXIT_SECONDS = 3.0
 TRIM_AFTER_SECONDS = 10.0
+# How long shutdown waits for the server to end the half-closed stream (it has then read
+# every message written).
+FINISH_STREAM_SECONDS = 2.0
 # sysexits EX_TEMPFAIL: the start-up check restored the previous executable; the service
 # manager's restart runs it.
 EX_ROLLED_BACK = 75
@@ -119,9 +129,12 @@ class Agent:
         self.dispatcher = Dispatcher(
             self, self.plugins, self.upgrader, self.emit, health=self.health
         )
+        self.dispatcher.on_applied = self._save_plugin_configs
+        self.spool = Spool(self.work_dir, config.spool, self.health)
         self.transfer = TransferLoop(
             config, tls, self.buffer, self.header, self.dispatcher.handle, self.send_heartbeat,
             on_down=self._write_status,
+            spool=self.spool if config.spool.enabled else None,
         )
         self.uploader = Uploader(lambda: self.transfer.channel, self.emit, health=self.health)
         self.record_handler = RecordHandler(self.emit, config.log.records_per_minute)
@@ -187,6 +200,7 @@ class Agent:
             "command_failures": self.dispatcher.failures,
             "uploads_completed": self.uploader.completed,
             "uploads_failed": self.uploader.failed,
+            **self.spool.counters(),
             **self.health.counters,
         }
 
@@ -243,6 +257,7 @@ class Agent:
         )
         fields["upgrade_state"] = self.upgrader.state
         fields["upgrade_error"] = self.upgrader.last_error
+        fields["spool_state"] = str(self.spool.state)
         timestamp = int(time.time())
         self.buffer.put_agent(encode_record(AGENT_HEARTBEAT, timestamp, fields))
         for record in self.plugins.heartbeats():
@@ -271,6 +286,11 @@ class Agent:
                     connected_since=link.connected_since if link.connected else 0.0,
                     detail=detail,
                     exit_reason=self.exit_reason,
+                    spool_state=str(self.spool.state),
+                    spool_records=self.spool.records,
+                    spool_bytes=self.spool.held_bytes,
+                    spool_oldest_seconds=round(self.spool.oldest_seconds(), 1),
+                    spool_dropped_records=self.spool.stats.dropped_records,
                 ),
             )
         except OSError as exc:
@@ -306,6 +326,14 @@ class Agent:
         if not self.stopping.is_set():
             self.exit_reason = reason
             self.stopping.set()
+
+    async def _save_plugin_configs(self, configs: Sequence[ConfigSpec]) -> None:
+        try:
+            await asyncio.to_thread(lastset.save, self.work_dir, configs)
+        except OSError as exc:
+            self.health.fault("plugin-configs", f"cannot persist the plugin set: {exc}")
+        else:
+            self.health.clear("plugin-configs")
 
     # -- the agent's own tasks (commands.AgentTasks) ---------------------------------------------
 
@@ -352,6 +380,8 @@ class Agent:
         self.loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
         self.loop.add_signal_handler(signal.SIGUSR2, release_memory)
         logging.getLogger().addHandler(self.record_handler)
+        await self.spool.open()
+        self.dispatcher.offline_configs = lastset.load(self.work_dir)
         self._write_status("starting")
         try:
             async with asyncio.TaskGroup() as tg:
@@ -361,6 +391,12 @@ class Agent:
                 tg.create_task(self.dispatcher.run_configs(), name="configs")
                 tg.create_task(self.plugins.run(), name="plugins")
                 tg.create_task(self.upgrader.run(), name="upgrade")
+                if self.config.spool.enabled:
+                    tg.create_task(self.spool.run(), name="spool")
+                    tg.create_task(
+                        run_spooler(self.spool, self.buffer, lambda: self.transfer.state.connected),
+                        name="spooler",
+                    )
                 tg.create_task(self._shutdown_when_asked(), name="shutdown")
                 tg.create_task(self._trim_when_settled(), name="trim")
                 self.notifier.send("READY=1")
@@ -368,6 +404,10 @@ class Agent:
         except* _Stop:
             pass
         finally:
+            try:
+                await self._keep_unsent()
+            except Exception:  # the boundary of the last unit: the exit below must still happen
+                log.exception("records still in memory not spooled")
             logging.getLogger().removeHandler(self.record_handler)
             self.exit_reason = self.exit_reason or "ended by an error (see the log)"
             self._write_status("stopped")
@@ -411,7 +451,18 @@ class Agent:
                     await self.buffer.wait_empty()
             except TimeoutError:
                 log.warning("stopping with %d records unsent", len(self.buffer))
+        await self.transfer.finish(FINISH_STREAM_SECONDS)
+        await self.spool.stop()
         raise _Stop
+
+    async def _keep_unsent(self) -> None:
+        """What is still in memory goes to the spool, durably; the next process sends it first."""
+        if self.spool.state is SpoolState.DISABLED:
+            return
+        moved = spill_all(self.spool, self.buffer)
+        await self.spool.close()
+        if moved or self.spool.records:
+            log.info("spooled %d records at exit (%d held)", moved, self.spool.records)
 
 
 def run_agent(config_path: str | None) -> int:

@@ -10,6 +10,8 @@ Rules:
   the plugin's own writes then block): backpressure instead of drops.
 * A batch whose write failed goes back to the front, so records queued while disconnected leave
   oldest first after reconnecting.
+* `take` can be limited to some lanes: with a spool backlog the send loop takes the agent lane
+  alone, and the spooler moves the oldest chunks of any lane to disk.
 
 No sockets here: only asyncio.Event for waiting, so tests drive it without any I/O.
 """
@@ -36,6 +38,9 @@ class Lane(IntEnum):
     AGENT = 0
     URGENT = 1
     PLUGIN = 2
+
+
+ALL_LANES = (Lane.AGENT, Lane.URGENT, Lane.PLUGIN)
 
 
 @dataclass
@@ -138,6 +143,14 @@ class RecordBuffer:
     def _plugin_bytes(self) -> int:
         return self._lane_bytes[Lane.URGENT] + self._lane_bytes[Lane.PLUGIN]
 
+    @property
+    def plugin_bytes(self) -> int:
+        """Bytes queued in the lanes that share `max_bytes` (the spool's high-water mark)."""
+        return self._plugin_bytes()
+
+    def lane_bytes(self, lane: Lane) -> int:
+        return self._lane_bytes[lane]
+
     # -- the consumer ---------------------------------------------------------------------------
 
     async def wait_nonempty(self) -> None:
@@ -146,7 +159,7 @@ class RecordBuffer:
     async def wait_empty(self) -> None:
         await self._empty.wait()
 
-    def take(self, max_bytes: int) -> Batch:
+    def take(self, max_bytes: int, lanes: Sequence[Lane] = ALL_LANES) -> Batch:
         """Oldest chunks first, agent lane first, whose spliced size fits in `max_bytes`.
 
         A chunk too large for a whole message is split by record; a single record larger than
@@ -154,7 +167,7 @@ class RecordBuffer:
         """
         taken: list[tuple[Lane, Chunk]] = []
         budget = max_bytes
-        for lane_id in Lane:
+        for lane_id in lanes:
             lane = self._lanes[lane_id]
             while lane and len(lane[0][0]) <= budget:
                 chunk = lane.popleft()
@@ -164,7 +177,7 @@ class RecordBuffer:
                 self._records -= chunk[1]
             if lane and not taken:
                 self._split_head(lane_id, max_bytes)
-                return self.take(max_bytes)
+                return self.take(max_bytes, lanes)
             if lane:
                 break
         self._after_take()

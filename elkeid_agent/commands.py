@@ -24,7 +24,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Annotated, Protocol, TypeVar
 from urllib.parse import urlsplit
 
@@ -296,6 +296,10 @@ class Dispatcher:
         self.failures = 0
         self._configs: list[ConfigSpec] | None = None
         self._configs_ready = asyncio.Event()
+        #: The plugin set applied last by a previous process, started before any server set.
+        self.offline_configs: Sequence[ConfigSpec] = ()
+        #: Called with each plugin set once applied (persisted for the next start).
+        self.on_applied: Callable[[Sequence[ConfigSpec]], Awaitable[None]] | None = None
 
     async def handle(self, raw: bytes) -> None:
         """Handle one Command; nothing it contains can raise out of here."""
@@ -359,6 +363,16 @@ class Dispatcher:
 
     async def run_configs(self) -> None:
         """Apply Configs one set at a time, so a long plugin download never blocks tasks."""
+        if self.offline_configs and self._configs is None:
+            try:
+                # Read from the disk: validated like any set, and plugins only.
+                check = check_configs([c for c in self.offline_configs if c.name != PRODUCT])
+                self._report_refused(check)
+                await self.plugins.sync(check.plugins, check.hold)
+            except Exception as exc:  # the boundary of the start-up set (read from the disk)
+                log.exception("last plugin set not started")
+                self.health.fault("configs", f"last plugin set not started: {exc!r}",
+                                  "config_errors")
         while True:
             await self._configs_ready.wait()
             self._configs_ready.clear()
@@ -384,6 +398,8 @@ class Dispatcher:
             else:
                 self.health.clear("upgrade config")
         await self.plugins.sync(check.plugins, check.hold)
+        if self.on_applied is not None:
+            await self.on_applied(check.plugins)
 
     def _report_refused(self, check: ConfigCheck) -> None:
         if not check.refused:

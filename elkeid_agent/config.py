@@ -60,6 +60,24 @@ class BufferConfig(_Strict):
     agent_lane_bytes: int = 4 * 1024 * 1024
 
 
+class SpoolConfig(_Strict):
+    """The on-disk spool (docs/spool.md)."""
+
+    enabled: bool = True
+    max_bytes: int = 256 * 1024 * 1024
+    min_free_bytes: int = 512 * 1024 * 1024
+    # A SIGKILL or power loss loses at most this many seconds of spooled records.
+    fsync_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1024 * 1024:
+            raise ValueError("max_bytes must be at least 1048576")
+        if self.min_free_bytes < 0:
+            raise ValueError("min_free_bytes must not be negative")
+        if not 0.01 <= self.fsync_interval <= 60:
+            raise ValueError("fsync_interval must be between 0.01 and 60")
+
+
 class PluginsConfig(_Strict):
     max_frame_bytes: int = 8 * 1024 * 1024 - 64 * 1024 - 16
     task_queue: int = 64
@@ -92,6 +110,7 @@ class Config(_Strict):
     transport: TransportConfig = msgspec.field(default_factory=TransportConfig)
     regions: dict[str, RegionConfig] = msgspec.field(default_factory=dict)
     buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
+    spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
     plugins: PluginsConfig = msgspec.field(default_factory=PluginsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     upgrade: UpgradeConfig = msgspec.field(default_factory=UpgradeConfig)

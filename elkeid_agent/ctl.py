@@ -219,6 +219,13 @@ def status_report(
         last_heartbeat=st.last_heartbeat,
         updated=st.updated,
         upgrade_state=st.upgrade_state,
+        spool={
+            "state": st.spool_state,
+            "records": st.spool_records,
+            "bytes": st.spool_bytes,
+            "oldest_seconds": st.spool_oldest_seconds,
+            "dropped_records": st.spool_dropped_records,
+        },
         detail=list(st.detail),
         exit_reason=st.exit_reason,
     )
@@ -257,6 +264,8 @@ def format_report(report: dict[str, Any], now: float) -> str:
         f"last heartbeat: {_fmt_time(report['last_heartbeat'], now)}",
         f"upgrade: {report['upgrade_state']}",
         *report.get("upgrade_history", []),
+        "spool: {state}, {records} records, {bytes} bytes, oldest {oldest_seconds:.0f} s, "
+        "{dropped_records} dropped".format(**report["spool"]),
         f"updated: {_fmt_time(report['updated'], now)}",
         f"work dir: {report['work_dir']}",
     ]

@@ -33,6 +33,11 @@ class AgentStatus(msgspec.Struct, kw_only=True):
     connected_since: float = 0.0  # unix time the current stream opened, 0 when not connected
     detail: list[str] = msgspec.field(default_factory=list)  # the heartbeat's state_detail
     exit_reason: str = ""  # why the agent stopped (state stopped)
+    spool_state: str = "disabled"
+    spool_records: int = 0
+    spool_bytes: int = 0
+    spool_oldest_seconds: float = 0.0
+    spool_dropped_records: int = 0
 
 
 _encoder = msgspec.json.Encoder()

@@ -6,7 +6,14 @@ heartbeat, then run the send and receive loops until either fails, close the cha
 
 Send loop: every `send_interval` it drains the RecordBuffer into PackagedData messages built by
 splicing (no protobuf objects per record) under the message cap. A message whose write fails goes
-back to the head of the buffer, so nothing queued is lost to a broken stream.
+back to the head of the buffer, so nothing queued is lost to a broken stream. While the spool
+holds a backlog, each round sends the agent lane from memory, then the spool oldest first, and
+the plugin lanes in memory only once the spool is empty (`spool.pump` states the order rule);
+a spool batch is forgotten only after its write succeeded.
+
+Orderly exit (`finish`): the send loop stops taking records, half-closes the stream and the
+loop waits for the server to end it: a server that ends the stream has read every message
+written before (the protocol's only acknowledgement); what stayed queued goes to the spool.
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from elkeid_agent.buffer import RecordBuffer
+from elkeid_agent.buffer import Batch, Lane, RecordBuffer
 from elkeid_agent.config import Config
+from elkeid_agent.spool.store import ReadBatch, Spool
 from elkeid_agent.transport.discovery import (
     Backoff,
     Candidate,
@@ -96,8 +104,13 @@ class TransferLoop:
         on_command: Callable[[bytes], Awaitable[None]],
         on_open: Callable[[], None],
         on_down: Callable[[], None] = lambda: None,
+        spool: Spool | None = None,
     ) -> None:
         self.config = config
+        self.spool = spool
+        self._finishing = False
+        self._finish_requested = asyncio.Event()
+        self._session_ended = asyncio.Event()
         self.tls = tls
         self.buffer = buffer
         self.header = header
@@ -189,7 +202,7 @@ class TransferLoop:
     # -- the loop ----------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
+        while not self._finishing:
             connected = await self.connect()
             if connected is None:
                 self.state.stats.connect_failures += 1
@@ -200,6 +213,9 @@ class TransferLoop:
                 await asyncio.sleep(delay)
                 continue
             channel, candidate = connected
+            if self._finishing:
+                await channel.close()
+                break
             started = time.monotonic()
             try:
                 await self._session(channel, candidate)
@@ -211,7 +227,10 @@ class TransferLoop:
                 self.state.connected = False
                 self.channel = None
                 await channel.close()
+                self._session_ended.set()
             self.on_down()
+            if self._finishing:
+                break
             if time.monotonic() - started >= HEALTHY_STREAM_SECONDS:
                 self.backoff.reset()
             await asyncio.sleep(self.backoff.next())
@@ -245,38 +264,102 @@ class TransferLoop:
 
     async def _send_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         interval = self.config.transport.send_interval
-        while True:
-            await self.buffer.wait_nonempty()
+        while not self._finishing:
+            if not self._backlog():
+                await self._wait_for_records()
             await self.flush(call)
             await asyncio.sleep(interval)
+        await call.done_writing()
+
+    async def _wait_for_records(self) -> None:
+        """Until records are queued or an orderly exit begins."""
+        queued = asyncio.ensure_future(self.buffer.wait_nonempty())
+        finish = asyncio.ensure_future(self._finish_requested.wait())
+        try:
+            await asyncio.wait((queued, finish), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            queued.cancel()
+            finish.cancel()
+
+    async def finish(self, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a deadline
+        """Orderly exit: stop sending, half-close, wait for the server to end the stream."""
+        self._finishing = True
+        self._finish_requested.set()
+        if not self.state.connected:
+            return
+        self._session_ended.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._session_ended.wait()
+        except TimeoutError:
+            log.warning("the server did not end the stream within %.0f s: the last messages "
+                        "written may not have been read", timeout)
+
+    def _backlog(self) -> bool:
+        return self.spool is not None and self.spool.records > 0
 
     async def flush(self, call: grpc.aio.StreamStreamCall) -> None:
-        """Send everything queued, in messages under the cap."""
-        stats = self.state.stats
-        while len(self.buffer):
+        """Send everything queued (the spool's backlog first), in messages under the cap."""
+        while not self._finishing:
             header = self.header()
-            batch = self.buffer.take(MAX_MESSAGE_BYTES - len(header))
+            cap = MAX_MESSAGE_BYTES - len(header)
+            if self.spool is not None and self._backlog():
+                if self.buffer.lane_bytes(Lane.AGENT):
+                    await self._send(call, self.buffer.take(cap, (Lane.AGENT,)), header)
+                    continue
+                backlog = await self.spool.read(cap)
+                if backlog.entries:
+                    await self._send_spooled(call, self.spool, backlog, header)
+                continue
+            if not len(self.buffer):
+                return
+            batch = self.buffer.take(cap)
             if not batch.chunks:
                 return
-            message = batch.spliced + header
-            try:
-                await call.write(message)
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-                self.buffer.requeue(batch)
-                stats.write_failures += 1
-                raise StreamClosed(f"write failed: {_describe(exc)}") from exc
-            except asyncio.CancelledError:
-                self.buffer.requeue(batch)
-                raise
-            stats.tx_messages += 1
-            stats.tx_records += batch.count
-            stats.tx_bytes += len(message)
+            await self._send(call, batch, header)
+
+    async def _send(self, call: grpc.aio.StreamStreamCall, batch: Batch, header: bytes) -> None:
+        message = batch.spliced + header
+        try:
+            await call.write(message)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            self.buffer.requeue(batch)
+            self.state.stats.write_failures += 1
+            raise StreamClosed(f"write failed: {_describe(exc)}") from exc
+        except asyncio.CancelledError:
+            self.buffer.requeue(batch)
+            raise
+        self._sent(batch.count, len(message))
+
+    async def _send_spooled(
+        self, call: grpc.aio.StreamStreamCall, spool: Spool, batch: ReadBatch, header: bytes
+    ) -> None:
+        # A failed or cancelled write leaves the entries in the spool, still at its head.
+        message = batch.spliced + header
+        try:
+            await call.write(message)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            self.state.stats.write_failures += 1
+            raise StreamClosed(f"write failed: {_describe(exc)}") from exc
+        spool.commit(batch)
+        self._sent(batch.count, len(message))
+
+    def _sent(self, records: int, size: int) -> None:
+        stats = self.state.stats
+        stats.tx_messages += 1
+        stats.tx_records += records
+        stats.tx_bytes += size
 
     async def _receive_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         stats = self.state.stats
         while True:
             raw = await call.read()
             if raw is grpc.aio.EOF:
+                if self._finishing:
+                    # The answer to our half-close: everything written was read.
+                    if self.spool is not None:
+                        self.spool.confirm()
+                    return
                 raise StreamClosed("server closed the stream")
             stats.rx_commands += 1
             stats.rx_bytes += len(raw)
