@@ -219,6 +219,8 @@ def status_report(
         last_heartbeat=st.last_heartbeat,
         updated=st.updated,
         upgrade_state=st.upgrade_state,
+        detail=list(st.detail),
+        exit_reason=st.exit_reason,
         spool={
             "state": st.spool_state,
             "records": st.spool_records,
@@ -226,8 +228,6 @@ def status_report(
             "oldest_seconds": st.spool_oldest_seconds,
             "dropped_records": st.spool_dropped_records,
         },
-        detail=list(st.detail),
-        exit_reason=st.exit_reason,
     )
     if state == "dead":
         report["exit_reason"] = f"process {st.pid} is gone; its last record said {st.state}"
