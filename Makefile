@@ -13,7 +13,10 @@ $(BIN)/.ready: pyproject.toml constraints.txt
 
 setup: $(BIN)/.ready
 
+# Host tools first (tools/host-tools.sh): a test must not skip for a tool that a later
+# fixture would install.
 test: setup
+	tools/host-tools.sh test
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: setup
@@ -32,6 +35,7 @@ bench: setup
 
 # The whole system on this machine: center, agent, a demo plugin, a task, a shutdown.
 demo: setup
+	tools/host-tools.sh demo
 	$(BIN)/python tools/demo.py
 
 # Interactive: `make center` in one terminal, `make agent` in another.
@@ -45,6 +49,7 @@ clean:
 	rm -rf dist build/out
 
 # Frozen executable + deb + rpm in dist/ (build/dist.sh: BUILD_VERSION, CERTS_DIR, PRODUCT_CONFIG).
+# dist.sh installs its host tools itself (tools/host-tools.sh dist|dist-arm64).
 dist: setup
 	build/dist.sh $(ARCH)
 
