@@ -47,11 +47,14 @@ missing() {
 
 packages() { cut -d: -f2 | tr -d '?' | sort -u | tr '\n' ' '; }
 
+updated=0
 apt_install() {
     [ "$(id -u)" = 0 ] && has apt-get || return 1
     local apt=(apt-get -y -q -o DPkg::Lock::Timeout=600 install --no-install-recommends "$@")
     echo "host-tools: apt-get install $*" >&2
     DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null 2>&1 && return 0
+    [ "$updated" = 0 ] || return 1
+    updated=1
     apt-get -q -o DPkg::Lock::Timeout=600 update >/dev/null 2>&1 || true
     DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null 2>&1
 }
