@@ -13,10 +13,7 @@ $(BIN)/.ready: pyproject.toml constraints.txt
 
 setup: $(BIN)/.ready
 
-# Host tools first (tools/host-tools.sh): a test must not skip for a tool that a later
-# fixture would install.
 test: setup
-	tools/host-tools.sh test
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: setup
@@ -35,7 +32,6 @@ bench: setup
 
 # The whole system on this machine: center, agent, a demo plugin, a task, a shutdown.
 demo: setup
-	tools/host-tools.sh demo
 	$(BIN)/python tools/demo.py
 
 # Interactive: `make center` in one terminal, `make agent` in another.
@@ -56,3 +52,11 @@ dist: setup
 dist-all: setup
 	build/dist.sh amd64
 	build/dist.sh arm64
+
+# The host tools a target needs, installed (or named) before it starts: a test must not
+# skip for a tool that a later fixture would install. dist.sh runs its own.
+.PHONY: host-tools-test host-tools-demo
+host-tools-test host-tools-demo:
+	tools/host-tools.sh $(@:host-tools-%=%)
+test: host-tools-test
+demo: host-tools-demo
