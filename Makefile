@@ -28,6 +28,7 @@ bench: setup
 	$(BIN)/python bench/transfer.py
 	$(BIN)/python bench/plugins.py
 	$(BIN)/python bench/outage.py --outage 60
+	$(BIN)/python bench/vs_go.py
 	if ls dist/elkeid-agent-*-linux-amd64 >/dev/null 2>&1; then \
 		$(BIN)/python bench/startup.py; else echo "bench/startup.py: run make dist first"; fi
 
@@ -56,9 +57,18 @@ clean:
 	rm -rf dist build/out
 
 # Frozen executable + deb + rpm in dist/ (build/dist.sh: BUILD_VERSION, CERTS_DIR, PRODUCT_CONFIG).
+# dist.sh installs its host tools itself (tools/host-tools.sh dist|dist-arm64).
 dist: setup
 	build/dist.sh $(ARCH)
 
 dist-all: setup
 	build/dist.sh amd64
 	build/dist.sh arm64
+
+# The host tools a target needs, installed (or named) before it starts: a test must not
+# skip for a tool that a later fixture would install. dist.sh runs its own.
+.PHONY: host-tools-test host-tools-demo
+host-tools-test host-tools-demo:
+	tools/host-tools.sh $(@:host-tools-%=%)
+test: host-tools-test
+demo: host-tools-demo

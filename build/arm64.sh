@@ -28,9 +28,6 @@ image=localhost/elkeid-build-base:bookworm-arm64
 # headers, libpython3.11 for PyInstaller, binutils, patchelf for staticx) plus gcc,
 # musl-tools and scons because staticx must be built from source on aarch64.
 root_packages=python3,python3-venv,python3-dev,libpython3.11,gcc,libc6-dev,binutils,patchelf,musl-tools,scons,ca-certificates,file
-host_packages=(qemu-user-static binfmt-support debootstrap file)
-# Without them the chroot fallback still works, so failing to install them is no error.
-engine_packages=(podman runc)
 export CONTAINERS_CONF=$here/docker/containers.conf
 
 say() { echo "arm64: $*" >&2; }
@@ -50,32 +47,10 @@ timed() {
 
 native_arm64() { [ "$(uname -m)" = aarch64 ]; }
 
-missing_packages() {
-    local p
-    for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || echo "$p"
-    done
-}
-
-apt_install() {
-    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || return 1
-    say "installing $*"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >&2 || {
-        apt-get update -q >&2 &&
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >&2
-    }
-}
-
+# qemu-user-static, binfmt-support, debootstrap, file; podman and runc when they can be
+# had (without them the chroot fallback still works).
 ensure_host_packages() {
-    local missing
-    missing=$(missing_packages "${host_packages[@]}" | tr '\n' ' ')
-    if [ -n "$missing" ]; then
-        apt_install $missing || die "needs these Debian packages: $missing(as root: apt-get install)"
-    fi
-    missing=$(missing_packages "${engine_packages[@]}" | tr '\n' ' ')
-    if [ -n "$missing" ]; then
-        apt_install $missing || say "could not install $missing; building without podman"
-    fi
+    "$top/tools/host-tools.sh" dist-arm64 || die "host tools missing (above)"
 }
 
 binfmt_ready() {

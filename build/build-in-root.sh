@@ -79,6 +79,9 @@ if [ "${STATICX:-1}" = 1 ]; then
     [ "${STATICX_COMPRESS:-0}" = 1 ] || args+=(--no-compress)
     TMPDIR=$work "$venv/bin/python" "$src/build/staticx-sde.py" "${args[@]}" \
         "$work/dist/elkeid-agent" "$work/elkeid-agent"
+    # The launcher's symbols and debug info (20 kB); its archive is a non-allocated
+    # section that a plain strip would drop with them.
+    strip --strip-all --keep-section=.staticx.archive "$work/elkeid-agent"
     install -m 0755 "$work/elkeid-agent" "$out/elkeid-agent"
 else
     install -m 0755 "$work/dist/elkeid-agent" "$out/elkeid-agent"

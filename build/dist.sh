@@ -9,6 +9,7 @@
 #                   build/out/test-certs (elkeid_center.certs)
 #   PRODUCT_CONFIG  TOML baked in as the agent's defaults; default build/product.default.toml
 #   DIST_DIR        default dist/
+#   PACKAGE_MAINTAINER  "Name <address>" of the packages (build/package.sh)
 # Outputs: DIST_DIR/elkeid-agent-VERSION-linux-ARCH, the .deb and the .rpm, with sha256.
 #
 # amd64 builds in a Debian 12 root made by debootstrap and cached in build/cache/roots
@@ -27,6 +28,12 @@ out=build/out/$arch
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 t0=$(date +%s)
 say() { echo "dist: [$(( $(date +%s) - t0 ))s] $*" >&2; }
+
+# debootstrap, util-linux...: installed when missing, or named (tools/host-tools.sh).
+case $arch in
+    arm64) tools/host-tools.sh dist-arm64 ;;
+    *) tools/host-tools.sh dist ;;
+esac
 
 if [ -z "${CERTS_DIR:-}" ]; then
     CERTS_DIR=build/out/test-certs
@@ -73,4 +80,4 @@ build/package.sh "$arch" "$exe" "$version" "$CERTS_DIR" "$dist" >/dev/null
 say "done: $(du -h "$exe" | cut -f1) executable"
 rpm_arch=$([ "$arch" = arm64 ] && echo aarch64 || echo x86_64)
 (cd "$dist" && sha256sum "elkeid-agent-$version-linux-$arch" "elkeid-agent_${version}_$arch.deb" \
-    "elkeid-agent-$version.$rpm_arch.rpm")
+    "elkeid-agent-$version-1.$rpm_arch.rpm")

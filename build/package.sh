@@ -4,14 +4,16 @@
 #   build/package.sh ARCH EXECUTABLE VERSION CERTS_DIR DIST_DIR
 #
 # ARCH is amd64 or arm64. Writes DIST_DIR/elkeid-agent_VERSION_ARCH.deb and
-# DIST_DIR/elkeid-agent-VERSION.RPMARCH.rpm. CERTS_DIR holds ca.crt, client.crt and
+# DIST_DIR/elkeid-agent-VERSION-1.RPMARCH.rpm. CERTS_DIR holds ca.crt, client.crt and
 # client.key. Refuses an executable whose ELF machine is not ARCH: nFPM would pack it.
+# PACKAGE_MAINTAINER ("Name <address>") goes into both packages and their changelogs.
 set -euo pipefail
 [ $# -eq 5 ] || { echo "usage: $0 ARCH EXECUTABLE VERSION CERTS_DIR DIST_DIR" >&2; exit 2; }
 arch=$1 exe=$2 version=$3 certs=$4 dist=$5
 here=$(cd "$(dirname "$0")" && pwd)
 project=$(dirname "$here")
 nfpm=${NFPM:-$here/cache/tools/bin/nfpm}
+maintainer=${PACKAGE_MAINTAINER:-Elkeid agent maintainers <elkeid-agent@example.org>}
 
 case $arch in
     amd64) rpm_arch=x86_64 want_machine=62 ;;  # EM_X86_64
@@ -43,13 +45,28 @@ install -m 0644 "$project/deploy/elkeid-agent.service" "$stage/elkeid-agent.serv
 install -m 0644 "$certs/ca.crt" "$certs/client.crt" "$stage/certs/"
 install -m 0600 "$certs/client.key" "$stage/certs/"
 install -m 0755 "$project"/deploy/scripts/*.sh "$stage/scripts/"
+install -m 0644 "$project/deploy/copyright" "$project/deploy/deb/lintian-overrides" "$stage/"
 cp "$project/deploy/nfpm.yaml" "$stage/nfpm.yaml"
-
 export NFPM_ARCH=$arch VERSION=$version
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$project" log -1 --format=%ct 2>/dev/null || date +%s)}
+export MAINTAINER=$maintainer
+# One entry per build, dated SOURCE_DATE_EPOCH: the deb's in Debian's format (gzip -n
+# keeps it reproducible), the rpm's through nFPM (%changelog).
+date=$(date -u -d "@$SOURCE_DATE_EPOCH" -R)
+printf '%s\n\n  * %s\n\n -- %s  %s\n' "elkeid-agent (3:$version-1) stable; urgency=medium" \
+    "Release $version." "$maintainer" "$date" | gzip -9n >"$stage/changelog.Debian.gz"
+touch -d "@$SOURCE_DATE_EPOCH" "$stage/changelog.Debian.gz"
+cat >"$stage/changelog.yml" <<EOF
+- semver: 3:$version-1
+  date: $(date -u -d "@$SOURCE_DATE_EPOCH" +%FT%TZ)
+  packager: $maintainer
+  changes:
+    - note: Release $version.
+EOF
+{ cat "$stage/nfpm.yaml"; echo "changelog: ./changelog.yml"; } >"$stage/nfpm-rpm.yaml"
 deb=$(realpath -m "$dist/elkeid-agent_${version}_${arch}.deb")
-rpm=$(realpath -m "$dist/elkeid-agent-${version}.${rpm_arch}.rpm")
+rpm=$(realpath -m "$dist/elkeid-agent-${version}-1.${rpm_arch}.rpm")
 rm -f "$deb" "$rpm"
 (cd "$stage" && "$nfpm" package --config nfpm.yaml --packager deb --target "$deb" >/dev/null)
-(cd "$stage" && "$nfpm" package --config nfpm.yaml --packager rpm --target "$rpm" >/dev/null)
+(cd "$stage" && "$nfpm" package --config nfpm-rpm.yaml --packager rpm --target "$rpm" >/dev/null)
 sha256sum "$deb" "$rpm"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,70 @@ from agentproc import patch_config
 
 from elkeid_center.testing import CenterThread
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "elkeid-go"
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "data" / "elkeid-go"
+
+# Tests read nothing outside the clone and /tmp: a clone alone must pass. Everything else
+# a test process may legitimately open: the system, the interpreter and its venv.
+_ALLOWED = tuple(
+    sorted(
+        {
+            str(REPO),
+            "/tmp",
+            "/var/tmp",
+            tempfile.gettempdir(),
+            *(os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)),
+            sys.prefix,
+            sys.base_prefix,
+            "/usr",
+            "/etc",
+            "/proc",
+            "/sys",
+            "/dev",
+            "/run",
+            "/var",
+            "/lib",
+            "/lib64",
+            "/bin",
+            "/sbin",
+        }
+    )
+)
+_AUDITED = {"open", "os.listdir", "os.scandir", "shutil.copyfile", "shutil.copytree"}
+_outside: set[str] = set()
+
+
+def _allowed(path: str) -> bool:
+    return any(path == root or path.startswith(root + "/") for root in _ALLOWED)
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    """Record every existing path opened or listed outside the clone (child processes are
+    out of reach; their own reads go through paths the tests give them)."""
+    if event not in _AUDITED or not args or isinstance(args[0], int) or args[0] is None:
+        return
+    try:
+        path = os.path.abspath(os.fsdecode(args[0]))
+    except (TypeError, ValueError):
+        return
+    if _allowed(path) or _allowed(os.path.realpath(path)) or not os.path.exists(path):
+        return
+    _outside.add(path)
+
+
+sys.addaudithook(_audit)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _outside:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _outside:
+        terminalreporter.section("paths read outside the clone and /tmp", red=True)
+        for path in sorted(_outside):
+            terminalreporter.write_line(path)
 
 
 @pytest.fixture

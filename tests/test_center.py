@@ -44,7 +44,7 @@ from elkeid_center.testing import (
     write_agent_config,
 )
 
-FIXTURES = Path("/work/shared/fixtures/elkeid-go")
+FIXTURES = Path(__file__).resolve().parent / "data" / "elkeid-go"
 REPO = Path(__file__).resolve().parent.parent
 
 

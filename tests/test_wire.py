@@ -1,6 +1,6 @@
 """elkeid_agent.wire against the bytes of the real Go agent and Go plugin library.
 
-Fixtures: ../shared/fixtures/elkeid-go (see its README). Decoding is checked with
+Fixtures: tests/data/elkeid-go (see its README). Decoding is checked with
 python-protobuf (grpc_pb2), never with our own decoder.
 """
 
@@ -37,9 +37,7 @@ from elkeid_agent.wire import (
     task_frame,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "elkeid-go"
-if not FIXTURES.is_dir():  # a checkout elsewhere: the shared tree beside /work/main
-    FIXTURES = Path("/work/shared/fixtures/elkeid-go")
+FIXTURES = Path(__file__).resolve().parent / "data" / "elkeid-go"
 
 PLUGIN_STREAMS = ("go-plugin-frames", "go-plugin-edge-frames")
 

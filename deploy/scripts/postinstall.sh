@@ -2,7 +2,7 @@
 # After install or upgrade. deb: postinst configure [OLD_VERSION]; rpm: %post 1|2.
 # Install enables and starts the service, upgrade restarts it. Without a running
 # systemd (a chroot, an image build) the unit is only enabled, so it starts at boot.
-set -u
+set -eu
 unit=elkeid-agent.service
 case "${1:-}" in
     configure) [ -n "${2:-}" ] && mode=upgrade || mode=install ;;
@@ -12,6 +12,15 @@ case "${1:-}" in
 esac
 
 mkdir -p -m 0700 /etc/elkeid/tmp
+# The Go agent's elkeidctl put its unit (no Type=notify; a copy or a link, maybe
+# dangling) in /etc/systemd/system, where it would shadow the packaged one. An admin's
+# copy of this package's unit and a mask (a link to /dev/null) stay.
+legacy=/etc/systemd/system/$unit
+if { [ -e "$legacy" ] || [ -L "$legacy" ]; } && [ "$(readlink "$legacy")" != /dev/null ] &&
+    ! grep -q '^Type=notify' "$legacy" 2>/dev/null; then
+    rm -f "$legacy" "/etc/systemd/system/multi-user.target.wants/$unit"
+    echo "elkeid-agent: removed the Go agent's $legacy" >&2
+fi
 # Like the Go package: an installer may pass the IDC, region and agent id.
 for pair in "idc:${SPECIFIED_IDC:-}" "region:${SPECIFIED_REGION:-}" "id:${SPECIFIED_AGENT_ID:-}"; do
     value=${pair#*:}

@@ -3,7 +3,7 @@
 # deb remove keeps the host's state (machine-id, specified_env, plugins, logs) for a
 # later reinstall and drops only unpack leftovers; deb purge and rpm erase (rpm has no
 # purge) remove all of /etc/elkeid, so nothing is left behind.
-set -u
+set -eu
 case "${1:-}" in
     purge | 0) rm -rf /etc/elkeid ;;
     remove) rm -rf /etc/elkeid/tmp /etc/elkeid/status.json ;;

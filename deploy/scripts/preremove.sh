@@ -2,7 +2,7 @@
 # Before removal. deb: prerm remove|upgrade|deconfigure|failed-upgrade; rpm: %preun 0|1.
 # Only a real removal (deb remove, rpm erase = 0) stops and disables the service; an
 # upgrade keeps it running until the new package's postinstall restarts it.
-set -u
+set -eu
 unit=elkeid-agent.service
 case "${1:-}" in
     remove | 0) ;;

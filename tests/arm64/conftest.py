@@ -25,7 +25,7 @@ def _dist(dist: Path, version: str, log: Path, seconds: float) -> Arm64Dist:
         version=version,
         exe=dist / f"elkeid-agent-{version}-linux-arm64",
         deb=dist / f"elkeid-agent_{version}_arm64.deb",
-        rpm=dist / f"elkeid-agent-{version}.aarch64.rpm",
+        rpm=dist / f"elkeid-agent-{version}-1.aarch64.rpm",
         build_log=log,
         build_seconds=seconds,
     )

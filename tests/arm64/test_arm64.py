@@ -171,7 +171,8 @@ RPM_FILES = {
     "/etc/elkeid/certs/ca.crt": "-rw-r--r--",
     "/etc/elkeid/certs/client.crt": "-rw-r--r--",
     "/etc/elkeid/certs/client.key": "-rw-------",
-    "/etc/systemd/system/elkeid-agent.service": "-rw-r--r--",
+    "/usr/lib/systemd/system/elkeid-agent.service": "-rw-r--r--",
+    "/usr/share/doc/elkeid-agent/copyright": "-rw-r--r--",
 }
 
 

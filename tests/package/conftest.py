@@ -35,15 +35,6 @@ ROOT_SPECS = {
     "bullseye": ("bullseye", ""),
     "bookworm-systemd": ("bookworm", "systemd,dbus,systemd-sysv"),
 }
-# Host tools the tests drive; a fresh CI machine may lack them.
-HOST_TOOLS = {
-    "debootstrap": "debootstrap",
-    "rpm": "rpm",
-    "systemd-nspawn": "systemd-container",
-    "nsenter": "util-linux",
-    "unshare": "util-linux",
-}
-
 
 @dataclass(frozen=True)
 class Dist:
@@ -104,18 +95,12 @@ def in_root(
     return run([*args, "--", *cmd], timeout=timeout, check=check)
 
 
-def _ensure_host_tools() -> None:
-    missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None})
-    if missing:
-        run(["apt-get", "update", "-qq"], timeout=600)
-        run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], timeout=900)
-
-
 @pytest.fixture(scope="session")
 def host_ready() -> None:
     if os.geteuid() != 0:
         pytest.skip("packaging tests need root (chroot, mounts, debootstrap, dpkg --root)")
-    _ensure_host_tools()
+    # What `make test` already ran before collection; here for a direct pytest run.
+    run([REPO / "tools" / "host-tools.sh", "test"], timeout=1800)
 
 
 @pytest.fixture(scope="session")
@@ -142,9 +127,9 @@ def amd64_dist(host_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Di
         exe=exe,
         onefile=onefile,
         deb=out / f"elkeid-agent_{TEST_VERSION}_amd64.deb",
-        rpm=out / f"elkeid-agent-{TEST_VERSION}.x86_64.rpm",
+        rpm=out / f"elkeid-agent-{TEST_VERSION}-1.x86_64.rpm",
         deb_upgrade=out / f"elkeid-agent_{UPGRADE_VERSION}_amd64.deb",
-        rpm_upgrade=out / f"elkeid-agent-{UPGRADE_VERSION}.x86_64.rpm",
+        rpm_upgrade=out / f"elkeid-agent-{UPGRADE_VERSION}-1.x86_64.rpm",
         certs=CERTS,
         dir=out,
     )

@@ -21,11 +21,21 @@ DEB_CONTENTS = [
     ("-rw-r--r--", "root/root", "./etc/elkeid/certs/client.crt"),
     ("-rw-------", "root/root", "./etc/elkeid/certs/client.key"),
     ("-rwx------", "root/root", "./etc/elkeid/elkeid-agent"),
-    ("drwxr-xr-x", "root/root", "./etc/systemd/"),
-    ("drwxr-xr-x", "root/root", "./etc/systemd/system/"),
-    ("-rw-r--r--", "root/root", "./etc/systemd/system/elkeid-agent.service"),
+    ("drwxr-xr-x", "root/root", "./lib/"),
+    ("drwxr-xr-x", "root/root", "./lib/systemd/"),
+    ("drwxr-xr-x", "root/root", "./lib/systemd/system/"),
+    ("-rw-r--r--", "root/root", "./lib/systemd/system/elkeid-agent.service"),
+    ("drwxr-xr-x", "root/root", "./usr/"),
+    ("drwxr-xr-x", "root/root", "./usr/share/"),
+    ("drwxr-xr-x", "root/root", "./usr/share/doc/"),
+    ("drwxr-xr-x", "root/root", "./usr/share/doc/elkeid-agent/"),
+    ("-rw-r--r--", "root/root", "./usr/share/doc/elkeid-agent/changelog.Debian.gz"),
+    ("-rw-r--r--", "root/root", "./usr/share/doc/elkeid-agent/copyright"),
+    ("drwxr-xr-x", "root/root", "./usr/share/lintian/"),
+    ("drwxr-xr-x", "root/root", "./usr/share/lintian/overrides/"),
+    ("-rw-r--r--", "root/root", "./usr/share/lintian/overrides/elkeid-agent"),
 ]
-# rpm owns only what it lists: /etc/systemd/system belongs to systemd.
+# rpm owns only what it lists: /usr/lib/systemd/system belongs to systemd.
 RPM_CONTENTS = [
     ("drwxr-xr-x", "root", "root", "/etc/elkeid"),
     ("drwxr-xr-x", "root", "root", "/etc/elkeid/certs"),
@@ -33,8 +43,12 @@ RPM_CONTENTS = [
     ("-rw-r--r--", "root", "root", "/etc/elkeid/certs/client.crt"),
     ("-rw-------", "root", "root", "/etc/elkeid/certs/client.key"),
     ("-rwx------", "root", "root", "/etc/elkeid/elkeid-agent"),
-    ("-rw-r--r--", "root", "root", "/etc/systemd/system/elkeid-agent.service"),
+    ("-rw-r--r--", "root", "root", "/usr/lib/systemd/system/elkeid-agent.service"),
+    ("-rw-r--r--", "root", "root", "/usr/share/doc/elkeid-agent/copyright"),
 ]
+UNIT = "lib/systemd/system/elkeid-agent.service"
+# Where the Go agent's elkeidctl put its unit.
+GO_UNIT = "etc/systemd/system/elkeid-agent.service"
 # What a running agent leaves in its work dir; purge/erase must take all of it.
 STATE = [
     "machine-id",
@@ -75,6 +89,23 @@ def test_rpm_lists_exactly_the_expected_contents(amd64_dist: Dist) -> None:
         ]
     ).stdout
     assert info == f"elkeid-agent 3 {amd64_dist.version} x86_64 gzip"
+
+
+def test_lintian_passes_the_deb(amd64_dist: Dist) -> None:
+    """Every tag fixed or overridden with its reason (deploy/deb/lintian-overrides)."""
+    out = run(
+        ["lintian", "--tag-display-limit", "0", "--fail-on", "error,warning", amd64_dist.deb],
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout == ""
+
+
+def test_rpmlint_passes_the_rpm(amd64_dist: Dist) -> None:
+    """Every check fixed or filtered with its reason (deploy/rpm/rpmlint.toml)."""
+    out = run(["rpmlint", "-c", REPO / "deploy/rpm/rpmlint.toml", amd64_dist.rpm], check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 errors, 0 warnings, 0 badness" in out.stdout, out.stdout
 
 
 def test_packaging_refuses_an_executable_of_another_architecture(
@@ -131,7 +162,7 @@ def test_deb_installs_upgrades_and_purges(amd64_dist: Dist, root_copy: RootCopy,
     assert not (root / "etc/elkeid/tmp").exists()
     in_root(root, "dpkg", "-P", "elkeid-agent")
     assert not (root / "etc" / "elkeid").exists()
-    assert not (root / "etc/systemd/system/elkeid-agent.service").exists()
+    assert not (root / UNIT).exists()
     listed = in_root(root, "dpkg-query", "-W", "elkeid-agent", check=False)
     assert listed.returncode != 0
 
@@ -153,7 +184,7 @@ def test_rpm_installs_upgrades_and_erases(amd64_dist: Dist, root_copy: RootCopy)
     _make_state(root)
     run([*rpm, "-e", "elkeid-agent"])
     assert not (root / "etc" / "elkeid").exists()
-    assert not (root / "etc/systemd/system/elkeid-agent.service").exists()
+    assert not (root / "usr" / UNIT).exists()
     assert re.search(
         r"not installed", run(["rpm", "--root", root, "-q", "elkeid-agent"], check=False).stdout
     )
@@ -210,16 +241,18 @@ def test_deb_replaces_the_go_agent_package_in_place(
     root = root_copy("bookworm")
     binds = [f"{amd64_dist.dir}:/mnt/dist:ro", f"{tmp_path}:/mnt/go:ro"]
     in_root(root, "dpkg", "-i", f"/mnt/go/{go_deb.name}", binds=binds)
-    assert (root / "etc/systemd/system/elkeid-agent.service").is_file()
+    assert (root / GO_UNIT).is_file()
 
-    in_root(root, "dpkg", "-i", f"/mnt/dist/{amd64_dist.deb.name}", binds=binds)
+    out = in_root(root, "dpkg", "-i", f"/mnt/dist/{amd64_dist.deb.name}", binds=binds)
+    assert "removed the Go agent's /etc/systemd/system/elkeid-agent.service" in out.stderr
     status = in_root(root, "dpkg-query", "-W", "-f", "${Version}", "elkeid-agent")
     assert status.stdout == f"3:{amd64_dist.version}-1"
     etc = root / "etc" / "elkeid"
     assert not (etc / "elkeidctl").exists()
     assert not (etc / "elkeid-agent.service").exists()
-    # The unowned copy elkeidctl made is replaced by the packaged unit.
-    assert "Type=notify" in (root / "etc/systemd/system/elkeid-agent.service").read_text()
+    # The unowned copy elkeidctl made would shadow the packaged unit: it is gone.
+    assert not (root / GO_UNIT).exists()
+    assert "Type=notify" in (root / UNIT).read_text()
     # The host keeps its identity and settings across the switch.
     assert (etc / "machine-id").read_text().startswith("11111111-")
     assert (etc / "specified_env").read_text() == "specified_id=go-agent-id\n"

@@ -153,7 +153,7 @@ def test_install_starts_the_service_via_ready(
     container: Container, center: CenterThread, amd64_dist: Dist
 ) -> None:
     container.sh(f"dpkg -i /mnt/dist/{amd64_dist.deb.name}")
-    verify = container.sh(f"systemd-analyze verify /etc/systemd/system/{UNIT} 2>&1")
+    verify = container.sh(f"systemd-analyze verify /lib/systemd/system/{UNIT} 2>&1")
     assert verify.stdout == "", verify.stdout
     # Type=notify: "active" only after READY=1 from the Python process (not the main pid).
     wait_for("active (running)", lambda: container.prop("ActiveState") == "active", 120)

@@ -28,7 +28,7 @@ from elkeid_agent.plugins.supervisor import PluginSupervisor
 HERE = Path(__file__).resolve().parent
 BIN = HERE / "bin"
 REPO = HERE.parent.parent
-FIXTURES = REPO.parent / "shared" / "fixtures" / "elkeid-go"
+FIXTURES = REPO / "tests" / "data" / "elkeid-go"
 
 T = TypeVar("T")
 
