@@ -18,7 +18,7 @@ from elkeid_agent.config import SpoolConfig
 from elkeid_agent.health import Health
 from elkeid_agent.spool import format as fmt
 from elkeid_agent.spool.pump import PLUGIN_LANES, lanes_to_move, move, spill_all
-from elkeid_agent.spool.store import RETRY_SECONDS, Spool, SpoolState
+from elkeid_agent.spool.store import RETRY_SECONDS, TRAIL_MESSAGES, Spool, SpoolState
 from elkeid_agent.wire import splice_records, unsplice
 
 T = TypeVar("T")
@@ -369,21 +369,22 @@ def test_new_segments_sort_after_the_checkpoint(tmp_path: Path) -> None:
     assert _reopen(tmp_path) == (list(range(10)), 0)
 
 
-def test_the_last_message_is_sent_again_unless_confirmed(tmp_path: Path) -> None:
-    """No acknowledgements: the last batch written may be unread when the process dies."""
+def test_the_last_messages_are_sent_again_unless_confirmed(tmp_path: Path) -> None:
+    """No acknowledgements: the last TRAIL_MESSAGES batches written may be unread when the
+    process dies."""
 
-    async def send_two_then_exit() -> None:
+    async def send_then_exit() -> None:
         spool = Spool(tmp_path, _config(), Health())
         await spool.open()
-        for i in range(3):
+        for i in range(TRAIL_MESSAGES + 2):
             spool.append(Lane.PLUGIN, 10, _records(i * 10, 10))
         await spool.step()
-        for _ in range(2):
+        for _ in range(TRAIL_MESSAGES + 1):
             spool.commit(await spool.read(1050))
         await spool.close()
 
-    run(send_two_then_exit())
-    assert _reopen(tmp_path) == (list(range(10, 30)), 0)
+    run(send_then_exit())
+    assert _reopen(tmp_path) == (list(range(10, 10 * (TRAIL_MESSAGES + 2))), 0)
 
 
 def test_an_unreadable_segment_is_counted_and_the_rest_kept(tmp_path: Path) -> None:

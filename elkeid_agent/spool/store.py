@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 SPOOL_DIR = "spool"
 CHECKPOINT_FILE = "checkpoint"
+#: Messages written from the spool that the checkpoint stays behind. One was measured too few:
+#: a loaded local center had two unread when the agent was killed.
+TRAIL_MESSAGES = 2
 AGENT_LANE = 0
 #: How long a degraded spool waits before trying the disk again.
 RETRY_SECONDS = 5.0
@@ -115,8 +118,9 @@ class Spool:
         self.max_unwritten = min(MAX_UNWRITTEN, max(config.max_bytes // 4, 1))
         self.stats = SpoolStats()
         self._index: deque[Entry] = deque()
-        # The batch written last: forgotten, but the checkpoint stays before it until another
-        # message was written after it or the server ended the stream (see `commit`).
+        # The batches written last: forgotten, but the checkpoint stays before them until more
+        # messages were written after them or the server ended the stream (see `commit`).
+        self._recent: deque[list[Entry]] = deque(maxlen=TRAIL_MESSAGES)
         self._unconfirmed: list[Entry] = []
         self._unwritten: list[Entry] = []
         self._unwritten_bytes = 0
@@ -327,11 +331,13 @@ class Spool:
         """The batch was written to the stream: forget its entries, move the checkpoint.
 
         The protocol has no acknowledgements, and a written message may still wait unread in
-        the server's buffers when this process dies. So the checkpoint trails by one message:
-        after a crash the last message is sent again (duplicates, at most one message's worth)
-        rather than lost. `confirm` ends the wait when the server has provably read it.
+        the server's buffers when this process dies. So the checkpoint trails by the last
+        TRAIL_MESSAGES messages: after a crash they are sent again (duplicates, at most that
+        many messages' worth) rather than lost. `confirm` ends the wait when the server has
+        provably read them.
         """
-        self._unconfirmed = [e for e in batch.entries if e.segment >= 0]
+        self._recent.append([e for e in batch.entries if e.segment >= 0])
+        self._unconfirmed = [e for entries in self._recent for e in entries]
         for entry in batch.entries:
             if entry.dropped:
                 # Dropped at the bound while on its way, and delivered all the same.
@@ -363,6 +369,7 @@ class Spool:
 
     def confirm(self) -> None:
         """The server ended the stream after our half-close: it read every message."""
+        self._recent.clear()
         self._unconfirmed = []
         self._checkpoint_due = True
         self._wake.set()
