@@ -241,6 +241,17 @@ class Sample:
     threads: int
 
 
+def cpu_and_faults(group: list[Any]) -> tuple[float, int]:
+    """CPU seconds (user + system) and minor page faults of the agent processes."""
+    cpu, faults = 0.0, 0
+    for proc in group:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        faults += int(fields[7])
+        cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu, faults
+
+
 def status_kib(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -415,6 +426,8 @@ def bench(args: argparse.Namespace) -> None:
         )
         time.sleep(args.session)
         samples = [sample(0, group)]
+        cpu0, faults0 = cpu_and_faults(group)
+        began = time.monotonic()
         print(f"{'restart':>7} {'RSS MiB':>8} {'anon MiB':>8} {'fds':>4} {'threads':>7}")
         show(samples[0])
         for n in range(1, args.restarts + 1):
@@ -432,6 +445,8 @@ def bench(args: argparse.Namespace) -> None:
                 show_map(f"restart {n}", group)
             if args.tracemalloc and n in (WARMUP_RESTARTS, args.restarts):
                 request_snapshot(trace_dir, str(n))
+        cpu1, faults1 = cpu_and_faults(group)
+        wall = time.monotonic() - began
         (plugin_dir / "stop").touch()
         deadline = time.monotonic() + 30
         while not (plugin_dir / "sent").exists() and time.monotonic() < deadline:
@@ -443,6 +458,10 @@ def bench(args: argparse.Namespace) -> None:
             time.sleep(0.2)
             received, distinct = center.tally()
         summary(samples, args.restarts)
+        print(
+            f"agent over the restarts: {100 * (cpu1 - cpu0) / wall:.2f} % of one core "
+            f"(machine-load sensitive), {(faults1 - faults0) / wall:,.0f} minor page faults/s"
+        )
         # The agent's SIGUSR2: gc.collect() and malloc_trim(0). What it gives back was free
         # heap the allocator kept; what stays is live.
         agent.send_signal(signal.SIGUSR2)

@@ -1,4 +1,5 @@
-"""Center restarts leave nothing behind: channels, calls, tasks, fds and threads stay flat.
+"""Center restarts leave nothing behind: channels, calls, tasks, fds and threads stay flat,
+and large blocks stay out of the heap (the cause of the RSS growth bench/churn.py showed).
 
 The RSS curve under churn is bench/churn.py's job (a timed, noisy figure); these tests count
 the things whose growth would be a leak, over 15 restarts of a real center.
@@ -11,6 +12,8 @@ import collections
 import gc
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -19,7 +22,6 @@ from conftest import AgentConfig
 
 from elkeid_agent.buffer import RecordBuffer
 from elkeid_agent.config import load_config
-from elkeid_agent.transport.grpc_env import grpc
 from elkeid_agent.transport.stream import TransferLoop
 from elkeid_agent.transport.tls import TlsMaterial
 from elkeid_center.testing import CenterThread
@@ -60,8 +62,9 @@ def test_transfer_loop_keeps_no_channel_or_call_across_restarts(
         async with asyncio.TaskGroup() as tg:
             runner = tg.create_task(loop.run())
             for n in range(RESTARTS + 1):
-                while loop.state.stats.connects <= n:
-                    await asyncio.sleep(0.02)
+                await asyncio.to_thread(
+                    wait_until, lambda n=n: loop.state.stats.connects > n, 20
+                )
                 await asyncio.to_thread(center.wait_connected)
                 samples.append(live_objects())
                 await asyncio.to_thread(center.restart)
@@ -94,7 +97,7 @@ def test_agent_fds_threads_and_tasks_flat_across_restarts(
         samples: list[tuple[int, int, int]] = []
         for n in range(RESTARTS + 1):
             # A new stream, its first heartbeat through: the reconnect path has run.
-            wait_until(lambda: len(center.connections()) > n, timeout=20)
+            wait_until(lambda n=n: len(center.connections()) > n, timeout=20)
             center.wait_connected(timeout=20)
             samples.append((*_agent_counts(agent.pid), _task_count(agent, n)))
             center.restart()
@@ -103,3 +106,35 @@ def test_agent_fds_threads_and_tasks_flat_across_restarts(
         assert max(threads) == min(threads), samples
         assert max(tasks) == min(tasks), samples
         assert agent.stop() == 0
+
+
+# In a fresh interpreter, as in the agent: pinned first, then a freed 8 MiB block (a
+# reconnect's backlog message), which unpinned lifts glibc's threshold to 8 MiB so that the
+# next 256 KiB block (a pipe read) comes from the heap. Prints how many blocks that added to
+# the mapped ones.
+MAPPED_PROBE = """
+import ctypes
+from elkeid_agent.memory import pin_mmap_threshold
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+assert pin_mmap_threshold()
+backlog = bytearray(8 << 20)
+del backlog
+mapped = libc.mallinfo2().hblks
+block = bytearray(256 << 10)
+print(libc.mallinfo2().hblks - mapped)
+"""
+
+
+def test_large_blocks_stay_mapped_after_a_larger_one_was_freed() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", MAPPED_PROBE], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert out.stdout.split() == ["1"], out
