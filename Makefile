@@ -27,6 +27,7 @@ proto: setup
 bench: setup
 	$(BIN)/python bench/transfer.py
 	$(BIN)/python bench/plugins.py
+	$(BIN)/python bench/churn.py
 	if ls dist/elkeid-agent-*-linux-amd64 >/dev/null 2>&1; then \
 		$(BIN)/python bench/startup.py; else echo "bench/startup.py: run make dist first"; fi
 

@@ -35,7 +35,7 @@ from elkeid_agent.health import Health
 from elkeid_agent.host import HostFacts, read_host_facts
 from elkeid_agent.identity import load_agent_id
 from elkeid_agent.logs import RecordHandler, setup_logging
-from elkeid_agent.memory import pin_mmap_threshold, trim_after_start
+from elkeid_agent.memory import trim_after_start
 from elkeid_agent.plugins.supervisor import PluginSupervisor
 from elkeid_agent.runtime_dir import clean_stale_unpack_dirs
 from elkeid_agent.service import dump_tasks, release_memory, sd_notify, watchdog_interval
@@ -335,8 +335,6 @@ class Agent:
 
 
 def run_agent(config_path: str | None) -> int:
-    # Before the first large buffer: the threshold must never have moved (memory.py).
-    pinned = pin_mmap_threshold()
     try:
         config, env = load_run_config(config_path, os.environ)
         tls = TlsMaterial.load(config.tls)
@@ -351,7 +349,6 @@ def run_agent(config_path: str | None) -> int:
     for sub in ("plugin", "log", "tmp"):
         (work_dir / sub).mkdir(parents=True, exist_ok=True)
     setup_logging(work_dir, config.log)
-    log.debug("malloc mmap threshold pinned: %s", pinned)
     startup = check_pending_upgrade(work_dir, settings=settings_from(config.upgrade))
     if startup.exit:
         return EX_ROLLED_BACK

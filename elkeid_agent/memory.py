@@ -62,27 +62,3 @@ def trim_after_start() -> None:
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     advised = sum(1 for start, length in mappings if madvise(start, length, MADV_PAGEOUT) == 0)
     log.debug("memory trimmed: %d of %d file mappings paged out", advised, len(mappings))
-
-
-# mallopt(3) parameter number; glibc's own default threshold, pinned.
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 128 * 1024
-
-
-def pin_mmap_threshold() -> bool:
-    """Keep large blocks out of the heap for the whole run; True if glibc took the setting.
-
-    glibc raises its mmap threshold to the size of each mapped block that is freed (up to
-    32 MiB). After a reconnect the backlog leaves in messages of megabytes; once they are
-    freed, blocks that size come from the heap, long-lived small objects settle between them
-    and the heap cannot shrink: the agent's RSS grew by ~40 KiB per center restart without
-    end (bench/churn.py). Setting the threshold turns that adjustment off, so a block of
-    128 KiB or more is mapped and unmapped on its own.
-    """
-    libc = _libc()
-    if libc is None:
-        return False
-    try:
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except AttributeError:  # a libc without mallopt
-        return False
