@@ -12,9 +12,12 @@ The center is restarted N times: its gRPC server stops (every stream breaks), st
 `--session` seconds, then the bench samples the agent's processes (plugins excluded): VmRSS,
 RssAnon, open fds and threads.
 
-Printed: the curve (one line per 10 restarts, min/max), the RSS growth from restart 10 to the
-end against the 2 MiB target, and records written by the plugin vs distinct records delivered
-(after the plugin stops and the agent had 20 s to drain).
+Printed: the curve (one line per 10 restarts, min/max), the RSS growth (median of restarts
+10-19 against the median of the last ten) against the 2 MiB target, the agent's CPU and minor
+page faults, where the resident anonymous memory is (main heap, other mappings, stacks) at
+restart 10, at the end and after the agent's SIGUSR2 (gc + malloc_trim), and records written
+by the plugin vs distinct records delivered (after the plugin stops and the agent had 20 s to
+drain).
 
 `--tracemalloc` runs the agent under tracemalloc (a wrapper in this file, not the product)
 and prints the 15 largest allocation differences between restart 10 and the last one.
@@ -299,7 +302,7 @@ def show_map(label: str, group: list[Any]) -> None:
 
 
 class Center:
-    def __init__(self, base: Path, certs: Path, configs: Path) -> None:
+    def __init__(self, certs: Path, configs: Path) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--center", str(certs), str(configs)],
             stdin=subprocess.PIPE,
@@ -385,7 +388,7 @@ def bench(args: argparse.Namespace) -> None:
     )
     trace_dir = base / "trace"
     trace_dir.mkdir()
-    center = Center(base, certs.directory, configs)
+    center = Center(certs.directory, configs)
     agent: subprocess.Popen[bytes] | None = None
     try:
         config = write_agent_config(
