@@ -28,6 +28,7 @@ bench: setup
 	$(BIN)/python bench/transfer.py
 	$(BIN)/python bench/plugins.py
 	$(BIN)/python bench/outage.py --outage 60
+	$(BIN)/python bench/churn.py
 	$(BIN)/python bench/vs_go.py
 	if ls dist/elkeid-agent-*-linux-amd64 >/dev/null 2>&1; then \
 		$(BIN)/python bench/startup.py; else echo "bench/startup.py: run make dist first"; fi

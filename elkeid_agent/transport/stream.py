@@ -220,9 +220,12 @@ class TransferLoop:
             try:
                 await self._session(channel, candidate)
             except StreamClosed as exc:
-                self.state.last_error = str(exc)
-                self.state.dial_errors = [f"stream to {candidate.address} ended: {exc}"]
-                log.warning("stream to %s ended: %s", candidate.address, exc)
+                # Only the text goes on: the exception's context and traceback hold the
+                # session's frames, and with them the call and the channel.
+                reason = str(exc)
+                self.state.last_error = reason
+                self.state.dial_errors = [f"stream to {candidate.address} ended: {reason}"]
+                log.warning("stream to %s ended: %s", candidate.address, reason)
             finally:
                 self.state.connected = False
                 self.channel = None
