@@ -161,6 +161,10 @@ class PluginSupervisor:
         #: The TLS context for HTTPS downloads: the host's CA store unless replaced.
         self.ssl_context_factory: Callable[[], ssl.SSLContext] = host_ssl_context
         self.download_timeout = 600.0
+        #: Seconds between walks of the plugin directories for the 1001s' `du`.
+        self.usage_max_age = 60.0
+        #: Bytes under each plugin's directory at the last walk (a worker thread's).
+        self._usage: dict[str, int] = {}
 
     # -- running --------------------------------------------------------------------------------
 
@@ -182,11 +186,13 @@ class PluginSupervisor:
             log.warning("killed %d plugin processes left by a previous agent", len(killed))
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
+            usage = tg.create_task(self._walk_usage(), name="plugin dir usage")
             self._ready.set()
             try:
                 await self._stopped.wait()
             finally:
                 self._tg = None
+                usage.cancel()
 
     async def stop(self) -> None:
         """Stop every plugin (at most ~10 s, in parallel); later syncs and tasks are refused."""
@@ -272,7 +278,7 @@ class PluginSupervisor:
                 name=name,
                 version=slot.spec.version,
                 process=slot.sampler.sample(),
-                du=dir_usage(slot.directory),
+                du=self._usage.get(name, 0),
                 rx_speed=(c.rx_bytes - base.rx_bytes) / elapsed,
                 tx_speed=(c.tx_bytes - base.tx_bytes) / elapsed,
                 rx_tps=(c.rx_frames - base.rx_frames) / elapsed,
@@ -296,6 +302,16 @@ class PluginSupervisor:
             return None
         pid = slot.process.pid if slot.process is not None else None
         return slot.lifecycle.state, slot.restarts, slot.counters, pid
+
+    async def _walk_usage(self) -> None:
+        """Refresh `_usage` in a worker thread: a plugin's directory holds whatever it writes,
+        and walking it on the loop at each heartbeat stalled every pipe meanwhile."""
+        while True:
+            directories = {name: slot.directory for name, slot in self._slots.items()}
+            self._usage = await asyncio.to_thread(
+                lambda: {name: dir_usage(path) for name, path in directories.items()}
+            )
+            await asyncio.sleep(self.usage_max_age)
 
     # -- sync steps -----------------------------------------------------------------------------
 

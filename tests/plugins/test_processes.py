@@ -406,3 +406,35 @@ def test_plugin_heartbeat_rates(tmp_path: Path) -> None:
     assert fields["tx_tps"] == "0.00000000"
     assert int(fields["nfd"]) >= 6
     assert fields["restarts"] == "0"
+
+
+def test_plugin_heartbeat_does_not_walk_the_plugin_directory_on_the_loop(tmp_path: Path) -> None:
+    # A plugin's directory holds whatever the plugin writes (caches, spools, logs): the 1001's
+    # `du` must come from a walk in a worker thread, never from one on the event loop at each
+    # heartbeat, which stalled every pipe and the stream for as long as the walk took.
+    directory = install_plugin(tmp_path, "stream", STREAM)
+    spool = directory / "spool"
+    spool.mkdir()
+    for i in range(40_000):
+        (spool / str(i)).write_bytes(b"")
+
+    async def main() -> tuple[float, dict[str, str]]:
+        async with Harness(tmp_path) as h:
+            h.sup.usage_max_age = 0.3
+            await h.sup.sync([local_spec("stream", STREAM)])
+            await h.wait_records(2)
+            started = time.monotonic()
+            h.sup.heartbeats()
+            took = time.monotonic() - started
+            (spool / "big").write_bytes(b"x" * 1000)
+            await until(
+                lambda: int(
+                    Record.FromString(h.sup.heartbeats()[0]).data.fields["du"]
+                ) >= 1000,
+                limit=15, what="du refreshed off the loop",
+            )
+            return took, dict(Record.FromString(h.sup.heartbeats()[0]).data.fields)
+
+    took, fields = run(main())
+    assert took < 0.02, f"heartbeats() held the loop {took:.3f} s"
+    assert int(fields["du"]) >= 1000
