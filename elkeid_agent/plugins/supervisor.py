@@ -111,6 +111,10 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
+def _usage_of(directories: Mapping[str, Path]) -> dict[str, int]:
+    return {name: dir_usage(path) for name, path in directories.items()}
+
+
 @dataclass
 class _Slot:
     """One plugin the supervisor keeps running, across restarts."""
@@ -308,9 +312,7 @@ class PluginSupervisor:
         and walking it on the loop at each heartbeat stalled every pipe meanwhile."""
         while True:
             directories = {name: slot.directory for name, slot in self._slots.items()}
-            self._usage = await asyncio.to_thread(
-                lambda: {name: dir_usage(path) for name, path in directories.items()}
-            )
+            self._usage = await asyncio.to_thread(_usage_of, directories)
             await asyncio.sleep(self.usage_max_age)
 
     # -- sync steps -----------------------------------------------------------------------------
