@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from pathlib import Path
 
@@ -26,10 +27,8 @@ def ders(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
 
 
 def _parse_or_cert_error(der: bytes) -> None:
-    try:
+    with contextlib.suppress(CertError):
         parse_der(der)
-    except CertError:
-        pass
 
 
 def test_every_truncation_raises_cert_error_only(ders: list[bytes]) -> None:
@@ -59,7 +58,5 @@ def test_garbage_raises_cert_error_only(raw: bytes) -> None:
 @FUZZ
 @given(st.binary(max_size=300))
 def test_garbage_pem_raises_cert_error_only(raw: bytes) -> None:
-    try:
+    with contextlib.suppress(CertError):
         parse_pem(b"-----BEGIN CERTIFICATE-----\n" + raw + b"\n-----END CERTIFICATE-----\n")
-    except CertError:
-        pass
