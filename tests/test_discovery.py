@@ -247,3 +247,13 @@ def test_fetch_sd_nodes_from_the_local_center() -> None:
         with pytest.raises(DiscoveryError, match="503"):
             asyncio.run(fetch_sd_nodes(center.sd_address))
         assert len(center.sd_requests()) == 3
+
+
+def test_service_discovery_through_a_proxy_with_odd_credentials_fails_as_discovery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The bytes of a non-UTF-8 environment variable must not raise out of http.get: that
+    # ended the transfer loop (it expects DiscoveryError or a timeout), and so the agent.
+    monkeypatch.setenv("HTTP_PROXY", "http://us\udce9r:pw@127.0.0.1:9")
+    with pytest.raises(DiscoveryError, match="proxy"):
+        asyncio.run(fetch_sd_nodes("192.0.2.1:9", timeout=5))
