@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import signal
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -130,6 +132,27 @@ class _Pipe:
     decoder: FrameDecoder
 
 
+def _open_stderr(path: Path) -> int:
+    """The plugin's stderr file, truncated. The directory is the plugin's: whatever else it
+    left at the path (a FIFO, which a blocking open() would wait on with the event loop) is
+    replaced by a fresh file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # ENXIO: a FIFO without a reader
+            raise
+    else:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.set_blocking(fd, True)
+            return fd
+        os.close(fd)
+    path.unlink()
+    fd = os.open(path, flags | os.O_EXCL, 0o600)
+    os.set_blocking(fd, True)
+    return fd
+
+
 @dataclass
 class PluginProcess:
     name: str
@@ -174,13 +197,7 @@ class PluginProcess:
                     fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             devnull = _high_fd(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
             opened.append(devnull)
-            stderr = _high_fd(
-                os.open(
-                    directory / f"{name}.stderr",
-                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                    0o600,
-                )
-            )
+            stderr = _high_fd(_open_stderr(directory / f"{name}.stderr"))
             opened.append(stderr)
             # What a plugin writes to stderr may be sensitive; a file left by an older agent
             # keeps its mode through O_TRUNC, so set it.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -438,3 +440,44 @@ def test_plugin_heartbeat_does_not_walk_the_plugin_directory_on_the_loop(tmp_pat
     took, fields = run(main())
     assert took < 0.02, f"heartbeats() held the loop {took:.3f} s"
     assert int(fields["du"]) >= 1000
+
+
+def test_a_fifo_a_plugin_puts_at_its_stderr_path_does_not_hold_the_loop(
+    tmp_path: Path, fast_backoff: None
+) -> None:
+    # The plugin's directory is the plugin's: at its restart the agent opened <name>.stderr
+    # for writing, and a FIFO there (no reader) blocked that open, on the event loop, forever.
+    body = (
+        "if [ ! -e ran ]; then touch ran; rm -f fifo.stderr; mkfifo fifo.stderr; exit 1; fi\n"
+        "while :; do printf '\\003\\000\\000\\000\\010\\347\\007' >&4; sleep 0.05; done"
+    )
+    exe = sh_plugin(f"cd '{tmp_path}/plugin/fifo' || exit 3\n{body}")
+    directory = install_plugin(tmp_path, "fifo", exe)
+    fifo = directory / "fifo.stderr"
+    rescued = threading.Event()
+
+    def rescue() -> None:
+        # If the loop is stuck in open(), give it a reader so the test can end and say so.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if (directory / "records-flowed").exists():
+                return
+        if fifo.exists():
+            rescued.set()
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+
+    helper = threading.Thread(target=rescue, daemon=True)
+    helper.start()
+
+    async def main() -> None:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync([local_spec("fifo", exe)])
+            await h.wait_records(3, limit=20)
+            (directory / "records-flowed").touch()
+            assert fifo.is_file()  # replaced by a regular file for the new run
+
+    run(main())
+    helper.join()
+    assert not rescued.is_set(), "the agent's open() of the stderr FIFO blocked the loop"
