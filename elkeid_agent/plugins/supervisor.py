@@ -40,7 +40,7 @@ from elkeid_agent.commands import NAME_RE, ConfigSpec, TaskSpec
 from elkeid_agent.config import PluginsConfig
 from elkeid_agent.download import DownloadError, UnsafeArchive
 from elkeid_agent.errors import TaskFailed
-from elkeid_agent.health import Health
+from elkeid_agent.health import MAX_REASON, Health
 from elkeid_agent.heartbeat import (
     PLUGIN_HEARTBEAT,
     ProcessGroupSampler,
@@ -246,7 +246,11 @@ class PluginSupervisor:
                 log.error("sync: %s", reason)
             if errors:
                 self.health.count("plugin_sync_failures", len(errors))
-            self._sync_errors = errors
+            # Each is a line of state_detail in every heartbeat: cut as Health cuts its reasons
+            # (a DownloadError quotes all its URLs, up to 16 of 4 KiB each).
+            self._sync_errors = [
+                e if len(e) <= MAX_REASON else e[: MAX_REASON - 3] + "..." for e in errors
+            ]
             self._notify()
 
     # -- state for the heartbeat ----------------------------------------------------------------

@@ -352,3 +352,27 @@ def test_a_cancelled_sync_leaves_a_consistent_state(
                 assert h.sup.errors() == []
 
     run(main())
+
+
+def test_failed_entries_cannot_bloat_the_heartbeat(tmp_path: Path) -> None:
+    # Each failed entry is a line of state_detail, in every heartbeat and status.json. A
+    # DownloadError quotes every URL in full (16 of up to 4 KiB each): 64 such entries made a
+    # 4.4 MB heartbeat, larger than the agent's whole record lane (its other records evicted).
+    refused = "http://127.0.0.1:1/"
+    specs = [
+        ConfigSpec(
+            name=f"p{i}", version="1", sha256="ab" * 32,
+            download_urls=tuple(f"{refused}{j}{'a' * 4000}" for j in range(16)),
+        )
+        for i in range(8)
+    ]
+
+    async def main() -> list[str]:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync(specs)
+            return h.sup.errors()
+
+    errors = run(main())
+    assert len(errors) == 8
+    assert all("p" in e and "127.0.0.1:1" in e for e in errors)
+    assert max(len(e) for e in errors) <= 400, max(len(e) for e in errors)
