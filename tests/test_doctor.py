@@ -397,6 +397,16 @@ def test_probe_gives_up_on_a_server_that_drips_within_twice_its_timeout(
     assert result.step is Step.TIMEOUT
 
 
+@pytest.mark.parametrize("host", ["a" * 64 + ".example", "x..y", "a\x00b"])
+def test_probe_names_a_host_the_resolver_refuses(tls_material: TlsMaterial, host: str) -> None:
+    # The name comes from the config or a service discovery answer: the resolver's refusal
+    # (UnicodeError from the idna codec, ValueError for a NUL) is a DNS result, not an
+    # exception out of `doctor` or out of the agent's diagnosis.
+    result = probe(f"{host}:443", tls_material, 1)
+    assert result.step is Step.DNS
+    assert "cannot resolve" in result.reason
+
+
 def test_service_discovery_failure_reaches_doctor_log_and_status(
     center: CenterThread, agent_config: AgentConfig
 ) -> None:

@@ -197,6 +197,8 @@ def probe(address: str, tls: TlsMaterial, timeout: float) -> ProbeResult:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         return ProbeResult(Step.DNS, f"cannot resolve {host}: {exc.strerror}")
+    except ValueError as exc:  # UnicodeError: a label the idna codec refuses; a NUL
+        return ProbeResult(Step.DNS, f"cannot resolve {host!r}: {exc}")
     # Every step has `timeout`; the whole dial after the name lookup at most twice that, so
     # neither many addresses nor a peer that keeps talking hold the probe (and its thread).
     deadline = time.monotonic() + 2 * timeout
