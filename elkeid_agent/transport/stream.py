@@ -39,6 +39,10 @@ TRANSFER_METHOD = "/grpc.Transfer/Transfer"
 MAX_GRPC_MESSAGE = 10 * 1024 * 1024
 # A stream that lived this long was healthy: the next failure starts backing off from 1 s again.
 HEALTHY_STREAM_SECONDS = 30.0
+# One message's write: HTTP/2 flow control parks it while the server does not read, and its
+# transport still answers keepalive pings, so nothing else would end such a stream. An 8 MiB
+# message needs 70 KB/s to make it.
+WRITE_TIMEOUT = 120.0
 # The diagnosis of a failed dial (transport/probe.py) gets this long per step.
 PROBE_TIMEOUT = 5.0
 
@@ -260,11 +264,19 @@ class TransferLoop:
                 return
             message = batch.spliced + header
             try:
-                await call.write(message)
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await call.write(message)
             except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
                 self.buffer.requeue(batch)
                 stats.write_failures += 1
                 raise StreamClosed(f"write failed: {_describe(exc)}") from exc
+            except TimeoutError as exc:
+                self.buffer.requeue(batch)
+                stats.write_failures += 1
+                raise StreamClosed(
+                    f"write failed: not taken within {WRITE_TIMEOUT:g} s (the server does not "
+                    "read the stream)"
+                ) from exc
             except asyncio.CancelledError:
                 self.buffer.requeue(batch)
                 raise
