@@ -48,6 +48,9 @@ PIPE_SIZE = 1024 * 1024
 POLL_INTERVAL = 1.0
 FAST_POLL = 0.01
 #: Stop: how long records are still read after the task pipe was closed, then the total wait.
+#: Task bytes queued for one plugin (besides the one being written): a task may be 10 MiB,
+#: and a plugin that stops reading must not make the agent hold `task_queue` of them.
+MAX_QUEUED_TASK_BYTES = 16 * 1024 * 1024
 STOP_DRAIN = 1.0
 STOP_GRACE = 10.0
 #: After the child exited (and its group was killed), how long to wait for the record pipes'
@@ -167,6 +170,7 @@ class PluginProcess:
     _exit_status: int | None = None
     _eof: asyncio.Event = field(default_factory=asyncio.Event)
     _pidfd: int | None = None
+    _queued_bytes: int = 0
 
     @classmethod
     def spawn(
@@ -252,16 +256,22 @@ class PluginProcess:
         """Queue a task frame; TaskFailed when the plugin is gone or its queue is full."""
         if self.task_fd < 0 or self.returncode is not None:
             raise TaskFailed(f"plugin {self.name} is not running")
+        if self._queued_bytes and self._queued_bytes + len(frame) > MAX_QUEUED_TASK_BYTES:
+            raise TaskFailed(
+                f"task queue of plugin {self.name} is full ({self._queued_bytes} bytes)"
+            )
         try:
             self.tasks.put_nowait(frame)
         except asyncio.QueueFull:
             raise TaskFailed(
                 f"task queue of plugin {self.name} is full ({self.tasks.maxsize})"
             ) from None
+        self._queued_bytes += len(frame)
 
     async def _write_tasks(self) -> None:
         while True:
             frame = await self.tasks.get()
+            self._queued_bytes -= len(frame)
             view = memoryview(frame)
             while view:
                 try:

@@ -481,3 +481,34 @@ def test_a_fifo_a_plugin_puts_at_its_stderr_path_does_not_hold_the_loop(
     run(main())
     helper.join()
     assert not rescued.is_set(), "the agent's open() of the stderr FIFO blocked the loop"
+
+
+def test_a_plugin_that_does_not_read_holds_a_bounded_number_of_task_bytes(
+    tmp_path: Path,
+) -> None:
+    # The queue was bounded in tasks only (64) and a task may be 10 MiB (the gRPC limit): one
+    # plugin that stops reading fd 3 held 640 MiB of the server's tasks in the agent.
+    stuck = sh_plugin("exec sleep 1000")  # never reads fd 3
+    install_plugin(tmp_path, "stuck", stuck)
+    big = "x" * (4 << 20)
+
+    async def main() -> int:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync([local_spec("stuck", stuck)])
+            await until(lambda: h.sup.slot_info("stuck")[3] is not None)  # type: ignore[index]
+            accepted = 0
+
+            async def send_until_full() -> None:
+                nonlocal accepted
+                for _ in range(70):
+                    await h.sup.send_task(TaskSpec(1, "stuck", big, "t"))
+                    accepted += 1
+                    await asyncio.sleep(0.01)
+
+            with pytest.raises(TaskFailed, match="full"):
+                await send_until_full()
+            return accepted
+
+    accepted = run(main())
+    # The writer holds one task, the queue what fits in MAX_QUEUED_TASK_BYTES.
+    assert accepted <= process.MAX_QUEUED_TASK_BYTES // (4 << 20) + 2, accepted
