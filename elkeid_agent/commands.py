@@ -53,6 +53,9 @@ TOKEN_RE = re.compile(r"[\x21-\x7e]{1,128}")
 #: At most this many plugins are applied from one Configs set (an Elkeid host runs about ten);
 #: the entries beyond are refused and counted, so a set of thousands cannot flood the host.
 MAX_PLUGINS = 64
+#: A Configs set with more entries than this is refused whole, before each entry is decoded
+#: and validated on the event loop (a 10 MiB set holds ~130,000).
+MAX_CONFIG_ENTRIES = 1024
 MAX_URLS = 16
 MAX_URL_LENGTH = 4096
 #: `detail` becomes the plugin's DETAIL environment variable; Linux refuses a single
@@ -323,7 +326,15 @@ class Dispatcher:
             if command.HasField("task"):
                 t = command.task
                 await self.handle_task(TaskSpec(t.data_type, t.object_name, t.data, t.token))
-            if command.configs or not command.HasField("task"):
+            if len(command.configs) > MAX_CONFIG_ENTRIES:
+                # Refused before each entry becomes an object: the plugins stay as they are.
+                self.health.fault(
+                    "configs",
+                    f"config set of {len(command.configs)} entries refused "
+                    f"(at most {MAX_CONFIG_ENTRIES})",
+                    "config_sets_refused",
+                )
+            elif command.configs or not command.HasField("task"):
                 await self.handle_configs(config_specs(command))
         except Exception as exc:  # the boundary of one command
             self.failures += 1
@@ -384,6 +395,8 @@ class Dispatcher:
             except Exception as exc:  # the boundary of one config set
                 log.exception("config set not applied")
                 self.health.fault("configs", f"config set not applied: {exc!r}", "config_errors")
+            else:
+                self.health.clear("configs")
 
     async def apply_configs(self, configs: Sequence[ConfigSpec]) -> None:
         """Validate the set, then hand each part on; one entry's failure stops no other."""
