@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import ssl
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -40,6 +39,7 @@ from elkeid_agent.commands import NAME_RE, ConfigSpec, TaskSpec
 from elkeid_agent.config import PluginsConfig
 from elkeid_agent.download import DownloadError, UnsafeArchive
 from elkeid_agent.errors import TaskFailed
+from elkeid_agent.fsutil import remove_tree
 from elkeid_agent.health import MAX_REASON, Health
 from elkeid_agent.heartbeat import (
     PLUGIN_HEARTBEAT,
@@ -342,7 +342,7 @@ class PluginSupervisor:
             del self._slots[name]
         directory = self.root / name
         if directory.exists():
-            await asyncio.to_thread(shutil.rmtree, directory)
+            await asyncio.to_thread(remove_tree, directory)
         log.info("plugin %s removed", name)
 
     async def _install_and_start(self, spec: ConfigSpec) -> None:
