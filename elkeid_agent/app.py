@@ -82,6 +82,7 @@ STATUS_UNIT = "status file"
 LOG_UNIT = "log file"
 WORK_DIR_UNIT = "work dir"
 SPECIFIED_ENV_UNIT = "specified_env file"
+FACTS_UNIT = "host facts"
 
 
 class _Stop(Exception):
@@ -425,11 +426,18 @@ class Agent:
             await run_every(jobs)
 
     async def _beat(self) -> None:
-        # Host facts walk /sys, /proc and the interfaces (~3 ms idle, more under load).
-        facts = await asyncio.to_thread(read_host_facts)
-        if facts != self.facts:
-            self.facts = facts
-            self._header = self._encode_header(facts)
+        # Host facts walk /sys, /proc and the interfaces (~3 ms idle, more under load). Part of
+        # the heartbeat's unit: when they cannot be read (psutil needs an fd for the interfaces)
+        # the beat goes out with the last facts.
+        try:
+            facts = await asyncio.to_thread(read_host_facts)
+        except Exception as exc:  # noqa: BLE001 - the boundary of one heartbeat
+            self.health.fault(FACTS_UNIT, f"cannot read: {exc!r}", "host_facts_errors")
+        else:
+            self.health.clear(FACTS_UNIT)
+            if facts != self.facts:
+                self.facts = facts
+                self._header = self._encode_header(facts)
         self.send_heartbeat()
 
     async def _watchdog_tick(self) -> None:

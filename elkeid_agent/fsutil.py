@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from pathlib import Path
 
 
@@ -69,3 +70,39 @@ def describe_error(path: Path, exc: OSError) -> str:
     """`PATH: ENOSPC (No space left on device)`: what a Health fault says of a failed write."""
     name = errno.errorcode.get(exc.errno or 0, "error")
     return f"{path}: {name} ({exc.strerror or exc})"
+
+
+def remove_tree(path: Path, *, ignore_errors: bool = False) -> None:
+    """`shutil.rmtree`, also for a tree nested deeper than Python's recursion limit.
+
+    rmtree recurses once per level: anything that writes under the tree (a plugin in its own
+    directory, an archive's member names) can nest deeper and make it raise RecursionError,
+    every time. Then the rest is removed level by level without recursion (symlinks are
+    unlinked, never followed). OSError as rmtree raises it, none with `ignore_errors`.
+    """
+    try:
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    except RecursionError:
+        try:
+            _remove_deep(path)
+        except OSError:
+            if not ignore_errors:
+                raise
+
+
+def _remove_deep(path: Path) -> None:
+    # (directory, its entries are gone): a directory's marker is pushed before its children,
+    # so it is popped, and removed, after them.
+    stack = [(os.fspath(path), False)]
+    while stack:
+        directory, emptied = stack.pop()
+        if emptied:
+            os.rmdir(directory)
+            continue
+        stack.append((directory, True))
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, False))
+                else:
+                    os.unlink(entry.path)

@@ -154,20 +154,23 @@ def dir_usage(directory: Path, exclude: str = "") -> int:
     """Bytes of the files under ``directory``, skipping every subdirectory named ``exclude``.
 
     Like the Go agent's GetDirSize: symlinks count as themselves and are not followed,
-    unreadable entries are skipped.
+    unreadable entries are skipped. Iterative: a tree nested deeper than Python's recursion
+    limit (anyone who can write under the directory can make one) is walked all the same.
     """
     total = 0
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return 0
-    for entry in entries:
+    pending = [os.fspath(directory)]
+    while pending:
         try:
-            if entry.is_dir(follow_symlinks=False):
-                if entry.name != exclude:
-                    total += dir_usage(Path(entry.path), exclude)
-            else:
-                total += entry.stat(follow_symlinks=False).st_size
+            with os.scandir(pending.pop()) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            if entry.name != exclude:
+                                pending.append(entry.path)
+                        else:
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
         except OSError:
             continue
     return total

@@ -127,8 +127,12 @@ class LogFileHandler(logging.Handler):
         try:
             if self._fd is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                # O_NONBLOCK: no effect on a regular file; a FIFO put at the path (ENXIO
+                # without a reader) must not hold the event loop's thread in open().
                 self._fd = os.open(
-                    self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
+                    self.path,
+                    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK,
+                    0o644,
                 )
                 self._size = os.fstat(self._fd).st_size
             if self._lost or self._torn:

@@ -184,5 +184,7 @@ def parse_proxy(variable: str, value: str) -> Proxy:
     authorization = None
     if parts.username is not None:
         credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        authorization = "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
+        # surrogateescape: a non-UTF-8 byte of the environment goes out as itself, as in Go.
+        raw = credentials.encode("utf-8", "surrogateescape")
+        authorization = "Basic " + base64.b64encode(raw).decode("ascii")
     return Proxy(parts.hostname, port, authorization)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
@@ -276,6 +277,51 @@ def test_a_command_with_agent_ctrl_and_unknown_fields_is_read() -> None:
     asyncio.run(configs_run(h, body))
     assert h.plugins.syncs == [[]]
     assert h.dispatcher.failures == 0
+
+
+def test_a_command_of_millions_of_unknown_fields_is_refused_quickly() -> None:
+    """10 MiB of 2-byte unknown fields: expanding them into Python objects to check their wire
+    types held the event loop 7 s and took 500 MB; such a Command is refused at once."""
+    h = Harness()
+    raw = b"\x78\x00" * (5 * 1024 * 1024)
+
+    async def body() -> None:
+        started = time.monotonic()
+        await h.dispatcher.handle(raw)
+        assert time.monotonic() - started < 1.0
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert h.plugins.syncs == []  # not read as the empty desired set either
+    assert h.dispatcher.failures == 1
+
+
+def test_a_configs_set_of_a_hundred_thousand_entries_is_refused_whole_and_quickly() -> None:
+    """Each entry became a ConfigSpec and was validated on the event loop (~10 us each): a
+    10 MiB set held it over a second. A set far beyond any host's plugins is refused as a
+    whole; the running plugins stay as they are."""
+    command = grpc_pb2.Command()
+    for i in range(100_000):
+        command.configs.add(name=f"p{i}", version="1", sha256="ab" * 32)
+    raw = command.SerializeToString()
+    h = Harness()
+
+    async def body() -> None:
+        started = time.monotonic()
+        await h.dispatcher.handle(raw)
+        await settle()
+        assert time.monotonic() - started < 0.5
+        await settle()
+        assert h.plugins.syncs == []
+        assert h.dispatcher.health.counters["config_sets_refused"] == 1
+        assert h.dispatcher.health.faulty("configs")
+        # The next set that is applied clears the fault.
+        await h.dispatcher.handle(b"")
+        await settle()
+        assert h.plugins.syncs == [[]]
+        assert not h.dispatcher.health.faulty("configs")
+
+    asyncio.run(configs_run(h, body))
 
 
 def test_a_task_without_configs_is_only_the_task() -> None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from elkeid_agent.config import RegionConfig
 from elkeid_agent.transport.discovery import (
+    SD_COUNT,
     SD_PATH,
     Backoff,
     Candidate,
@@ -51,6 +52,16 @@ def test_parse_ok_in_registry_order() -> None:
 def test_parse_ok_without_nodes() -> None:
     assert parse_sd_answer(answer(data=[])) == []
     assert parse_sd_answer(b'{"msg": "ok"}') == []
+
+
+def test_parse_keeps_only_the_nodes_asked_for() -> None:
+    # The request asks for 10 (count=10). An answer of thousands (256 KiB holds ~8,000) made
+    # one connection round dial each before the private and public addresses, each dial up to
+    # dial_timeout plus its diagnosis: days without a connection, and a state_detail line per
+    # node in every heartbeat and status.json.
+    nodes = [{"ip": f"10.0.{i // 250}.{i % 250 + 1}", "port": 6751} for i in range(500)]
+    got = parse_sd_answer(answer(data=nodes))
+    assert got == [f"10.0.0.{i + 1}:6751" for i in range(SD_COUNT)]
 
 
 ERRORS = {
@@ -236,3 +247,13 @@ def test_fetch_sd_nodes_from_the_local_center() -> None:
         with pytest.raises(DiscoveryError, match="503"):
             asyncio.run(fetch_sd_nodes(center.sd_address))
         assert len(center.sd_requests()) == 3
+
+
+def test_service_discovery_through_a_proxy_with_odd_credentials_fails_as_discovery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The bytes of a non-UTF-8 environment variable must not raise out of http.get: that
+    # ended the transfer loop (it expects DiscoveryError or a timeout), and so the agent.
+    monkeypatch.setenv("HTTP_PROXY", "http://us\udce9r:pw@127.0.0.1:9")
+    with pytest.raises(DiscoveryError, match="proxy"):
+        asyncio.run(fetch_sd_nodes("192.0.2.1:9", timeout=5))

@@ -356,6 +356,57 @@ def test_probe_names_a_server_that_closes_or_stays_silent(tls_material: TlsMater
         assert "did not finish TLS/HTTP/2 within 0.5 s" in result.reason
 
 
+def test_probe_gives_up_on_a_server_that_drips_within_twice_its_timeout(
+    center: CenterThread, tls_material: TlsMaterial
+) -> None:
+    # The TLS handshake is fine, then an HTTP/2 frame arrives before each socket timeout but
+    # never the PING's ACK: only a deadline over the whole dial ends the probe. Without one it
+    # ran as long as the peer talked: the agent's probe thread outlived its caller's timeout,
+    # and a few of them took every worker thread the agent has (downloads, disk writes, host
+    # facts all wait for one).
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(center.certs.server_cert, center.certs.server_key)
+    server.set_alpn_protocols(["h2"])
+    stop = threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+
+        def chatter() -> None:
+            raw, _ = listener.accept()
+            with server.wrap_socket(raw, server_side=True) as conn:
+                conn.recv(65536)
+                # An empty WINDOW_UPDATE-like frame of an unknown type, again and again.
+                while not stop.wait(0.2):
+                    try:
+                        conn.sendall(b"\x00\x00\x00\xfe\x00\x00\x00\x00\x00")
+                    except OSError:
+                        return
+
+        talker = threading.Thread(target=chatter)
+        talker.start()
+        started = time.monotonic()
+        try:
+            result = probe(address, tls_material, 0.5)
+        finally:
+            took = time.monotonic() - started
+            stop.set()
+            talker.join()
+    assert took < 2.5, f"the probe took {took:.1f} s"
+    assert result.step is Step.TIMEOUT
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".example", "x..y", "a\x00b"])
+def test_probe_names_a_host_the_resolver_refuses(tls_material: TlsMaterial, host: str) -> None:
+    # The name comes from the config or a service discovery answer: the resolver's refusal
+    # (UnicodeError from the idna codec, ValueError for a NUL) is a DNS result, not an
+    # exception out of `doctor` or out of the agent's diagnosis.
+    result = probe(f"{host}:443", tls_material, 1)
+    assert result.step is Step.DNS
+    assert "cannot resolve" in result.reason
+
+
 def test_service_discovery_failure_reaches_doctor_log_and_status(
     center: CenterThread, agent_config: AgentConfig
 ) -> None:

@@ -253,6 +253,32 @@ def test_dir_usage_is_cached_and_refreshed_off_the_loop(tmp_path: Path) -> None:
     assert first_120 >= 0.25  # not re-walked before max_age
 
 
+def _deep_tree(root: Path, depth: int) -> None:
+    """`depth` nested directories under `root`, one 1-byte file at the bottom (made with
+    relative paths, as a plugin could)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        leaf = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(leaf, b"x")
+        os.close(leaf)
+    finally:
+        os.close(fd)
+
+
+def test_dir_usage_of_a_tree_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
+    # A plugin (or anything with write access to the work dir) can nest directories deeper
+    # than Python's recursion limit: the walk must count them, not raise RecursionError
+    # (which ended the heartbeat task group, and so the agent).
+    depth = sys.getrecursionlimit() + 100
+    _deep_tree(tmp_path, depth)
+    assert dir_usage(tmp_path) == 1
+
+
 # ---------------------------------------------------------------------------------------
 # Host load
 

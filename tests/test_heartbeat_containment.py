@@ -47,3 +47,33 @@ def test_a_failing_heartbeat_is_contained(
         assert "heartbeat not sent" in fields["state_detail"]
 
     asyncio.run(main())
+
+
+def test_host_facts_that_cannot_be_read_do_not_end_the_heartbeat_loop(
+    agent_config: AgentConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The facts refresh (psutil.net_if_addrs needs a socket: EMFILE when the agent is out of
+    # fds) ran outside the heartbeat's boundary: its exception ended the heartbeat task group,
+    # and with it the agent. The beat goes out with the facts of the previous refresh.
+    config = load_config(str(agent_config()), {})
+    for sub in ("plugin", "log", "tmp"):
+        (config.work_path / sub).mkdir(parents=True, exist_ok=True)
+
+    def out_of_fds() -> object:
+        raise OSError(24, "Too many open files")
+
+    async def main() -> None:
+        agent = app.Agent(config, TlsMaterial.load(config.tls), dict(os.environ))
+        facts = agent.facts
+        monkeypatch.setattr(app, "read_host_facts", out_of_fds)
+        await agent._beat()
+        assert agent.facts is facts
+        assert agent.health.counters["host_facts_errors"] == 1
+        batch = agent.buffer.take(8 << 20)
+        beats = [grpc_pb2.Record.FromString(r) for r in batch.records]
+        assert [b.data_type for b in beats] == [1000]
+        fields = dict(beats[0].data.fields)
+        assert "Too many open files" in fields["state_detail"]
+        assert fields["kernel_version"] == facts.kernel_version
+
+    asyncio.run(main())

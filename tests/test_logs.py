@@ -179,6 +179,25 @@ def test_fallback_to_a_pipe_nobody_reads_never_blocks(
         os.close(read_end)
 
 
+def test_a_fifo_at_the_log_path_never_blocks(tmp_path: Path, logger: logging.Logger) -> None:
+    # Whatever sits at the path, a log line must not wait for it: a FIFO without a reader made
+    # open() block, and logging runs on the event loop's thread.
+    path = tmp_path / LOG_NAME
+    os.mkfifo(path)
+    handler = LogFileHandler(path, max_bytes=2000, backups=1)
+    logger.addHandler(handler)
+    writer = threading.Thread(target=logger.error, args=("a line",), daemon=True)
+    writer.start()
+    writer.join(5)
+    blocked = writer.is_alive()
+    if blocked:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # let it go
+        writer.join(5)
+    assert not blocked, "a log line waited for a reader of the FIFO"
+    assert handler.failed_writes == 1
+    assert handler.error is not None
+
+
 def test_setup_logging_writes_into_work_dir(tmp_path: Path) -> None:
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level

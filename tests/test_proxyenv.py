@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 
 import pytest
@@ -142,3 +143,14 @@ def test_any_environment_parses_or_names_the_variable(no_proxy: str, proxy: str)
     settings = ProxySettings.from_env({"HTTP_PROXY": proxy, "NO_PROXY": no_proxy})
     with contextlib.suppress(ProxyConfigError):
         settings.proxy_for("http", "example.com", 80)
+
+
+def test_credentials_that_are_not_utf8_keep_their_bytes() -> None:
+    # A non-UTF-8 byte in the service's environment reaches Python as a lone surrogate; its
+    # encode() raised UnicodeEncodeError out of every request through the proxy, service
+    # discovery's included, which ended the agent at each start. Go sends the bytes as they are.
+    env = {"HTTP_PROXY": "http://us\udce9r:pw@proxy:3128"}
+    proxy = ProxySettings.from_env(env).proxy_for("http", "example.com", 80)
+    assert proxy is not None
+    assert proxy.authorization == "Basic " + base64.b64encode(b"us\xe9r:pw").decode()
+

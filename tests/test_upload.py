@@ -199,3 +199,34 @@ def test_a_closed_connection_ends_the_upload_not_the_uploader(
             assert (await r.result(2))["status"] == "succeed"
 
     go(body)
+
+
+def test_a_path_that_is_not_a_regular_file_is_never_opened(
+    center: CenterThread, tmp_path: Path
+) -> None:
+    # Opening is itself an action on a device or a FIFO (/dev/watchdog arms the watchdog, a
+    # FIFO releases a writer waiting for a reader): the server's path is checked first.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    released = asyncio.Event()
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+
+        def writer() -> None:
+            fd = os.open(fifo, os.O_WRONLY)  # blocks until someone opens the FIFO to read
+            os.close(fd)
+            loop.call_soon_threadsafe(released.set)
+
+        waiting = loop.run_in_executor(None, writer)
+        await asyncio.sleep(0.2)
+        async with rig(center) as r:
+            with pytest.raises(TaskFailed, match="not a regular file"):
+                await r.uploader.upload("f", UploadRequest(str(fifo), CHUNK))
+        await asyncio.sleep(0.2)
+        opened_by_agent = released.is_set()
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # let the writer go
+        await waiting
+        assert not opened_by_agent, "the upload opened the FIFO"
+
+    go(body)

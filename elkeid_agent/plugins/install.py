@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import ssl
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from elkeid_agent.download import (
     file_matches,
     sha256_file,
 )
+from elkeid_agent.fsutil import remove_tree
 
 TAR_GZ = "tar.gz"
 
@@ -112,7 +112,7 @@ def commit(staged: Staged, name: str) -> None:
         target = staged.directory / entry.name
         # A directory cannot be renamed over a non-empty one: the archive's version wins.
         if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
+            remove_tree(target)
         elif entry.is_dir() and (target.exists() or target.is_symlink()):
             target.unlink()
         os.replace(entry, target)
@@ -122,7 +122,7 @@ def commit(staged: Staged, name: str) -> None:
 def discard(staged: Staged) -> None:
     staged.download.unlink(missing_ok=True)
     if staged.unpacked is not None:
-        shutil.rmtree(staged.unpacked, ignore_errors=True)
+        remove_tree(staged.unpacked, ignore_errors=True)
 
 
 def clean_leftovers(directory: Path) -> None:
@@ -130,4 +130,4 @@ def clean_leftovers(directory: Path) -> None:
     for entry in directory.glob(".download-*"):
         entry.unlink(missing_ok=True)
     for entry in directory.glob(".staging-*"):
-        shutil.rmtree(entry, ignore_errors=True)
+        remove_tree(entry, ignore_errors=True)

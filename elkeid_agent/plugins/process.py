@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import signal
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +48,9 @@ PIPE_SIZE = 1024 * 1024
 POLL_INTERVAL = 1.0
 FAST_POLL = 0.01
 #: Stop: how long records are still read after the task pipe was closed, then the total wait.
+#: Task bytes queued for one plugin (besides the one being written): a task may be 10 MiB,
+#: and a plugin that stops reading must not make the agent hold `task_queue` of them.
+MAX_QUEUED_TASK_BYTES = 16 * 1024 * 1024
 STOP_DRAIN = 1.0
 STOP_GRACE = 10.0
 #: After the child exited (and its group was killed), how long to wait for the record pipes'
@@ -130,6 +135,27 @@ class _Pipe:
     decoder: FrameDecoder
 
 
+def _open_stderr(path: Path) -> int:
+    """The plugin's stderr file, truncated. The directory is the plugin's: whatever else it
+    left at the path (a FIFO, which a blocking open() would wait on with the event loop) is
+    replaced by a fresh file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # ENXIO: a FIFO without a reader
+            raise
+    else:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.set_blocking(fd, True)
+            return fd
+        os.close(fd)
+    path.unlink()
+    fd = os.open(path, flags | os.O_EXCL, 0o600)
+    os.set_blocking(fd, True)
+    return fd
+
+
 @dataclass
 class PluginProcess:
     name: str
@@ -144,6 +170,7 @@ class PluginProcess:
     _exit_status: int | None = None
     _eof: asyncio.Event = field(default_factory=asyncio.Event)
     _pidfd: int | None = None
+    _queued_bytes: int = 0
 
     @classmethod
     def spawn(
@@ -174,13 +201,7 @@ class PluginProcess:
                     fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             devnull = _high_fd(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
             opened.append(devnull)
-            stderr = _high_fd(
-                os.open(
-                    directory / f"{name}.stderr",
-                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                    0o600,
-                )
-            )
+            stderr = _high_fd(_open_stderr(directory / f"{name}.stderr"))
             opened.append(stderr)
             # What a plugin writes to stderr may be sensitive; a file left by an older agent
             # keeps its mode through O_TRUNC, so set it.
@@ -235,16 +256,22 @@ class PluginProcess:
         """Queue a task frame; TaskFailed when the plugin is gone or its queue is full."""
         if self.task_fd < 0 or self.returncode is not None:
             raise TaskFailed(f"plugin {self.name} is not running")
+        if self._queued_bytes and self._queued_bytes + len(frame) > MAX_QUEUED_TASK_BYTES:
+            raise TaskFailed(
+                f"task queue of plugin {self.name} is full ({self._queued_bytes} bytes)"
+            )
         try:
             self.tasks.put_nowait(frame)
         except asyncio.QueueFull:
             raise TaskFailed(
                 f"task queue of plugin {self.name} is full ({self.tasks.maxsize})"
             ) from None
+        self._queued_bytes += len(frame)
 
     async def _write_tasks(self) -> None:
         while True:
             frame = await self.tasks.get()
+            self._queued_bytes -= len(frame)
             view = memoryview(frame)
             while view:
                 try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import ssl
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -40,7 +39,8 @@ from elkeid_agent.commands import NAME_RE, ConfigSpec, TaskSpec
 from elkeid_agent.config import PluginsConfig
 from elkeid_agent.download import DownloadError, UnsafeArchive
 from elkeid_agent.errors import TaskFailed
-from elkeid_agent.health import Health
+from elkeid_agent.fsutil import remove_tree
+from elkeid_agent.health import MAX_REASON, Health
 from elkeid_agent.heartbeat import (
     PLUGIN_HEARTBEAT,
     ProcessGroupSampler,
@@ -111,6 +111,10 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
+def _usage_of(directories: Mapping[str, Path]) -> dict[str, int]:
+    return {name: dir_usage(path) for name, path in directories.items()}
+
+
 @dataclass
 class _Slot:
     """One plugin the supervisor keeps running, across restarts."""
@@ -161,6 +165,10 @@ class PluginSupervisor:
         #: The TLS context for HTTPS downloads: the host's CA store unless replaced.
         self.ssl_context_factory: Callable[[], ssl.SSLContext] = host_ssl_context
         self.download_timeout = 600.0
+        #: Seconds between walks of the plugin directories for the 1001s' `du`.
+        self.usage_max_age = 60.0
+        #: Bytes under each plugin's directory at the last walk (a worker thread's).
+        self._usage: dict[str, int] = {}
 
     # -- running --------------------------------------------------------------------------------
 
@@ -182,11 +190,13 @@ class PluginSupervisor:
             log.warning("killed %d plugin processes left by a previous agent", len(killed))
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
+            usage = tg.create_task(self._walk_usage(), name="plugin dir usage")
             self._ready.set()
             try:
                 await self._stopped.wait()
             finally:
                 self._tg = None
+                usage.cancel()
 
     async def stop(self) -> None:
         """Stop every plugin (at most ~10 s, in parallel); later syncs and tasks are refused."""
@@ -236,7 +246,11 @@ class PluginSupervisor:
                 log.error("sync: %s", reason)
             if errors:
                 self.health.count("plugin_sync_failures", len(errors))
-            self._sync_errors = errors
+            # Each is a line of state_detail in every heartbeat: cut as Health cuts its reasons
+            # (a DownloadError quotes all its URLs, up to 16 of 4 KiB each).
+            self._sync_errors = [
+                e if len(e) <= MAX_REASON else e[: MAX_REASON - 3] + "..." for e in errors
+            ]
             self._notify()
 
     # -- state for the heartbeat ----------------------------------------------------------------
@@ -272,7 +286,7 @@ class PluginSupervisor:
                 name=name,
                 version=slot.spec.version,
                 process=slot.sampler.sample(),
-                du=dir_usage(slot.directory),
+                du=self._usage.get(name, 0),
                 rx_speed=(c.rx_bytes - base.rx_bytes) / elapsed,
                 tx_speed=(c.tx_bytes - base.tx_bytes) / elapsed,
                 rx_tps=(c.rx_frames - base.rx_frames) / elapsed,
@@ -297,6 +311,14 @@ class PluginSupervisor:
         pid = slot.process.pid if slot.process is not None else None
         return slot.lifecycle.state, slot.restarts, slot.counters, pid
 
+    async def _walk_usage(self) -> None:
+        """Refresh `_usage` in a worker thread: a plugin's directory holds whatever it writes,
+        and walking it on the loop at each heartbeat stalled every pipe meanwhile."""
+        while True:
+            directories = {name: slot.directory for name, slot in self._slots.items()}
+            self._usage = await asyncio.to_thread(_usage_of, directories)
+            await asyncio.sleep(self.usage_max_age)
+
     # -- sync steps -----------------------------------------------------------------------------
 
     def _installed(self) -> list[str]:
@@ -320,7 +342,7 @@ class PluginSupervisor:
             del self._slots[name]
         directory = self.root / name
         if directory.exists():
-            await asyncio.to_thread(shutil.rmtree, directory)
+            await asyncio.to_thread(remove_tree, directory)
         log.info("plugin %s removed", name)
 
     async def _install_and_start(self, spec: ConfigSpec) -> None:

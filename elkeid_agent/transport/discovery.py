@@ -8,6 +8,7 @@ and the agent never exits for lack of a server.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -17,7 +18,12 @@ import msgspec
 from elkeid_agent import http
 from elkeid_agent.config import RegionConfig
 
-SD_PATH = "/registry/detail?name=hids_svr_grpc&count=10"
+log = logging.getLogger(__name__)
+
+#: Nodes asked of the registry; an answer with more is cut here (each one is a dial of up to
+#: dial_timeout plus its diagnosis, and a line of state_detail when it fails).
+SD_COUNT = 10
+SD_PATH = f"/registry/detail?name=hids_svr_grpc&count={SD_COUNT}"
 SD_MAX_ANSWER = 256 * 1024
 #: The longest a discovery request may take, connect to last byte.
 SD_TIMEOUT = 15.0
@@ -61,8 +67,11 @@ def parse_sd_answer(body: bytes) -> list[str]:
         raise DiscoveryError(f"service discovery answer is not JSON: {exc}") from exc
     if answer.msg != "ok":
         raise DiscoveryError(f"service discovery says {answer.msg!r}")
+    if len(answer.data) > SD_COUNT:
+        log.warning("service discovery answered %d nodes; the first %d are used",
+                    len(answer.data), SD_COUNT)
     out = []
-    for node in answer.data:
+    for node in answer.data[:SD_COUNT]:
         if not 0 < node.port < 65536 or not node.ip:
             raise DiscoveryError(f"service discovery node {node.ip!r}:{node.port} is invalid")
         host = f"[{node.ip}]" if ":" in node.ip else node.ip

@@ -134,14 +134,24 @@ def _frame(kind: int, flags: int, payload: bytes = b"") -> bytes:
     return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + b"\0\0\0\0" + payload
 
 
-def _h2_ping(conn: ssl.SSLSocket, tls: TlsMaterial) -> ProbeResult | float:
-    """The round-trip time of one PING, or why the server would not answer it."""
+def _remaining(deadline: float) -> float:
+    """Seconds left until `deadline`; TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+def _h2_ping(conn: ssl.SSLSocket, tls: TlsMaterial, deadline: float) -> ProbeResult | float:
+    """The round-trip time of one PING, or why the server would not answer it by `deadline`
+    (a server that keeps sending other frames is not waited for past it)."""
     server_name = tls.server_name
     conn.sendall(H2_PREFACE + _frame(_SETTINGS, 0) + _frame(_PING, 0, _PING_DATA))
     sent = time.monotonic()
     buffer = bytearray()
     seen = False
     while True:
+        conn.settimeout(_remaining(deadline))
         try:
             chunk = conn.recv(65536)
         except ssl.SSLError as exc:
@@ -187,11 +197,23 @@ def probe(address: str, tls: TlsMaterial, timeout: float) -> ProbeResult:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         return ProbeResult(Step.DNS, f"cannot resolve {host}: {exc.strerror}")
+    except ValueError as exc:  # UnicodeError: a label the idna codec refuses; a NUL
+        return ProbeResult(Step.DNS, f"cannot resolve {host!r}: {exc}")
+    # Every step has `timeout`; the whole dial after the name lookup at most twice that, so
+    # neither many addresses nor a peer that keeps talking hold the probe (and its thread).
+    deadline = time.monotonic() + 2 * timeout
     failures: list[ProbeResult] = []
     for family, kind, proto, _, sockaddr in infos:
         peer = f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{port}"
-        sock = socket.socket(family, kind, proto)
-        sock.settimeout(timeout)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:  # out of fds, a family the kernel lacks
+            failures.append(ProbeResult(Step.NETWORK, f"{peer}: {exc.strerror or exc}", peer))
+            continue
+        sock.settimeout(min(timeout, left))
         try:
             sock.connect(sockaddr)
         except ConnectionRefusedError:
@@ -208,15 +230,22 @@ def probe(address: str, tls: TlsMaterial, timeout: float) -> ProbeResult:
             failures.append(ProbeResult(Step.NETWORK, f"{peer}: {exc.strerror or exc}", peer))
             sock.close()
             continue
-        return _over_tls(sock, tls, peer, timeout)
-    return failures[0] if failures else ProbeResult(Step.DNS, f"{host} resolves to nothing")
+        return _over_tls(sock, tls, peer, timeout, deadline)
+    if failures:
+        return failures[0]
+    if infos:
+        return ProbeResult(Step.TIMEOUT, f"no answer from {host} within {2 * timeout:g} s")
+    return ProbeResult(Step.DNS, f"{host} resolves to nothing")
 
 
-def _over_tls(sock: socket.socket, tls: TlsMaterial, peer: str, timeout: float) -> ProbeResult:
+def _over_tls(
+    sock: socket.socket, tls: TlsMaterial, peer: str, timeout: float, deadline: float
+) -> ProbeResult:
     try:
+        # The handshake as one step (CPython bounds it as a whole by the socket's timeout).
+        sock.settimeout(min(timeout, max(deadline - time.monotonic(), 0.001)))
         with client_context(tls).wrap_socket(sock, server_hostname=tls.server_name) as conn:
-            conn.settimeout(timeout)
-            outcome = _h2_ping(conn, tls)
+            outcome = _h2_ping(conn, tls, deadline)
     except ssl.SSLError as exc:
         closed = isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError)
         return ProbeResult(

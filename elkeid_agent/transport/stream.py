@@ -47,6 +47,10 @@ TRANSFER_METHOD = "/grpc.Transfer/Transfer"
 MAX_GRPC_MESSAGE = 10 * 1024 * 1024
 # A stream that lived this long was healthy: the next failure starts backing off from 1 s again.
 HEALTHY_STREAM_SECONDS = 30.0
+# One message's write: HTTP/2 flow control parks it while the server does not read, and its
+# transport still answers keepalive pings, so nothing else would end such a stream. An 8 MiB
+# message needs 70 KB/s to make it.
+WRITE_TIMEOUT = 120.0
 # The diagnosis of a failed dial (transport/probe.py) gets this long per step.
 PROBE_TIMEOUT = 5.0
 
@@ -324,12 +328,9 @@ class TransferLoop:
     async def _send(self, call: grpc.aio.StreamStreamCall, batch: Batch, header: bytes) -> None:
         message = batch.spliced + header
         try:
-            await call.write(message)
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-            self.buffer.requeue(batch)
-            self.state.stats.write_failures += 1
-            raise StreamClosed(f"write failed: {_describe(exc)}") from exc
-        except asyncio.CancelledError:
+            await self._write(call, message)
+        except BaseException:
+            # Failed, timed out or cancelled: the batch goes back to the head of its lanes.
             self.buffer.requeue(batch)
             raise
         self._sent(batch.count, len(message))
@@ -339,13 +340,23 @@ class TransferLoop:
     ) -> None:
         # A failed or cancelled write leaves the entries in the spool, still at its head.
         message = batch.spliced + header
+        await self._write(call, message)
+        spool.commit(batch)
+        self._sent(batch.count, len(message))
+
+    async def _write(self, call: grpc.aio.StreamStreamCall, message: bytes) -> None:
         try:
-            await call.write(message)
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await call.write(message)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             self.state.stats.write_failures += 1
             raise StreamClosed(f"write failed: {_describe(exc)}") from exc
-        spool.commit(batch)
-        self._sent(batch.count, len(message))
+        except TimeoutError as exc:
+            self.state.stats.write_failures += 1
+            raise StreamClosed(
+                f"write failed: not taken within {WRITE_TIMEOUT:g} s (the server does not "
+                "read the stream)"
+            ) from exc
 
     def _sent(self, records: int, size: int) -> None:
         stats = self.state.stats

@@ -76,6 +76,11 @@ class Uploader:
             raise TaskFailed("not connected to the server")
         chunk = min(request.buf_size, MAX_CHUNK)
         try:
+            # Checked before the open: opening a device or a FIFO is itself an action
+            # (/dev/watchdog arms the watchdog, a FIFO releases a writer).
+            before = os.stat(request.path)
+            if not stat.S_ISREG(before.st_mode):
+                raise TaskFailed(f"{request.path} is not a regular file")
             fd = os.open(request.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise TaskFailed(f"cannot open {request.path}: {exc.strerror}") from exc
@@ -83,7 +88,9 @@ class Uploader:
             raise TaskFailed(f"cannot open {request.path!r}: {exc}") from exc
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (
+                before.st_dev, before.st_ino
+            ):
                 raise TaskFailed(f"{request.path} is not a regular file")
             if st.st_size > request.buf_size * MAX_CHUNKS:
                 raise TaskFailed(

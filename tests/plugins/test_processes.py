@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -406,3 +408,107 @@ def test_plugin_heartbeat_rates(tmp_path: Path) -> None:
     assert fields["tx_tps"] == "0.00000000"
     assert int(fields["nfd"]) >= 6
     assert fields["restarts"] == "0"
+
+
+def test_plugin_heartbeat_does_not_walk_the_plugin_directory_on_the_loop(tmp_path: Path) -> None:
+    # A plugin's directory holds whatever the plugin writes (caches, spools, logs): the 1001's
+    # `du` must come from a walk in a worker thread, never from one on the event loop at each
+    # heartbeat, which stalled every pipe and the stream for as long as the walk took.
+    directory = install_plugin(tmp_path, "stream", STREAM)
+    spool = directory / "spool"
+    spool.mkdir()
+    for i in range(40_000):
+        (spool / str(i)).write_bytes(b"")
+
+    async def main() -> tuple[float, dict[str, str]]:
+        async with Harness(tmp_path) as h:
+            h.sup.usage_max_age = 0.3
+            await h.sup.sync([local_spec("stream", STREAM)])
+            await h.wait_records(2)
+            started = time.monotonic()
+            h.sup.heartbeats()
+            took = time.monotonic() - started
+            (spool / "big").write_bytes(b"x" * 1000)
+            await until(
+                lambda: int(
+                    Record.FromString(h.sup.heartbeats()[0]).data.fields["du"]
+                ) >= 1000,
+                limit=15, what="du refreshed off the loop",
+            )
+            return took, dict(Record.FromString(h.sup.heartbeats()[0]).data.fields)
+
+    took, fields = run(main())
+    assert took < 0.02, f"heartbeats() held the loop {took:.3f} s"
+    assert int(fields["du"]) >= 1000
+
+
+def test_a_fifo_a_plugin_puts_at_its_stderr_path_does_not_hold_the_loop(
+    tmp_path: Path, fast_backoff: None
+) -> None:
+    # The plugin's directory is the plugin's: at its restart the agent opened <name>.stderr
+    # for writing, and a FIFO there (no reader) blocked that open, on the event loop, forever.
+    body = (
+        "if [ ! -e ran ]; then touch ran; rm -f fifo.stderr; mkfifo fifo.stderr; exit 1; fi\n"
+        "while :; do printf '\\003\\000\\000\\000\\010\\347\\007' >&4; sleep 0.05; done"
+    )
+    exe = sh_plugin(f"cd '{tmp_path}/plugin/fifo' || exit 3\n{body}")
+    directory = install_plugin(tmp_path, "fifo", exe)
+    fifo = directory / "fifo.stderr"
+    rescued = threading.Event()
+
+    def rescue() -> None:
+        # If the loop is stuck in open(), give it a reader so the test can end and say so.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if (directory / "records-flowed").exists():
+                return
+        if fifo.exists():
+            rescued.set()
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+
+    helper = threading.Thread(target=rescue, daemon=True)
+    helper.start()
+
+    async def main() -> None:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync([local_spec("fifo", exe)])
+            await h.wait_records(3, limit=20)
+            (directory / "records-flowed").touch()
+            assert fifo.is_file()  # replaced by a regular file for the new run
+
+    run(main())
+    helper.join()
+    assert not rescued.is_set(), "the agent's open() of the stderr FIFO blocked the loop"
+
+
+def test_a_plugin_that_does_not_read_holds_a_bounded_number_of_task_bytes(
+    tmp_path: Path,
+) -> None:
+    # The queue was bounded in tasks only (64) and a task may be 10 MiB (the gRPC limit): one
+    # plugin that stops reading fd 3 held 640 MiB of the server's tasks in the agent.
+    stuck = sh_plugin("exec sleep 1000")  # never reads fd 3
+    install_plugin(tmp_path, "stuck", stuck)
+    big = "x" * (4 << 20)
+
+    async def main() -> int:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync([local_spec("stuck", stuck)])
+            await until(lambda: h.sup.slot_info("stuck")[3] is not None)  # type: ignore[index]
+            accepted = 0
+
+            async def send_until_full() -> None:
+                nonlocal accepted
+                for _ in range(70):
+                    await h.sup.send_task(TaskSpec(1, "stuck", big, "t"))
+                    accepted += 1
+                    await asyncio.sleep(0.01)
+
+            with pytest.raises(TaskFailed, match="full"):
+                await send_until_full()
+            return accepted
+
+    accepted = run(main())
+    # The writer holds one task, the queue what fits in MAX_QUEUED_TASK_BYTES.
+    assert accepted <= process.MAX_QUEUED_TASK_BYTES // (4 << 20) + 2, accepted

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import ssl
+import sys
 import tarfile
 from pathlib import Path
 
@@ -352,3 +354,52 @@ def test_a_cancelled_sync_leaves_a_consistent_state(
                 assert h.sup.errors() == []
 
     run(main())
+
+
+def test_failed_entries_cannot_bloat_the_heartbeat(tmp_path: Path) -> None:
+    # Each failed entry is a line of state_detail, in every heartbeat and status.json. A
+    # DownloadError quotes every URL in full (16 of up to 4 KiB each): 64 such entries made a
+    # 4.4 MB heartbeat, larger than the agent's whole record lane (its other records evicted).
+    refused = "http://127.0.0.1:1/"
+    specs = [
+        ConfigSpec(
+            name=f"p{i}", version="1", sha256="ab" * 32,
+            download_urls=tuple(f"{refused}{j}{'a' * 4000}" for j in range(16)),
+        )
+        for i in range(8)
+    ]
+
+    async def main() -> list[str]:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync(specs)
+            return h.sup.errors()
+
+    errors = run(main())
+    assert len(errors) == 8
+    assert all("p" in e and "127.0.0.1:1" in e for e in errors)
+    assert max(len(e) for e in errors) <= 400, max(len(e) for e in errors)
+
+
+def test_a_plugin_directory_nested_deeper_than_the_recursion_limit_is_removed(
+    tmp_path: Path,
+) -> None:
+    # shutil.rmtree raised RecursionError on it at every sync: the plugin could never be
+    # removed, and its failure stood in every heartbeat.
+    directory = tmp_path / "plugin" / "deep"
+    directory.mkdir(parents=True)
+    (directory / "deep").write_bytes(b"#!/bin/sh\n")
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(sys.getrecursionlimit() + 100):
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
+
+    async def main() -> list[str]:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync([])
+            return h.sup.errors()
+
+    assert run(main()) == []
+    assert not directory.exists()
