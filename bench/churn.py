@@ -43,6 +43,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from benchplugin import FRAME_CODE  # beside this file
 from procstat import agent_group  # beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,36 +58,9 @@ WARMUP_RESTARTS = 10
 
 # One record per write() into a 512 KiB BufferedWriter, flushed every 200 ms (the Go and
 # Rust plugin libraries' buffer size and flush timer). Runs until the file `stop` appears.
-PLUGIN = r"""
+PLUGIN = FRAME_CODE + r"""
 import os, time
 rate = float(os.environ["RATE"])
-
-def varint(n):
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-def field(key, data):
-    return bytes((key,)) + varint(len(data)) + data
-
-def entry(k, v):
-    return field(0x0A, field(0x0A, k) + field(0x12, v))
-
-def record(pad):
-    payload = entry(b"seq", b"0123456789") + entry(b"exe", b"/usr/bin/bench")
-    payload += entry(b"pad", b"p" * pad)
-    return b"\x08\x8fN" + b"\x10" + varint(1764168000) + field(0x1A, payload)
-
-pad = 200
-while len(record(pad)) != 300:
-    pad += 300 - len(record(pad))
-body = record(pad)
-frame = len(body).to_bytes(4, "little") + body
-cut = frame.index(b"0123456789")
-head, tail = frame[:cut], frame[cut + 10:]
 out = open(4, "wb", buffering=512 * 1024, closefd=False)
 sent = 0
 began = last_flush = time.monotonic()

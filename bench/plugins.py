@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchplugin import FRAME_CODE  # beside this file
 from procstat import agent_group, cpu_seconds, rss_bytes  # beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,38 +48,10 @@ SETTLE_SECONDS = 15.0
 
 # The plugin: pre-encoded frames with a 10-digit seq patched in, written in 512 KiB chunks
 # (the Go library's buffer size). Its own CPU is not part of the agent's figures.
-PLUGIN = r"""
+PLUGIN = FRAME_CODE + r"""
 import os, sys, time
 rate = float(os.environ.get("RATE", "0"))
 duration = float(os.environ.get("DURATION", "0"))
-
-def varint(n):
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-def field(key, data):
-    return bytes((key,)) + varint(len(data)) + data
-
-def entry(k, v):
-    return field(0x0A, field(0x0A, k) + field(0x12, v))
-
-def record(pad):
-    payload = entry(b"seq", b"0123456789") + entry(b"exe", b"/usr/bin/bench")
-    payload += entry(b"pad", b"p" * pad)
-    return b"\x08\x8fN" + b"\x10" + varint(1764168000) + field(0x1A, payload)
-
-pad = 200
-size = int(os.environ.get("RECORD_BYTES", "300"))
-while len(record(pad)) != size:
-    pad += size - len(record(pad))
-body = record(pad)
-frame = len(body).to_bytes(4, "little") + body
-cut = frame.index(b"0123456789")
-head, tail = frame[:cut], frame[cut + 10:]
 out = os.fdopen(4, "wb", buffering=0)
 per_chunk = 512 * 1024 // len(frame)
 sent = 0
