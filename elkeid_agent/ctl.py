@@ -19,11 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from elkeid_agent import specified_env
 from elkeid_agent.childenv import child_env
-from elkeid_agent.config import ConfigError, load_run_config, work_dir_hint
 from elkeid_agent.runtime_dir import UNPACK_PREFIXES, clean_stale_unpack_dirs
 from elkeid_agent.status import STATUS_FILE, AgentStatus, read_status
 
@@ -165,6 +162,8 @@ def is_agent_process(pid: int, started: float) -> bool:
     (staticx, PyInstaller) made its command line look like; a record without it falls back
     on the command line: `/etc/elkeid/elkeid-agent ...` or `python -m elkeid_agent ...`.
     """
+    import psutil  # here: `--version` builds this module's parser and must stay lean
+
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -291,6 +290,8 @@ def _status(work_dir: Path, as_json: bool) -> int:
 
 def _work_dir(args: argparse.Namespace) -> Path:
     """`--config` names the work dir as `run` reads it; else `--work-dir`."""
+    from elkeid_agent.config import ConfigError, load_run_config, work_dir_hint
+
     config_path: str | None = getattr(args, "config", None)
     if config_path is None:
         work_dir: Path = args.work_dir
