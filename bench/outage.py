@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from procstat import start_sink  # beside this file
+
 ROOT = Path(__file__).resolve().parent.parent
 for extra in (ROOT, ROOT / "tests"):
     if str(extra) not in sys.path:
@@ -204,18 +206,10 @@ class Setup:
         configs = [{"name": "numbered", "version": "1", "sha256": sha256}]
         (base / "configs.json").write_text(json.dumps(configs))
         self.tally_file = base / "tally.json"
-        self.sink = subprocess.Popen(
+        self.sink, address = start_sink(
             [sys.executable, __file__, "--sink", str(certs.directory),
-             str(base / "configs.json"), str(self.tally_file)],
-            stdout=subprocess.PIPE,
-            text=True,
+             str(base / "configs.json"), str(self.tally_file)]
         )
-        assert self.sink.stdout is not None
-        line = self.sink.stdout.readline()
-        if not line.startswith("PORT "):
-            self.sink.kill()
-            raise SystemExit(f"sink did not start: {line!r}")
-        address = f"127.0.0.1:{int(line.split()[1])}"
         self.config = write_agent_config(
             base / "agent.toml", self.work, certs.directory, {"default": {"private": address}},
             compression="none",

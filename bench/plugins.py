@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchplugin import FRAME_CODE  # beside this file
-from procstat import agent_group, cpu_seconds, rss_bytes  # beside this file
+from procstat import agent_group, cpu_seconds, rss_bytes, start_sink  # beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -149,24 +149,10 @@ class Run:
         configs = [{"name": name, "version": "1", "sha256": sha256, "detail": detail}]
         (base / "configs.json").write_text(json.dumps(configs))
         self.tally_file = base / "tally.json"
-        self.sink = subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "--sink",
-                str(certs.directory),
-                str(base / "configs.json"),
-                str(self.tally_file),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
+        self.sink, address = start_sink(
+            [sys.executable, __file__, "--sink", str(certs.directory),
+             str(base / "configs.json"), str(self.tally_file)]
         )
-        assert self.sink.stdout is not None
-        line = self.sink.stdout.readline()
-        if not line.startswith("PORT "):
-            self.sink.kill()
-            raise SystemExit(f"sink did not start: {line!r}")
-        address = f"127.0.0.1:{int(line.split()[1])}"
         config = write_agent_config(
             base / "agent.toml",
             work,

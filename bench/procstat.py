@@ -7,8 +7,21 @@ the agent's: the caller says which descendants are plugins.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from typing import Any
+
+
+def start_sink(argv: list[str]) -> tuple[subprocess.Popen[str], str]:
+    """Start a bench's sink AgentCenter child, which prints `PORT n` once it listens; the
+    child and its address."""
+    sink = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert sink.stdout is not None
+    line = sink.stdout.readline()
+    if not line.startswith("PORT "):
+        sink.kill()
+        raise SystemExit(f"sink did not start: {line!r}")
+    return sink, f"127.0.0.1:{int(line.split()[1])}"
 
 
 def agent_group(pid: int, is_plugin: Callable[[list[str]], bool]) -> list[Any]:
