@@ -11,7 +11,12 @@ $(BIN)/.ready: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-setup: $(BIN)/.ready
+# The hot loop compiled with mypyc beside its source; without a C compiler the source runs.
+$(BIN)/.hot: $(BIN)/.ready elkeid_agent/framescan.py tools/compile_hot.py
+	$(BIN)/python tools/compile_hot.py
+	touch $@
+
+setup: $(BIN)/.ready $(BIN)/.hot
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -30,13 +30,15 @@ esac
 [ -f "$product" ] || { echo "no PRODUCT_CONFIG file: $product" >&2; exit 2; }
 
 # 1. Debian tools: PyInstaller needs libpython3.11 and binutils (strip, objcopy);
-#    staticx needs patchelf and ldd.
+#    staticx needs patchelf and ldd; mypyc needs gcc and python3-dev.
 need=()
-for pair in python3:python3 patchelf:patchelf objcopy:binutils strip:binutils; do
+for pair in python3:python3 patchelf:patchelf objcopy:binutils strip:binutils gcc:gcc; do
     command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 ls /usr/lib/*/libpython3*.so.1* >/dev/null 2>&1 || need+=(libpython3.11)
+# mypyc's C needs Python.h (a root made before the hot loop was compiled lacks it).
+ls /usr/include/python3*/Python.h >/dev/null 2>&1 || need+=(python3-dev)
 if [ ${#need[@]} -gt 0 ]; then
     step "apt-get install ${need[*]}"
     apt-get update -qq
@@ -45,13 +47,14 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # 2. Build venv from the project's pins, rebuilt only when the pins change.
-stamp="$(sha256sum "$src/constraints.txt" | cut -c1-16)-$(python3 -V 2>&1 | tr -dc 0-9.)"
+packages="uvloop grpcio protobuf psutil cryptography msgspec h11 pyinstaller staticx mypy"
+stamp="$(echo "$packages" | cat - "$src/constraints.txt" | sha256sum | cut -c1-16)-$(python3 -V 2>&1 | tr -dc 0-9.)"
 if [ "$(cat "$venv/.stamp" 2>/dev/null)" != "$stamp" ]; then
     step "creating $venv"
     rm -rf "$venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q -c "$src/constraints.txt" \
-        uvloop grpcio protobuf psutil cryptography msgspec h11 pyinstaller staticx
+    # shellcheck disable=SC2086 # one word per package
+    "$venv/bin/pip" install -q -c "$src/constraints.txt" $packages
     echo "$stamp" >"$venv/.stamp"
 fi
 
@@ -64,7 +67,14 @@ sed -i "s/^VERSION = .*/VERSION = \"$version\"/" "$work/src/elkeid_agent/version
 grep -q "^VERSION = \"$version\"\$" "$work/src/elkeid_agent/version.py"
 cp "$product" "$work/src/elkeid_agent/product.toml"
 
-# 4. PyInstaller onefile.
+# 4. The hot loop compiled with mypyc (its generated C needs gcc and python3-dev), checked to
+#    be the module the bundle will import.
+step "mypyc"
+"$venv/bin/python" "$src/tools/compile_hot.py" --required --root "$work/src" >&2
+(cd "$work/src" && "$venv/bin/python" -c \
+    'from elkeid_agent import framescan; assert framescan.compiled(), framescan.__file__')
+
+# 5. PyInstaller onefile.
 step "pyinstaller"
 ELKEID_BUILD_SRC="$work/src" ELKEID_BUILD_WORK="$work" \
     "$venv/bin/pyinstaller" --noconfirm --clean --log-level WARN \
@@ -72,7 +82,7 @@ ELKEID_BUILD_SRC="$work/src" ELKEID_BUILD_WORK="$work" \
     grep -v '^$' >&2
 cp "$work/dist/elkeid-agent" "$out/elkeid-agent.onefile"
 
-# 5. staticx: the libc and loader go inside, so the host's glibc version stops mattering.
+# 6. staticx: the libc and loader go inside, so the host's glibc version stops mattering.
 if [ "${STATICX:-1}" = 1 ]; then
     step "staticx"
     args=()

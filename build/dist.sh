@@ -52,7 +52,7 @@ case $arch in
         root=${BUILD_ROOT:-build/cache/roots/bookworm-build-amd64}
         say "build root $root"
         build/mkroot.sh bookworm "$root" amd64 \
-            python3,python3-venv,libpython3.11,patchelf,binutils,ca-certificates
+            python3,python3-venv,libpython3.11,python3-dev,gcc,libc6-dev,patchelf,binutils,ca-certificates
         cp "$product" "$out/product.toml"
         say "building $version in the root"
         build/run-in-root.sh "$root" --bind "$project:/src:ro" --bind "$project/$out:/out" -- \

@@ -54,6 +54,10 @@ class Batch:
         """The message's field-1 bytes (append the header for a PackagedData)."""
         return b"".join(data for _, (data, _n) in self.chunks)
 
+    def message(self, header: bytes) -> bytes:
+        """The PackagedData: the chunks and the header joined in one copy."""
+        return b"".join([*(data for _, (data, _n) in self.chunks), header])
+
     @property
     def count(self) -> int:
         return sum(n for _, (_data, n) in self.chunks)
@@ -155,6 +159,10 @@ class RecordBuffer:
 
     async def wait_nonempty(self) -> None:
         await self._nonempty.wait()
+
+    def wake(self) -> None:
+        """End the current `wait_nonempty` even without records (an orderly exit)."""
+        self._nonempty.set()
 
     async def wait_empty(self) -> None:
         await self._empty.wait()

@@ -23,7 +23,9 @@ from typing import overload
 
 from google.protobuf.message import DecodeError
 
+from elkeid_agent import framescan
 from elkeid_agent._proto.shape_pb2 import RecordTopBatch
+from elkeid_agent.framescan import record_prefix
 
 #: A PackagedData must stay under the server's 10 MiB limit; we keep 2 MiB of headroom.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -34,6 +36,11 @@ DEFAULT_MAX_FRAME = MAX_MESSAGE_BYTES - HEADER_RESERVE - 16
 
 _U64 = (1 << 64) - 1
 _LEN_PREFIX = struct.Struct("<I")
+
+# The frame scan and whether it proves records plain: compiled, the proof is cheaper than the
+# batch parse of `_valid_batch`; as Python source it is not. The tests run both ways.
+_scan = framescan.scan
+_prove = framescan.compiled()
 
 # Wire types.
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
@@ -245,49 +252,49 @@ class FrameDecoder:
     _held: bytearray = field(default_factory=bytearray)
 
     def feed(self, data: bytes) -> Frames:
-        held = self._held
-        # The common case: no partial frame held back, so scan the read itself (no copy). A
-        # frame spanning reads accumulates in place (amortized, however long the frame).
-        buf: bytes | bytearray = data
-        if held:
-            held += data
-            buf = held
-        # One pass: each complete frame's record goes out behind its PackagedData prefix; no
-        # per-frame bytes object, one join for the whole read.
-        parts: list[bytes | bytearray] = []
-        append = parts.append
-        prefixes = _PREFIX_CACHE
-        count = pos = 0
-        end = len(buf)
-        unpack = _LEN_PREFIX.unpack_from
+        parts: list[bytes] = []
+        count = unproven = pos = 0
         max_frame = self.max_frame
-        while end - pos >= 4:
-            (length,) = unpack(buf, pos)
+        held = self._held
+        if held:
+            # Finish the frame an earlier read began (one copy of that frame only), then scan
+            # the read itself. A long frame accumulates in place, however many reads it takes.
+            if len(held) < 4:
+                pos = min(4 - len(held), len(data))
+                held += data[:pos]
+                if len(held) < 4:
+                    return Frames.from_spliced(b"", 0)
+            (length,) = _LEN_PREFIX.unpack_from(held)
             if length > max_frame:
-                valid = self._validate(b"".join(parts), count)
-                self.frames += len(valid)
-                raise FrameTooLarge(
-                    f"frame length {length} exceeds the cap of {max_frame}", valid
-                )
-            stop = pos + 4 + length
-            if stop > end:
-                break
-            append(prefixes[length] if length < 16384 else record_prefix(length))
-            append(buf[pos + 4 : stop])
-            pos = stop
-            count += 1
-        if pos == end:
+                raise FrameTooLarge(f"frame length {length} exceeds the cap of {max_frame}")
+            need = 4 + length - len(held)
+            if need > len(data) - pos:
+                held += memoryview(data)[pos:]
+                return Frames.from_spliced(b"", 0)
+            held += memoryview(data)[pos : pos + need]
+            pos += need
             self._held = bytearray()
-        elif pos or buf is not held:
-            self._held = bytearray(buf[pos:])
-        frames = self._validate(b"".join(parts), count)
+            _, count, unproven, _ = _scan(bytes(held), 0, max_frame, parts, _prove)
+        pos, more, more_unproven, bad_length = _scan(data, pos, max_frame, parts, _prove)
+        count += more
+        unproven += more_unproven
+        if bad_length >= 0:
+            valid = self._validate(parts, count, unproven)
+            self.frames += len(valid)
+            raise FrameTooLarge(
+                f"frame length {bad_length} exceeds the cap of {max_frame}", valid
+            )
+        if pos < len(data):
+            self._held = bytearray(memoryview(data)[pos:])
+        frames = self._validate(parts, count, unproven)
         self.frames += len(frames)
         return frames
 
-    def _validate(self, spliced: bytes, count: int) -> Frames:
+    def _validate(self, parts: list[bytes], count: int, unproven: int) -> Frames:
         if not count:
             return Frames.from_spliced(b"", 0)
-        if _valid_batch(spliced):
+        spliced = b"".join(parts)
+        if not unproven or _valid_batch(spliced):
             return Frames.from_spliced(spliced, count)
         valid = []
         for frame in unsplice(spliced):
@@ -322,21 +329,10 @@ def _valid_batch(spliced: bytes) -> bool:
     return bool(top.ByteSize() == len(spliced))
 
 
-# Prefixes `0x0a <varint len>` for the common record sizes, computed once.
-_PREFIX_CACHE = [b"\x0a" + encode_varint(n) for n in range(1 << 14)]
-
-
-def record_prefix(length: int) -> bytes:
-    """PackagedData field-1 key and length for a record of `length` bytes."""
-    if length < 16384:
-        return _PREFIX_CACHE[length]
-    return b"\x0a" + encode_varint(length)
-
-
 def spliced_size(record: bytes) -> int:
     """Bytes a record takes inside PackagedData, prefix included."""
     n = len(record)
-    return n + (len(_PREFIX_CACHE[n]) if n < 16384 else 1 + len(encode_varint(n)))
+    return n + len(record_prefix(n))
 
 
 def unsplice(spliced: bytes | memoryview) -> list[bytes]:
@@ -358,10 +354,8 @@ def splice_records(records: Iterable[bytes], header: bytes) -> bytes:
     """Build a PackagedData from verbatim Record encodings and a pre-encoded header."""
     parts: list[bytes] = []
     append = parts.append
-    cache = _PREFIX_CACHE
     for record in records:
-        n = len(record)
-        append(cache[n] if n < 16384 else b"\x0a" + encode_varint(n))
+        append(record_prefix(len(record)))
         append(record)
     append(header)
     return b"".join(parts)

@@ -2,10 +2,14 @@
 
 Fixtures: tests/data/elkeid-go (see its README). Decoding is checked with
 python-protobuf (grpc_pb2), never with our own decoder.
+
+Every test runs twice: with the frame scan as shipped (compiled by mypyc, proving records
+plain) and as Python source (no proof: the batch parse validates), the fallback.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 from collections.abc import Iterator
@@ -17,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from elkeid_agent import framescan, wire
 from elkeid_agent._proto import grpc_pb2
 from elkeid_agent._proto.shape_pb2 import RecordTop
 from elkeid_agent.wire import (
@@ -45,6 +50,34 @@ INT32 = st.integers(-(2**31), 2**31 - 1)
 INT64 = st.integers(-(2**63), 2**63 - 1)
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
 FIELDS = st.dictionaries(TEXT, TEXT, max_size=8)
+
+
+def _source_framescan() -> Any:
+    """elkeid_agent/framescan.py run as Python, whether or not a compiled module is there."""
+    source = Path(wire.__file__).with_name("framescan.py")
+    spec = importlib.util.spec_from_file_location("framescan_source", source)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SOURCE = _source_framescan()
+
+
+@pytest.fixture(autouse=True, params=["compiled", "source"])
+def scan_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "compiled":
+        assert framescan.compiled(), (
+            "elkeid_agent/framescan.py is not compiled: `make setup` runs tools/compile_hot.py, "
+            "which needs a C compiler (gcc) and the Python headers"
+        )
+        assert wire._prove
+    else:
+        monkeypatch.setattr(wire, "_scan", SOURCE.scan)
+        monkeypatch.setattr(wire, "_prove", False)
+    return str(request.param)
 
 
 @cache
@@ -574,3 +607,25 @@ def test_overflowing_varint_handled_alike_whatever_the_neighbours() -> None:
     alone = FrameDecoder()
     assert alone.feed(record_frame(OVERFLOW)) == [OVERFLOW]
     assert alone.malformed == 0
+
+
+@settings(max_examples=2000)
+@given(bodies=mutated_frames(), junk=st.lists(st.binary(max_size=12), max_size=3))
+def test_plain_proof_implies_the_strict_check(bodies: list[bytes], junk: list[bytes]) -> None:
+    """`plain_record` only ever says True for what `check_record` accepts, compiled or not."""
+    for body in bodies + junk:
+        proven = framescan.plain_record(body, 0, len(body))
+        assert SOURCE.plain_record(body, 0, len(body)) == proven
+        if proven:
+            check_record(body)
+
+
+def test_go_library_records_are_proven_plain() -> None:
+    """What the Go plugin library writes takes the fast path: no batch parse at all."""
+    bodies = list(_frames(_bin("go-plugin-frames")))
+    assert bodies
+    assert all(SOURCE.plain_record(b, 0, len(b)) for b in bodies)
+    parts: list[bytes] = []
+    data = _bin("go-plugin-frames")
+    pos, count, unproven, bad = framescan.scan(data, 0, DEFAULT_MAX_FRAME, parts, True)
+    assert (pos, count, unproven, bad) == (len(data), len(bodies), 0, -1)

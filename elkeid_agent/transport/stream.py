@@ -113,7 +113,6 @@ class TransferLoop:
         self.config = config
         self.spool = spool
         self._finishing = False
-        self._finish_requested = asyncio.Event()
         self._session_ended = asyncio.Event()
         self.tls = tls
         self.buffer = buffer
@@ -273,25 +272,16 @@ class TransferLoop:
         interval = self.config.transport.send_interval
         while not self._finishing:
             if not self._backlog():
-                await self._wait_for_records()
+                # Records, or an orderly exit (`finish` wakes this wait).
+                await self.buffer.wait_nonempty()
             await self.flush(call)
             await asyncio.sleep(interval)
         await call.done_writing()
 
-    async def _wait_for_records(self) -> None:
-        """Until records are queued or an orderly exit begins."""
-        queued = asyncio.ensure_future(self.buffer.wait_nonempty())
-        finish = asyncio.ensure_future(self._finish_requested.wait())
-        try:
-            await asyncio.wait((queued, finish), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            queued.cancel()
-            finish.cancel()
-
     async def finish(self, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a deadline
         """Orderly exit: stop sending, half-close, wait for the server to end the stream."""
         self._finishing = True
-        self._finish_requested.set()
+        self.buffer.wake()
         if not self.state.connected:
             return
         self._session_ended.clear()
@@ -326,7 +316,7 @@ class TransferLoop:
             await self._send(call, batch, header)
 
     async def _send(self, call: grpc.aio.StreamStreamCall, batch: Batch, header: bytes) -> None:
-        message = batch.spliced + header
+        message = batch.message(header)
         try:
             await self._write(call, message)
         except BaseException:

@@ -8,9 +8,10 @@ config (and the persisted specified_env) as `run` does, loads the TLS files, cre
 gRPC channel objects for every address of the configured region (never dialed), and opens
 and closes a uvloop event loop. It writes nothing and touches no file of the work dir.
 
-The answer is one JSON line on stdout, `{"selftest":"ok","version":"<VERSION>"}`, exit 0;
-on failure `{"selftest":"failed","version":...,"error":...}`, exit 1. `probe.py` accepts
-only the ok answer with the expected version.
+The answer is one JSON line on stdout, `{"selftest":"ok","version":"<VERSION>",
+"framescan":"compiled"}`, exit 0 (`framescan`: whether the hot loop runs compiled or as
+Python source); on failure `{"selftest":"failed","version":...,"error":...}`, exit 1.
+`probe.py` accepts only the ok answer with the expected version.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class SelftestAnswer(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=Tr
     selftest: str
     version: str
     error: str = ""
+    framescan: str = ""
 
 
 def run_selftest(config_path: str | None, environ: Mapping[str, str]) -> int:
@@ -50,8 +52,11 @@ def run_selftest(config_path: str | None, environ: Mapping[str, str]) -> int:
                                 error=f"{type(exc).__name__}: {exc}")
         sys.stdout.write(msgspec.json.encode(answer).decode() + "\n")
         return 1
-    sys.stdout.write(msgspec.json.encode(SelftestAnswer(selftest=OK, version=VERSION)).decode()
-                     + "\n")
+    from elkeid_agent import framescan
+
+    answer = SelftestAnswer(selftest=OK, version=VERSION,
+                            framescan="compiled" if framescan.compiled() else "source")
+    sys.stdout.write(msgspec.json.encode(answer).decode() + "\n")
     return 0
 
 

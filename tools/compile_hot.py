@@ -1,0 +1,54 @@
+"""Compile the hot modules with mypyc, in place (the .so lands beside its source).
+
+    python tools/compile_hot.py [--required]
+
+`make setup` runs it: without a C compiler the pure-Python modules stay in use, with a
+warning. build/build-in-root.sh runs it with --required: a shipped executable is compiled.
+The generated C and the objects go to a temporary directory, never into build/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOT = ["elkeid_agent/framescan.py"]
+
+
+def compile_hot(root: Path) -> None:
+    from mypyc.build import mypycify
+    from setuptools import Distribution
+
+    os.chdir(root)  # mypyc names the modules after their paths from here
+    with tempfile.TemporaryDirectory(prefix="elkeid-hot-") as tmp:
+        # A bare Distribution: setup() would also read pyproject.toml, which is not about this.
+        dist = Distribution({
+            "name": "elkeid-agent-hot",
+            "ext_modules": mypycify(HOT, target_dir=f"{tmp}/c", opt_level="3"),
+        })
+        dist.script_args = ["-q", "build_ext", "--inplace", "--build-temp", f"{tmp}/o",
+                            "--build-lib", f"{tmp}/lib"]
+        dist.parse_command_line()
+        dist.run_commands()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--required", action="store_true", help="fail if it cannot compile")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the source tree")
+    args = parser.parse_args()
+    try:
+        compile_hot(args.root.resolve())
+    except (Exception, SystemExit) as exc:  # setuptools exits on compiler errors
+        if args.required:
+            raise
+        print(f"compile_hot: {exc!r}; the pure-Python {', '.join(HOT)} stays in use "
+              "(correct, slower)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
