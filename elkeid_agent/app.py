@@ -42,7 +42,7 @@ from elkeid_agent.health import Health
 from elkeid_agent.host import HostFacts, read_host_facts
 from elkeid_agent.identity import ID_FILE_UNIT, load_agent_id, save_agent_id
 from elkeid_agent.logs import LogFileHandler, RecordHandler, setup_logging
-from elkeid_agent.memory import trim_after_start
+from elkeid_agent.memory import trim_after_start, trim_heap
 from elkeid_agent.plugins import lastset
 from elkeid_agent.plugins.supervisor import PluginSupervisor
 from elkeid_agent.runtime_dir import clean_stale_unpack_dirs
@@ -132,9 +132,10 @@ class Agent:
         )
         self.dispatcher.on_applied = self._save_plugin_configs
         self.spool = Spool(self.work_dir, config.spool, self.health)
+        self._trimmed_after = 0
         self.transfer = TransferLoop(
             config, tls, self.buffer, self.header, self.dispatcher.handle, self.send_heartbeat,
-            on_down=self._write_status,
+            on_down=self._stream_down,
             spool=self.spool if config.spool.enabled else None,
         )
         self.uploader = Uploader(lambda: self.transfer.channel, self.emit, health=self.health)
@@ -263,6 +264,14 @@ class Agent:
         self.buffer.put_agent(encode_record(AGENT_HEARTBEAT, timestamp, fields))
         for record in self.plugins.heartbeats():
             self.buffer.put_agent(record)
+
+    def _stream_down(self) -> None:
+        self._write_status()
+        connects = self.transfer.state.stats.connects
+        if connects != self._trimmed_after:
+            # Once per stream, not per failed dial: the stream's buffers were just freed.
+            self._trimmed_after = connects
+            trim_heap()
 
     def _write_status(self, state: str = "") -> None:
         """The one writer of status.json: at start, each heartbeat, link up/down, stop."""

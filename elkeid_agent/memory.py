@@ -11,6 +11,9 @@ agent runs, three things return it to the host:
   pages; what the steady state really runs faults back in from the page cache, the rest
   (start-up code) stays out. Pages that other processes map are left alone by the kernel.
   Older kernels answer EINVAL and nothing changes.
+
+`trim_heap` alone runs again after every stream that ends: a stream's buffers (grpc's and the
+messages in flight) are freed then, and glibc keeps freed heap unless asked.
 """
 
 from __future__ import annotations
@@ -42,6 +45,15 @@ def read_only_file_mappings(maps: str) -> list[tuple[int, int]]:
         start, _, end = fields[0].partition("-")
         out.append((int(start, 16), int(end, 16) - int(start, 16)))
     return out
+
+
+def trim_heap() -> bool:
+    """Give freed heap back to the OS (`malloc_trim(0)`, every arena); True if any was."""
+    libc = _libc()
+    try:
+        return libc is not None and bool(libc.malloc_trim(0))
+    except AttributeError:  # not glibc
+        return False
 
 
 def trim_after_start() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import io
 import logging
@@ -11,6 +10,7 @@ import socket
 from collections.abc import Collection, Mapping
 
 from elkeid_agent.health import Health
+from elkeid_agent.memory import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,5 @@ def dump_tasks() -> None:
 def release_memory() -> None:
     """SIGUSR2: collect garbage and give freed heap back to the OS."""
     collected = gc.collect()
-    # By soname, not find_library: that runs ldconfig or gcc, in the bundle's environment.
-    try:
-        trimmed = bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        trimmed = False
+    trimmed = trim_heap()
     log.warning("SIGUSR2: gc collected %d objects, malloc_trim released=%s", collected, trimmed)
