@@ -41,7 +41,10 @@ class TransportConfig(_Strict):
     # The server answers pings more often than every 5 s with GOAWAY (too_many_pings) and the
     # agent would reconnect forever: below that is refused here. 30 s is well clear.
     keepalive_seconds: Annotated[int, msgspec.Meta(ge=MIN_KEEPALIVE_SECONDS)] = 30
-    send_interval: float = 0.1
+    # Under a sustained stream, one message per interval. grpc's cost per message dominated at
+    # high rates: at 20,000 rec/s 0.5 s took the agent from 3.9 % to 2.8 % of a core (10 to 2
+    # messages/s). After a quiet spell the first record still goes at once.
+    send_interval: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.5
     heartbeat_interval: float = 60.0
     backoff_initial: float = 1.0
     backoff_multiplier: float = 1.6

@@ -63,7 +63,7 @@ def test_defaults() -> None:
     assert config.transport.compression == "gzip"
     assert config.transport.dial_timeout == 15.0
     assert config.transport.keepalive_seconds >= 30
-    assert config.transport.send_interval == 0.1
+    assert config.transport.send_interval == 0.5
     assert config.transport.heartbeat_interval == 60.0
     assert (config.transport.backoff_initial, config.transport.backoff_multiplier) == (1.0, 1.6)
     assert config.transport.backoff_max == 120.0
