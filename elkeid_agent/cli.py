@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from elkeid_agent.version import VERSION
 
+if TYPE_CHECKING:
+    import argparse
+
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     from elkeid_agent.ctl import add_ctl_parser
 
     parser = argparse.ArgumentParser(
