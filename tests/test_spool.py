@@ -17,7 +17,14 @@ from elkeid_agent.buffer import ALL_LANES, Lane, RecordBuffer
 from elkeid_agent.config import SpoolConfig
 from elkeid_agent.health import Health
 from elkeid_agent.spool import format as fmt
-from elkeid_agent.spool.pump import PLUGIN_LANES, lanes_to_move, move, spill_all
+from elkeid_agent.spool.pump import (
+    LOW_WATER,
+    PLUGIN_LANES,
+    lanes_to_move,
+    move,
+    run_spooler,
+    spill_all,
+)
 from elkeid_agent.spool.store import (
     MESSAGE_BYTES,
     RETRY_SECONDS,
@@ -314,6 +321,45 @@ def test_spill_all_keeps_lane_order(tmp_path: Path) -> None:
         return await _drain(reopened)
 
     assert run(go()) == [b"a1", b"u1", b"p1", b"p2"]
+
+
+def test_the_spooler_sleeps_while_connected_until_told_or_above_high_water(
+    tmp_path: Path,
+) -> None:
+    """Connected and keeping up it neither moves nor looks (no wake-ups); past the high-water
+    mark it moves at once, down to the low-water mark; told the link is down, everything."""
+
+    async def go() -> None:
+        buffer = RecordBuffer(max_bytes=100_000)
+        spool = Spool(tmp_path, _config(), Health())
+        await spool.open()
+        link = {"up": True}
+        down = asyncio.Event()
+        looks = 0
+
+        def connected() -> bool:
+            nonlocal looks
+            looks += 1
+            return link["up"]
+
+        async with asyncio.TaskGroup() as tg:
+            spooler = tg.create_task(run_spooler(spool, buffer, connected, down))
+            await buffer.put_many([b"x" * 1000] * 40)  # 40 % of the buffer
+            await asyncio.sleep(0.5)
+            assert spool.records == 0
+            assert looks == 1  # asked once before going to sleep; not since
+            await buffer.put_many([b"x" * 1000] * 20)  # 60 %: past the high-water mark
+            await asyncio.sleep(0.3)
+            assert buffer.plugin_bytes <= 100_000 * LOW_WATER
+            assert spool.records > 0
+            link["up"] = False
+            down.set()
+            await asyncio.sleep(0.3)
+            assert not len(buffer)
+            spooler.cancel()
+        await spool.close()
+
+    run(go())
 
 
 # -- settings and the persisted plugin set --------------------------------------------------------
