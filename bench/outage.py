@@ -20,11 +20,15 @@ last count is saved) and the books are closed. Printed per run:
   write_bytes, logs and status file included) per record produced.
 `baseline` is the same SIGTERM run with `[spool] enabled = false`.
 
-`drain` prefills the spool with --drain-minutes of a --rate host and times its delivery.
+`upgrade`: the agent upgrades itself from A to B during the outage. It runs as
+`<work_dir>/elkeid-agent` outside any package, a stand-in for version A built from the source
+tree (tests/upgrade/upgradetools.py, as tests/upgrade/test_process.py does), restarted by this
+bench whenever it exits (the service manager's part). Just before the sink goes down it sends
+the upgrade Config (version B, its sha256, a URL on a local HTTP file server); the sink goes
+down as soon as the download starts, so the download, both probes, the swap, A's exit and B's
+start all happen with no server. "plugin back" is counted from B's start.
 
-The self-upgrade run (A→B during the outage) is not done here: it needs a packaged agent
-and a service manager (tests/upgrade) — too costly for this bench. Its restart goes through
-the same orderly exit as SIGTERM (UpgradeManager → Agent.stopping → spool).
+`drain` prefills the spool with --drain-minutes of a --rate host and times its delivery.
 
     .venv/bin/python bench/outage.py [--outage 60] [--rate 5000] [--only baseline,sigterm,...]
 """
@@ -32,6 +36,7 @@ the same orderly exit as SIGTERM (UpgradeManager → Agent.stopping → spool).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -47,7 +52,7 @@ from typing import Any
 from procstat import start_sink  # beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
-for extra in (ROOT, ROOT / "tests"):
+for extra in (ROOT, ROOT / "tests", ROOT / "tests" / "upgrade"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
@@ -81,8 +86,10 @@ async def sink(certs_dir: str, configs_file: str, tally_file: str) -> None:
 
     tls = ServerTls.from_certs(ensure_certs(certs_dir))
     command = configs_command(read_json(configs_file))
+    pushes = 0  # SIGHUP: the configs file again, pushed on every stream's next heartbeat
     seen: dict[bytes, bytearray] = {}
-    state: dict[str, Any] = {"unique": 0, "duplicates": 0, "top": {}, "beat": {}, "beat_at": 0.0}
+    state: dict[str, Any] = {"unique": 0, "duplicates": 0, "top": {}, "beat": {}, "beat_at": 0.0,
+                             "version": ""}
 
     def note(run: bytes, seq: int) -> None:
         bits = seen.setdefault(run, bytearray())
@@ -97,20 +104,27 @@ async def sink(certs_dir: str, configs_file: str, tally_file: str) -> None:
             top[run.decode()] = max(top.get(run.decode(), 0), seq + 1)
 
     async def transfer(requests: Any, context: Any) -> Any:
-        pushed = False
+        pushed = -1
         async for raw in requests:
             # One C-level regex pass over the message instead of decoding every record.
             for run, seq in RUN_SEQ.findall(raw):
                 note(run, int(seq))
             if b"spool_records" not in raw:
                 continue
-            for rec in grpc_pb2.PackagedData.FromString(raw).records:
+            message = grpc_pb2.PackagedData.FromString(raw)
+            for rec in message.records:
                 if rec.data_type == 1000:
                     state["beat"] = dict(grpc_pb2.Payload.FromString(rec.data).fields)
                     state["beat_at"] = time.time()
-                    if not pushed:
-                        pushed = True
+                    state["version"] = message.version
+                    if pushed < pushes:
+                        pushed = pushes
                         yield command
+
+    def reload() -> None:
+        nonlocal command, pushes
+        command = configs_command(read_json(configs_file))
+        pushes += 1
 
     async def save_loop() -> None:
         while True:
@@ -133,6 +147,7 @@ async def sink(certs_dir: str, configs_file: str, tally_file: str) -> None:
     wanted: asyncio.Queue[str] = asyncio.Queue()
     loop.add_signal_handler(signal.SIGUSR1, wanted.put_nowait, "stop")
     loop.add_signal_handler(signal.SIGUSR2, wanted.put_nowait, "start")
+    loop.add_signal_handler(signal.SIGHUP, reload)
     saver = asyncio.create_task(save_loop())
     try:
         while True:
@@ -187,7 +202,7 @@ class Setup:
         from elkeid_center.certs import ensure_certs
 
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-outage-")
-        base = Path(self._tmp.name)
+        self.base = base = Path(self._tmp.name)
         certs = ensure_certs(base / "certs")
         self.work = base / "work"
         self.counts = base / "counts"
@@ -203,8 +218,11 @@ class Setup:
         import hashlib
 
         sha256 = hashlib.sha256(exe.read_bytes()).hexdigest()
-        configs = [{"name": "numbered", "version": "1", "sha256": sha256}]
-        (base / "configs.json").write_text(json.dumps(configs))
+        self.configs: list[dict[str, Any]] = [
+            {"name": "numbered", "version": "1", "sha256": sha256}
+        ]
+        self.configs_file = base / "configs.json"
+        self.configs_file.write_text(json.dumps(self.configs))
         self.tally_file = base / "tally.json"
         self.sink, address = start_sink(
             [sys.executable, __file__, "--sink", str(certs.directory),
@@ -275,19 +293,67 @@ def wait(predicate: Any, timeout: float, what: str) -> Any:
     raise SystemExit(f"timed out waiting for {what}")
 
 
+class SelfUpgrade:
+    """Versions A and B of the agent as tests/upgrade builds them (the source tree run as "A"
+    or "B"), B served over HTTP, and the service manager's part: start `<work_dir>/elkeid-agent`
+    again when it exits."""
+
+    def __init__(self, setup: Setup, stack: contextlib.ExitStack) -> None:
+        from upgradetools import Service, http_files, sha, standin
+
+        self.setup = setup
+        runner = setup.base / "runner"
+        exe = setup.work / "elkeid-agent"
+        exe.write_bytes(standin(runner, "A"))
+        exe.chmod(0o700)
+        self.b = standin(runner, "B")
+        self.hits: list[str] = []
+        url = stack.enter_context(http_files({"/b": self.b}, hits=self.hits)) + "/b"
+        self.config = {"name": "elkeid-agent", "version": "B", "sha256": sha(self.b),
+                       "download_urls": [url]}
+        self.service = Service(setup.work, setup.config, {})
+
+    def start(self) -> subprocess.Popen[bytes]:
+        proc = self.service.start().proc
+        assert proc is not None
+        self.setup.io.watch(proc.pid)
+        return proc
+
+    def push(self) -> None:
+        """The sink sends the upgrade Config; returns once A has begun to download B."""
+        self.setup.configs_file.write_text(json.dumps([*self.setup.configs, self.config]))
+        self.setup.sink.send_signal(signal.SIGHUP)
+        wait(lambda: self.hits, 30, "A to download B")
+
+    def swapped(self) -> None:
+        """Waits for A to exit on its own after the swap."""
+        code = self.service.wait(120)
+        if code != 0 or (self.setup.work / "elkeid-agent").read_bytes() != self.b:
+            raise SystemExit(f"A exited with {code} without swapping in B; see "
+                             f"{self.setup.work}/log")
+
+
 def outage_run(mode: str, rate: int, outage: float) -> dict[str, Any]:
     setup = Setup(rate, {"enabled": mode != "baseline"})
-    try:
-        agent = setup.start_agent()
+    with contextlib.ExitStack() as stack:
+        stack.callback(setup.close)
+        upgrade = SelfUpgrade(setup, stack) if mode == "upgrade" else None
+        agent = upgrade.start() if upgrade else setup.start_agent()
         wait(lambda: setup.tally()["unique"] > rate, 60, "the first records")
         time.sleep(3)
+        if upgrade:
+            upgrade.push()
         setup.sink.send_signal(signal.SIGUSR1)
         began = time.monotonic()
-        time.sleep(outage / 2)
-        agent.send_signal(signal.SIGKILL if mode == "sigkill" else signal.SIGTERM)
-        agent.wait(30)
+        if upgrade:
+            upgrade.swapped()
+        else:
+            time.sleep(outage / 2)
+            agent.send_signal(signal.SIGKILL if mode == "sigkill" else signal.SIGTERM)
+            agent.wait(30)
+        restarted = time.monotonic() - began
         runs = set(setup.produced())
-        agent = setup.start_agent()
+        agent = upgrade.start() if upgrade else setup.start_agent()
         started = time.monotonic()
         wait(lambda: set(setup.produced()) - runs, 60, "the plugin after the restart")
         plugin_back = time.monotonic() - started
@@ -317,8 +383,6 @@ def outage_run(mode: str, rate: int, outage: float) -> dict[str, Any]:
         produced = sum(made.values())
         written = setup.io.total()
         left = setup.spool_left()
-    finally:
-        setup.close()
     return {
         "produced": produced,
         "delivered": tally["unique"],
@@ -326,8 +390,11 @@ def outage_run(mode: str, rate: int, outage: float) -> dict[str, Any]:
         "lost": produced - tally["unique"] - left,
         "left": left,
         "drain": drain,
+        "restarted": restarted,
         "plugin_back": plugin_back,
         "written_per_record": written / max(produced, 1),
+        "version": tally["version"],
+        "upgrade_state": tally["beat"].get("upgrade_state", ""),
     }
 
 
@@ -396,12 +463,8 @@ def main() -> None:
         uvloop.run(sink(*args.sink))
         return
     print(f"bench/outage.py: {args.rate} records/s, outage {args.outage:g} s, "
-          f"agent restarted half-way, {os.cpu_count()} CPUs")
+          f"agent restarted half-way (upgrade: once B is swapped in), {os.cpu_count()} CPUs")
     for name in args.only.split(","):
-        if name == "upgrade":
-            print("upgrade   skipped: needs a packaged agent and a service manager "
-                  "(tests/upgrade); its restart is the SIGTERM path")
-            continue
         if name == "drain":
             d = drain_run(args.rate, args.drain_minutes)
             print(f"drain     {d['records']:,} spooled records ({args.drain_minutes:g} min at "
@@ -420,6 +483,10 @@ def main() -> None:
             f"  written {r['written_per_record']:6.1f} B/rec",
             flush=True,
         )
+        if name == "upgrade":
+            print(f"{'':<9} A exited {r['restarted']:.1f} s into the outage (download, probes, "
+                  f"swap); at the end: version {r['version']}, upgrade {r['upgrade_state']}",
+                  flush=True)
 
 
 if __name__ == "__main__":

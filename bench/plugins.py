@@ -18,7 +18,13 @@ Printed per scenario:
 `idle` runs the agent with a plugin that writes nothing, for --idle-seconds (60 by default, so
 one 60 s heartbeat tick is inside the window).
 
-    .venv/bin/python bench/plugins.py [--seconds 20] [--idle-seconds 60] [--only flood,5000]
+`spool` (issue 11) runs the 5,000 records/s scenario --rounds times with the spool enabled and
+as often with `[spool] enabled = false`, alternating (on off off on on off ...), server up:
+CPU % (the agent processes' own CPU time, so other load on the machine counts little) and the
+largest RSS seen (sampled every 100 ms) of each, and enabled / disabled.
+
+    .venv/bin/python bench/plugins.py [--seconds 20] [--idle-seconds 60] [--rounds 3]
+                                      [--only flood,5000,20000,idle,spool]
 """
 
 from __future__ import annotations
@@ -128,7 +134,9 @@ async def sink(certs_dir: str, configs: list[dict[str, Any]], tally_file: str) -
 class Run:
     """A sink and an agent running one plugin, in a temporary directory."""
 
-    def __init__(self, name: str, script: str, detail: str, agent_cmd: list[str]) -> None:
+    def __init__(
+        self, name: str, script: str, detail: str, agent_cmd: list[str], spool: bool = True
+    ) -> None:
         from elkeid_center.agent_config import write_agent_config
         from elkeid_center.certs import ensure_certs
 
@@ -160,6 +168,8 @@ class Run:
             {"default": {"private": address}},
             compression="none",
         )
+        if not spool:
+            config.write_text(config.read_text() + "\n[spool]\nenabled = false\n")
         self.agent = subprocess.Popen(
             [*agent_cmd, "run", "--config", str(config)],
             cwd=ROOT,
@@ -194,13 +204,17 @@ class Run:
         self._tmp.cleanup()
 
 
-def scenario(name: str, rate: float, seconds: float, agent_cmd: list[str]) -> dict[str, Any]:
-    run = Run("bench-flood", PLUGIN, f"RATE={rate:g} DURATION={seconds:g}", agent_cmd)
+def scenario(
+    name: str, rate: float, seconds: float, agent_cmd: list[str], spool: bool = True
+) -> dict[str, Any]:
+    run = Run("bench-flood", PLUGIN, f"RATE={rate:g} DURATION={seconds:g}", agent_cmd, spool)
     try:
         cpu0, wall0 = cpu_seconds(run.group), time.monotonic()
         sent_file = run.plugin_dir / "sent"
         deadline = wall0 + seconds + 60
+        rss_max = 0
         while not sent_file.exists() and time.monotonic() < deadline:
+            rss_max = max(rss_max, rss_bytes(run.group))
             time.sleep(0.1)
         sent = int(sent_file.read_text()) if sent_file.exists() else -1
         tally = run.tally()
@@ -221,8 +235,38 @@ def scenario(name: str, rate: float, seconds: float, agent_cmd: list[str]) -> di
         "loss": sent - tally["count"],
         "cpu_pct": 100 * cpu / wall,
         "rss_mib": memory / 2**20,
+        "rss_max_mib": max(rss_max, memory) / 2**20,
         "wall": wall,
     }
+
+
+def spool_on_off(rate: float, seconds: float, rounds: int, agent_cmd: list[str]) -> None:
+    """Steady state, server up: the spool enabled against disabled, alternating."""
+    runs: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+    for i in range(rounds):
+        for enabled in (True, False) if i % 2 == 0 else (False, True):
+            r = scenario(f"{int(rate)}/s", rate, seconds, agent_cmd, enabled)
+            runs[enabled].append(r)
+            print(
+                f"  round {i + 1} spool {'on ' if enabled else 'off'}  CPU {r['cpu_pct']:6.3f} %"
+                f"  RSS max {r['rss_max_mib']:6.1f} MiB  loss {r['loss']}",
+                flush=True,
+            )
+
+    def cpu(enabled: bool) -> float:
+        return sum(r["cpu_pct"] for r in runs[enabled]) / rounds
+
+    def rss(enabled: bool) -> float:
+        return max(r["rss_max_mib"] for r in runs[enabled])
+
+    print(
+        f"{'spool':<8} {int(rate)}/s, {rounds} rounds of {seconds:g} s each:"
+        f"  on CPU {cpu(True):6.3f} % RSS {rss(True):6.1f} MiB"
+        f"  off CPU {cpu(False):6.3f} % RSS {rss(False):6.1f} MiB"
+        f"  on/off CPU {cpu(True) / cpu(False):5.3f} RSS {rss(True) / rss(False):5.3f}"
+        f"   {TARGETS['spool']}",
+        flush=True,
+    )
 
 
 IDLE_PLUGIN = "import os\nos.read(3, 1)\n"
@@ -247,6 +291,7 @@ TARGETS = {
     "5000/s": "target <= 1.0 % CPU (Go: 1.0 %)",
     "20000/s": "target <= 2.7 % CPU (Go: 2.7 %, 7.5 % lost)",
     "idle": "target <= 0.13 % CPU (Go: 0.13 %, 12.6 MiB)",
+    "spool": "target: on/off <= 1.05 for CPU and RSS",
 }
 
 
@@ -255,7 +300,8 @@ def main() -> None:
     parser.add_argument("--sink", nargs=3, metavar=("CERTS", "CONFIGS", "TALLY"))
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
-    parser.add_argument("--only", default="flood,5000,20000,idle")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default="flood,5000,20000,idle,spool")
     parser.add_argument(
         "--agent",
         default=f"{sys.executable} -m elkeid_agent",
@@ -282,6 +328,9 @@ def main() -> None:
                 f"{'idle':<8} {'':>12} {'':>16} CPU {r['cpu_pct']:6.3f} %  "
                 f"RSS {r['rss_mib']:6.1f} MiB  over {r['wall']:.0f} s   {TARGETS['idle']}"
             )
+            continue
+        if name == "spool":
+            spool_on_off(5000.0, args.seconds, args.rounds, agent_cmd)
             continue
         rate = 0.0 if name == "flood" else float(name)
         label = "flood" if name == "flood" else f"{int(rate)}/s"

@@ -132,10 +132,12 @@ class Agent:
         )
         self.dispatcher.on_applied = self._save_plugin_configs
         self.spool = Spool(self.work_dir, config.spool, self.health)
+        # Set when the stream ends or a connection attempt fails: wakes the spooler.
+        self._link_down = asyncio.Event()
         self._trimmed_after = 0
         self.transfer = TransferLoop(
             config, tls, self.buffer, self.header, self.dispatcher.handle, self.send_heartbeat,
-            on_down=self._stream_down,
+            on_down=self._on_link_down,
             spool=self.spool if config.spool.enabled else None,
         )
         self.uploader = Uploader(lambda: self.transfer.channel, self.emit, health=self.health)
@@ -265,7 +267,8 @@ class Agent:
         for record in self.plugins.heartbeats():
             self.buffer.put_agent(record)
 
-    def _stream_down(self) -> None:
+    def _on_link_down(self) -> None:
+        self._link_down.set()
         self._write_status()
         connects = self.transfer.state.stats.connects
         if connects != self._trimmed_after:
@@ -404,7 +407,8 @@ class Agent:
                 if self.config.spool.enabled:
                     tg.create_task(self.spool.run(), name="spool")
                     tg.create_task(
-                        run_spooler(self.spool, self.buffer, lambda: self.transfer.state.connected),
+                        run_spooler(self.spool, self.buffer,
+                                    lambda: self.transfer.state.connected, self._link_down),
                         name="spooler",
                     )
                 tg.create_task(self._shutdown_when_asked(), name="shutdown")

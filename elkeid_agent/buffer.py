@@ -102,6 +102,8 @@ class RecordBuffer:
         self._space.set()
         self._empty = asyncio.Event()
         self._empty.set()
+        self._above = asyncio.Event()
+        self._above_mark = 0  # 0: nobody waits in wait_plugin_bytes_above
         self.stats = BufferStats()
 
     # -- producers ------------------------------------------------------------------------------
@@ -143,6 +145,8 @@ class RecordBuffer:
         self._records += chunk[1]
         self._nonempty.set()
         self._empty.clear()
+        if self._above_mark and self._plugin_bytes() > self._above_mark:
+            self._above.set()
 
     def _plugin_bytes(self) -> int:
         return self._lane_bytes[Lane.URGENT] + self._lane_bytes[Lane.PLUGIN]
@@ -166,6 +170,17 @@ class RecordBuffer:
 
     async def wait_empty(self) -> None:
         await self._empty.wait()
+
+    async def wait_plugin_bytes_above(self, mark: int) -> None:
+        """Until the plugin lanes hold more than `mark` bytes (the spooler's high-water mark:
+        it need not look at the buffer while connected until then)."""
+        while self._plugin_bytes() <= mark:
+            self._above_mark = max(mark, 1)
+            self._above.clear()
+            try:
+                await self._above.wait()
+            finally:
+                self._above_mark = 0
 
     def take(self, max_bytes: int, lanes: Sequence[Lane] = ALL_LANES) -> Batch:
         """Oldest chunks first, agent lane first, whose spliced size fits in `max_bytes`.

@@ -17,8 +17,21 @@ from elkeid_agent.buffer import ALL_LANES, Lane, RecordBuffer
 from elkeid_agent.config import SpoolConfig
 from elkeid_agent.health import Health
 from elkeid_agent.spool import format as fmt
-from elkeid_agent.spool.pump import PLUGIN_LANES, lanes_to_move, move, spill_all
-from elkeid_agent.spool.store import RETRY_SECONDS, TRAIL_MESSAGES, Spool, SpoolState
+from elkeid_agent.spool.pump import (
+    LOW_WATER,
+    PLUGIN_LANES,
+    lanes_to_move,
+    move,
+    run_spooler,
+    spill_all,
+)
+from elkeid_agent.spool.store import (
+    MESSAGE_BYTES,
+    RETRY_SECONDS,
+    TRAIL_BYTES,
+    Spool,
+    SpoolState,
+)
 from elkeid_agent.wire import splice_records, unsplice
 
 T = TypeVar("T")
@@ -310,6 +323,45 @@ def test_spill_all_keeps_lane_order(tmp_path: Path) -> None:
     assert run(go()) == [b"a1", b"u1", b"p1", b"p2"]
 
 
+def test_the_spooler_sleeps_while_connected_until_told_or_above_high_water(
+    tmp_path: Path,
+) -> None:
+    """Connected and keeping up it neither moves nor looks (no wake-ups); past the high-water
+    mark it moves at once, down to the low-water mark; told the link is down, everything."""
+
+    async def go() -> None:
+        buffer = RecordBuffer(max_bytes=100_000)
+        spool = Spool(tmp_path, _config(), Health())
+        await spool.open()
+        link = {"up": True}
+        down = asyncio.Event()
+        looks = 0
+
+        def connected() -> bool:
+            nonlocal looks
+            looks += 1
+            return link["up"]
+
+        async with asyncio.TaskGroup() as tg:
+            spooler = tg.create_task(run_spooler(spool, buffer, connected, down))
+            await buffer.put_many([b"x" * 1000] * 40)  # 40 % of the buffer
+            await asyncio.sleep(0.5)
+            assert spool.records == 0
+            assert looks == 1  # asked once before going to sleep; not since
+            await buffer.put_many([b"x" * 1000] * 20)  # 60 %: past the high-water mark
+            await asyncio.sleep(0.3)
+            assert buffer.plugin_bytes <= 100_000 * LOW_WATER
+            assert spool.records > 0
+            link["up"] = False
+            down.set()
+            await asyncio.sleep(0.3)
+            assert not len(buffer)
+            spooler.cancel()
+        await spool.close()
+
+    run(go())
+
+
 # -- settings and the persisted plugin set --------------------------------------------------------
 
 
@@ -370,21 +422,30 @@ def test_new_segments_sort_after_the_checkpoint(tmp_path: Path) -> None:
 
 
 def test_the_last_messages_are_sent_again_unless_confirmed(tmp_path: Path) -> None:
-    """No acknowledgements: the last TRAIL_MESSAGES batches written may be unread when the
-    process dies."""
+    """No acknowledgements: the messages written last, TRAIL_BYTES of them, may be unread when
+    the process dies. Messages from the spool hold MESSAGE_BYTES at most."""
+    per_entry = 1000
+    entry_bytes = fmt.HEADER_BYTES + len(_records(0, per_entry, 1000))
+    assert MESSAGE_BYTES < 2 * entry_bytes <= 2 * MESSAGE_BYTES
+    sent, total = 10, 12
 
     async def send_then_exit() -> None:
         spool = Spool(tmp_path, _config(), Health())
         await spool.open()
-        for i in range(TRAIL_MESSAGES + 2):
-            spool.append(Lane.PLUGIN, 10, _records(i * 10, 10))
+        for i in range(total):
+            spool.append(Lane.PLUGIN, per_entry, _records(i * per_entry, per_entry, 1000))
         await spool.step()
-        for _ in range(TRAIL_MESSAGES + 1):
-            spool.commit(await spool.read(1050))
+        for _ in range(sent):
+            batch = await spool.read(8 << 20)
+            assert batch.count == per_entry  # one entry per message: MESSAGE_BYTES
+            spool.commit(batch)
         await spool.close()
 
     run(send_then_exit())
-    assert _reopen(tmp_path) == (list(range(10, 10 * (TRAIL_MESSAGES + 2))), 0)
+    trailed = TRAIL_BYTES // entry_bytes
+    assert 0 < trailed < sent
+    first = (sent - trailed) * per_entry
+    assert _reopen(tmp_path) == (list(range(first, total * per_entry)), 0)
 
 
 def test_an_unreadable_segment_is_counted_and_the_rest_kept(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ the plugin lanes in memory only once the spool is empty.
 When it moves: whenever the stream is down (everything, every lane, so that a crash loses
 only the last moments), or when the plugin lanes in memory pass the high-water mark while
 connected (the oldest plugin chunks, down to the low-water mark). Connected and keeping up,
-it moves nothing: no disk writes in steady state.
+it moves nothing: no disk writes in steady state, and no wake-ups either: it sleeps until the
+transfer loop says the link is down or the buffer says the high-water mark is passed.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from elkeid_agent.spool.store import Spool
 #: How often the spooler looks at the buffer while disconnected or moving. Chunks younger than
 #: this are what a SIGKILL during an outage can lose besides the pipes.
 MOVE_INTERVAL = 0.1
-#: While connected and below the high-water mark: ten wake-ups a second, all day on every
-#: host, would cost more than the rare second of delay in noticing an outage.
-CONNECTED_INTERVAL = 1.0
+#: While connected the spooler sleeps until the link goes down or the plugin lanes pass the
+#: high-water mark: a wake-up once a second measurably cost CPU on a connected agent
+#: (docs/spool.md). It still looks this often, in case it was not told.
+CONNECTED_INTERVAL = 30.0
+#: While connected but the spool takes nothing (degraded, or its writer behind).
+REFUSING_INTERVAL = 1.0
 #: An entry is read back whole into a message: runs of chunks are cut at about this size.
 ENTRY_BYTES = 1024 * 1024
 HIGH_WATER = 0.5
@@ -97,17 +101,39 @@ def spill_all(spool: Spool, buffer: RecordBuffer) -> int:
         moved += batch.count
 
 
-async def run_spooler(spool: Spool, buffer: RecordBuffer, connected: Callable[[], bool]) -> None:
+async def run_spooler(
+    spool: Spool, buffer: RecordBuffer, connected: Callable[[], bool], link_down: asyncio.Event
+) -> None:
+    """Move chunks as `lanes_to_move` says; `link_down` is set whenever the stream ends or a
+    connection attempt fails."""
     moving = False
-    interval = MOVE_INTERVAL
     while True:
-        await asyncio.sleep(interval)
-        interval = MOVE_INTERVAL if moving or not connected() else CONNECTED_INTERVAL
+        link_down.clear()
+        if moving or not connected():
+            await asyncio.sleep(MOVE_INTERVAL)
+        elif not spool.accepting:
+            await asyncio.sleep(REFUSING_INTERVAL)
+        else:
+            await _until_needed(buffer, link_down)
         if not spool.accepting or not len(buffer):
             moving = False
             continue
         lanes = lanes_to_move(connected(), buffer.plugin_bytes, buffer.max_bytes, moving)
         moving = lanes == PLUGIN_LANES
         if lanes:
-            interval = MOVE_INTERVAL
             move(spool, buffer, lanes, int(buffer.max_bytes * LOW_WATER))
+
+
+async def _until_needed(buffer: RecordBuffer, link_down: asyncio.Event) -> None:
+    """Until the link goes down, the plugin lanes pass the high-water mark, or
+    CONNECTED_INTERVAL has passed."""
+    down = asyncio.ensure_future(link_down.wait())
+    high = asyncio.ensure_future(
+        buffer.wait_plugin_bytes_above(int(buffer.max_bytes * HIGH_WATER))
+    )
+    try:
+        await asyncio.wait((down, high), timeout=CONNECTED_INTERVAL,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        down.cancel()
+        high.cancel()

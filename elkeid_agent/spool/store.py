@@ -37,6 +37,7 @@ from elkeid_agent.config import SpoolConfig
 from elkeid_agent.fsutil import atomic_write, fsync_dir
 from elkeid_agent.health import Health
 from elkeid_agent.spool import format as fmt
+from elkeid_agent.wire import MAX_MESSAGE_BYTES
 
 T = TypeVar("T")
 
@@ -44,9 +45,14 @@ log = logging.getLogger(__name__)
 
 SPOOL_DIR = "spool"
 CHECKPOINT_FILE = "checkpoint"
-#: Messages written from the spool that the checkpoint stays behind. One was measured too few:
-#: a loaded local center had two unread when the agent was killed.
-TRAIL_MESSAGES = 2
+#: Records per message sent from the spool, at most (unless one entry is larger). Small, so
+#: that what a server can hold written but unread (its flow-control windows and the socket
+#: buffers, which are bytes, not messages) spans several messages the checkpoint trails by.
+MESSAGE_BYTES = 1024 * 1024
+#: Bytes of the messages written last that the checkpoint stays behind (see `commit`). With
+#: the message being written when the process dies, at most one full message's worth
+#: (MAX_MESSAGE_BYTES) is sent twice after a crash.
+TRAIL_BYTES = MAX_MESSAGE_BYTES - MESSAGE_BYTES
 AGENT_LANE = 0
 #: How long a degraded spool waits before trying the disk again.
 RETRY_SECONDS = 5.0
@@ -118,9 +124,10 @@ class Spool:
         self.max_unwritten = min(MAX_UNWRITTEN, max(config.max_bytes // 4, 1))
         self.stats = SpoolStats()
         self._index: deque[Entry] = deque()
-        # The batches written last: forgotten, but the checkpoint stays before them until more
-        # messages were written after them or the server ended the stream (see `commit`).
-        self._recent: deque[list[Entry]] = deque(maxlen=TRAIL_MESSAGES)
+        # The batches written last (TRAIL_BYTES at most): forgotten, but the checkpoint stays
+        # before them until more was written after them or the server ended the stream.
+        self._recent: deque[list[Entry]] = deque()
+        self._recent_bytes = 0
         self._unconfirmed: list[Entry] = []
         self._unwritten: list[Entry] = []
         self._unwritten_bytes = 0
@@ -271,7 +278,9 @@ class Spool:
     # -- giving them back -----------------------------------------------------------------------
 
     async def read(self, max_bytes: int) -> ReadBatch:
-        """Head entries whose records fit `max_bytes`; damaged ones are dropped and counted."""
+        """Head entries whose records fit `max_bytes` and MESSAGE_BYTES (one entry at least);
+        damaged ones are dropped and counted."""
+        max_bytes = min(max_bytes, MESSAGE_BYTES)
         while True:
             batch = ReadBatch()
             size = 0
@@ -331,12 +340,15 @@ class Spool:
         """The batch was written to the stream: forget its entries, move the checkpoint.
 
         The protocol has no acknowledgements, and a written message may still wait unread in
-        the server's buffers when this process dies. So the checkpoint trails by the last
-        TRAIL_MESSAGES messages: after a crash they are sent again (duplicates, at most that
-        many messages' worth) rather than lost. `confirm` ends the wait when the server has
-        provably read them.
+        the server's buffers when this process dies. So the checkpoint trails by the messages
+        written last, TRAIL_BYTES of them: after a crash they are sent again (duplicates) rather
+        than lost. `confirm` ends the wait when the server has provably read them.
         """
-        self._recent.append([e for e in batch.entries if e.segment >= 0])
+        trailed = [e for e in batch.entries if e.segment >= 0]
+        self._recent.append(trailed)
+        self._recent_bytes += sum(e.size for e in trailed)
+        while self._recent_bytes > TRAIL_BYTES:
+            self._recent_bytes -= sum(e.size for e in self._recent.popleft())
         self._unconfirmed = [e for entries in self._recent for e in entries]
         for entry in batch.entries:
             if entry.dropped:
@@ -370,6 +382,7 @@ class Spool:
     def confirm(self) -> None:
         """The server ended the stream after our half-close: it read every message."""
         self._recent.clear()
+        self._recent_bytes = 0
         self._unconfirmed = []
         self._checkpoint_due = True
         self._wake.set()
