@@ -452,3 +452,24 @@ def test_an_unreadable_segment_is_counted_and_the_rest_kept(tmp_path: Path) -> N
     _fill(tmp_path, 1)
     (tmp_path / "spool" / fmt.segment_name(5)).mkdir()  # read_bytes() fails on it
     assert _reopen(tmp_path) == (list(range(10)), 1)
+
+
+def test_connected_the_spool_never_drops_it_leaves_the_records_in_memory(tmp_path: Path) -> None:
+    """Above high water while connected, chunks go to the spool only while it has room: the
+    rest stays in memory (the plugins wait) instead of the bound dropping the oldest."""
+    chunk = [b"r" * 1000] * 1000  # ~1 MiB per chunk
+
+    async def go() -> tuple[int, int, int]:
+        buffer = RecordBuffer(max_bytes=64 * 1024 * 1024)
+        for _ in range(12):
+            await buffer.put_many(chunk)
+        spool = Spool(tmp_path, _config(max_bytes=4 * 1024 * 1024), Health())
+        await spool.open()
+        moved = move(spool, buffer, PLUGIN_LANES, 0)
+        await spool.close()
+        return moved, len(buffer), spool.stats.dropped_records
+
+    moved, left, dropped = run(go())
+    assert dropped == 0
+    assert 0 < moved < 12_000
+    assert moved + left == 12_000

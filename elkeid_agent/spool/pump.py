@@ -8,9 +8,12 @@ the plugin lanes in memory only once the spool is empty.
 
 When it moves: whenever the stream is down (everything, every lane, so that a crash loses
 only the last moments), or when the plugin lanes in memory pass the high-water mark while
-connected (the oldest plugin chunks, down to the low-water mark). Connected and keeping up,
-it moves nothing: no disk writes in steady state, and no wake-ups either: it sleeps until the
-transfer loop says the link is down or the buffer says the high-water mark is passed.
+connected (the oldest plugin chunks, down to the low-water mark, and never past the spool's
+size bound: the server is taking records, only slower than they come, so the plugins wait,
+as without a spool, rather than the spool dropping records the server would still receive).
+Connected and keeping up, it moves nothing: no disk writes in steady state, and no wake-ups
+either: it sleeps until the transfer loop says the link is down or the buffer says the
+high-water mark is passed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ CONNECTED_INTERVAL = 30.0
 REFUSING_INTERVAL = 1.0
 #: An entry is read back whole into a message: runs of chunks are cut at about this size.
 ENTRY_BYTES = 1024 * 1024
+#: Kept free of the size bound when moving while connected: entry headers and rounding.
+ROOM_MARGIN = 64 * 1024
 HIGH_WATER = 0.5
 LOW_WATER = 0.25
 PLUGIN_LANES = (Lane.URGENT, Lane.PLUGIN)
@@ -78,10 +83,16 @@ def move(spool: Spool, buffer: RecordBuffer, lanes: tuple[Lane, ...], until_byte
     (everything, for 0) or the spool stops accepting; the records moved."""
     moved = 0
     while spool.accepting:
-        if lanes == PLUGIN_LANES and buffer.plugin_bytes <= until_bytes:
-            break
         # Taken by the message's measure (a single record may be that large); cut below.
-        batch = buffer.take(MAX_PAYLOAD, lanes)
+        budget = MAX_PAYLOAD
+        if lanes == PLUGIN_LANES:
+            if buffer.plugin_bytes <= until_bytes:
+                break
+            # Connected: within the size bound only (the entries' headers need a little).
+            budget = min(budget, spool.room - ROOM_MARGIN)
+            if budget <= 0:
+                break
+        batch = buffer.take(budget, lanes)
         if not batch.chunks:
             break
         store_batch(spool, batch)

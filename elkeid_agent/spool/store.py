@@ -237,6 +237,11 @@ class Spool:
             and self._unwritten_bytes < self.max_unwritten
         )
 
+    @property
+    def room(self) -> int:
+        """Bytes the spool takes before its size bound makes it drop its oldest records."""
+        return self.config.max_bytes - self.disk_bytes() - self._unwritten_bytes
+
     def oldest_seconds(self) -> float:
         return max(0.0, time.time() - self._index[0].time) if self._index else 0.0
 
