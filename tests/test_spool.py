@@ -123,6 +123,10 @@ def _config(**kw: Any) -> SpoolConfig:
     return SpoolConfig(**{"min_free_bytes": 0, "max_bytes": 64 << 20, **kw})
 
 
+#: The spliced size of `_records(_, 10)`: one entry's worth, for reads of exactly one entry.
+_ENTRY_PAYLOAD = 10 * 102
+
+
 def _records(start: int, n: int, size: int = 100) -> bytes:
     return splice_records([b"%010d" % i + b"r" * (size - 10) for i in range(start, start + n)], b"")
 
@@ -473,3 +477,27 @@ def test_connected_the_spool_never_drops_it_leaves_the_records_in_memory(tmp_pat
     assert dropped == 0
     assert 0 < moved < 12_000
     assert moved + left == 12_000
+
+
+def test_an_entry_sent_while_the_writer_waits_does_not_shift_the_others(tmp_path: Path) -> None:
+    """The writer awaits (room, a new segment) between choosing entries and writing them; an
+    entry sent from memory meanwhile must not move the offsets of the ones written after it."""
+
+    async def go() -> tuple[list[bytes], int]:
+        spool = Spool(tmp_path, _config(), Health())
+        await spool.open()
+        for start in (0, 10, 20):
+            spool.append(Lane.PLUGIN, 10, _records(start, 10))
+        writer = asyncio.ensure_future(spool.step())
+        await asyncio.sleep(0)  # the writer is now waiting for its first disk call
+        first = await spool.read(_ENTRY_PAYLOAD)
+        assert len(first.entries) == 1
+        spool.commit(first)
+        await writer
+        rest = await _drain(spool)
+        await spool.close()
+        return unsplice(first.spliced) + rest, spool.stats.corrupt_entries
+
+    records, corrupt = run(go())
+    assert corrupt == 0
+    assert records == unsplice(_records(0, 30))

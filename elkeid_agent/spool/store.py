@@ -497,9 +497,14 @@ class Spool:
             await self._make_room(size)
             if self._active < 0 or self._segments.get(self._active, 0) >= self.segment_bytes:
                 await self._roll()
+            # An entry sent from memory and forgotten during those awaits has no bytes left:
+            # leave it out, or every entry after it would get a wrong offset.
+            pending = [e for e in pending if e.data is not None]
+            if not pending:
+                continue
             seg = self._active
             start = self._segments[seg]
-            blob = b"".join(e.data or b"" for e in pending)
+            blob = b"".join(e.data for e in pending if e.data is not None)
             self._segments[seg] = start + len(blob)
             try:
                 await self._io(self._append_blob, self._fd, blob, start)
