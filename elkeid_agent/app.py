@@ -42,7 +42,7 @@ from elkeid_agent.health import Health
 from elkeid_agent.host import HostFacts, read_host_facts
 from elkeid_agent.identity import ID_FILE_UNIT, load_agent_id, save_agent_id
 from elkeid_agent.logs import LogFileHandler, RecordHandler, setup_logging
-from elkeid_agent.memory import trim_after_start, trim_heap
+from elkeid_agent.memory import limit_arenas, trim_after_start, trim_heap
 from elkeid_agent.plugins import lastset
 from elkeid_agent.plugins.supervisor import PluginSupervisor
 from elkeid_agent.runtime_dir import clean_stale_unpack_dirs
@@ -487,6 +487,7 @@ class Agent:
 
 
 def run_agent(config_path: str | None) -> int:
+    limit_arenas()
     try:
         config, env = load_run_config(config_path, os.environ)
         tls = TlsMaterial.load(config.tls)
