@@ -188,23 +188,28 @@ class RecordBuffer:
         A chunk too large for a whole message is split by record; a single record larger than
         a message is dropped and counted (the caller sizes max_bytes so that none should be).
         """
-        taken: list[tuple[Lane, Chunk]] = []
-        budget = max_bytes
-        for lane_id in lanes:
-            lane = self._lanes[lane_id]
-            while lane and len(lane[0][0]) <= budget:
-                chunk = lane.popleft()
-                taken.append((lane_id, chunk))
-                budget -= len(chunk[0])
-                self._lane_bytes[lane_id] -= len(chunk[0])
-                self._records -= chunk[1]
-            if lane and not taken:
-                self._split_head(lane_id, max_bytes)
-                return self.take(max_bytes, lanes)
-            if lane:
-                break
-        self._after_take()
-        return Batch(taken)
+        while True:
+            taken: list[tuple[Lane, Chunk]] = []
+            budget = max_bytes
+            split = False
+            for lane_id in lanes:
+                lane = self._lanes[lane_id]
+                while lane and len(lane[0][0]) <= budget:
+                    chunk = lane.popleft()
+                    taken.append((lane_id, chunk))
+                    budget -= len(chunk[0])
+                    self._lane_bytes[lane_id] -= len(chunk[0])
+                    self._records -= chunk[1]
+                if lane and not taken:
+                    # A loop, not a recursion: every round drops or splits off one record.
+                    self._split_head(lane_id, max_bytes)
+                    split = True
+                    break
+                if lane:
+                    break
+            if not split:
+                self._after_take()
+                return Batch(taken)
 
     def _split_head(self, lane_id: Lane, max_bytes: int) -> None:
         """Split the head chunk of a lane so that its first part fits in a message."""

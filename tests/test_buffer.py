@@ -274,3 +274,14 @@ def test_snapshot_gauges() -> None:
     assert snap.queued_records == 3
     sizes = (("a", 50), ("p", 60), ("q", 70))
     assert snap.queued_bytes == sum(spliced_size(rec(t, n)) for t, n in sizes)
+
+
+def test_a_take_smaller_than_every_record_drops_them_counted_without_recursing() -> None:
+    """Each record larger than the take is dropped and counted, one round each: 2,000 of them
+    once ended the agent with a RecursionError (one recursion per record)."""
+    buf = RecordBuffer()
+    asyncio.run(buf.put_many([b"r" * 300] * 2000))
+    batch = buf.take(100)
+    assert batch.chunks == []
+    assert buf.stats.dropped_oversize == 2000
+    assert len(buf) == 0

@@ -36,8 +36,6 @@ CONNECTED_INTERVAL = 30.0
 REFUSING_INTERVAL = 1.0
 #: An entry is read back whole into a message: runs of chunks are cut at about this size.
 ENTRY_BYTES = 1024 * 1024
-#: Kept free of the size bound when moving while connected: entry headers and rounding.
-ROOM_MARGIN = 64 * 1024
 HIGH_WATER = 0.5
 LOW_WATER = 0.25
 PLUGIN_LANES = (Lane.URGENT, Lane.PLUGIN)
@@ -83,16 +81,14 @@ def move(spool: Spool, buffer: RecordBuffer, lanes: tuple[Lane, ...], until_byte
     (everything, for 0) or the spool stops accepting; the records moved."""
     moved = 0
     while spool.accepting:
+        if lanes == PLUGIN_LANES and (
+            # Connected: only while a whole take fits within the size bound (a smaller take
+            # would split chunks and drop records larger than it).
+            buffer.plugin_bytes <= until_bytes or spool.room < MAX_PAYLOAD
+        ):
+            break
         # Taken by the message's measure (a single record may be that large); cut below.
-        budget = MAX_PAYLOAD
-        if lanes == PLUGIN_LANES:
-            if buffer.plugin_bytes <= until_bytes:
-                break
-            # Connected: within the size bound only (the entries' headers need a little).
-            budget = min(budget, spool.room - ROOM_MARGIN)
-            if budget <= 0:
-                break
-        batch = buffer.take(budget, lanes)
+        batch = buffer.take(MAX_PAYLOAD, lanes)
         if not batch.chunks:
             break
         store_batch(spool, batch)
