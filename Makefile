@@ -13,6 +13,7 @@ $(BIN)/.ready: pyproject.toml constraints.txt
 
 # The hot loop compiled with mypyc beside its source; without a C compiler the source runs.
 $(BIN)/.hot: $(BIN)/.ready elkeid_agent/framescan.py tools/compile_hot.py
+	-tools/host-tools.sh hot
 	$(BIN)/python tools/compile_hot.py
 	touch $@
 

@@ -501,3 +501,26 @@ def test_an_entry_sent_while_the_writer_waits_does_not_shift_the_others(tmp_path
     records, corrupt = run(go())
     assert corrupt == 0
     assert records == unsplice(_records(0, 30))
+
+
+def test_a_message_larger_than_the_trail_is_still_sent_again_after_a_crash(
+    tmp_path: Path,
+) -> None:
+    """One entry may alone be larger than TRAIL_BYTES: the newest message always stays behind
+    the checkpoint until the server confirms it."""
+    big = [b"b" * (TRAIL_BYTES + 1024)]
+
+    async def go() -> list[bytes]:
+        spool = Spool(tmp_path, _config(), Health())
+        await spool.open()
+        spool.append(Lane.PLUGIN, 1, splice_records(big, b""))
+        await spool.step()
+        batch = await spool.read(16 << 20)
+        assert len(batch.entries) == 1
+        spool.commit(batch)  # written to the stream; then the process dies (no close)
+        await spool.step()
+        reopened = Spool(tmp_path, _config(), Health())
+        await reopened.open()
+        return await _drain(reopened)
+
+    assert run(go()) == big

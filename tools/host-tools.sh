@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the host tools a make target needs, before the target starts:
 #
-#   tools/host-tools.sh TARGET...      TARGET: dist | dist-arm64 | test | demo
+#   tools/host-tools.sh TARGET...      TARGET: dist | dist-arm64 | test | demo | hot
 #
 # Checks by command, so it costs nothing when all is there. Missing ones are installed
 # with apt-get (as root, Debian or Ubuntu; `apt-get update` once, only when an install
@@ -21,8 +21,10 @@ test_tools=("${dist_arm64[@]}" rpm:rpm rpmbuild:rpm dpkg-deb:dpkg systemd-nspawn
     nsenter:util-linux lintian:lintian rpmlint:rpmlint)
 # The demo needs only the project's venv (`make setup`).
 demo=()
+# `make setup` compiles the hot loop (tools/compile_hot.py): a C compiler and Python's headers.
+hot=(gcc:gcc "python3-config:python3-dev?")
 
-[ $# -gt 0 ] || { echo "usage: $0 dist|dist-arm64|test|demo..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 dist|dist-arm64|test|demo|hot..." >&2; exit 2; }
 wanted=()
 for target in "$@"; do
     case $target in
@@ -30,6 +32,7 @@ for target in "$@"; do
         dist-arm64) wanted+=("${dist_arm64[@]}") ;;
         test) wanted+=("${test_tools[@]}") ;;
         demo) wanted+=("${demo[@]}") ;;
+        hot) wanted+=("${hot[@]}") ;;
         *) echo "host-tools: unknown target $target" >&2; exit 2 ;;
     esac
 done

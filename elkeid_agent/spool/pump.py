@@ -36,6 +36,8 @@ CONNECTED_INTERVAL = 30.0
 REFUSING_INTERVAL = 1.0
 #: An entry is read back whole into a message: runs of chunks are cut at about this size.
 ENTRY_BYTES = 1024 * 1024
+#: Beyond a take's records, the headers of the entries it becomes (and rounding).
+ROOM_MARGIN = 64 * 1024
 HIGH_WATER = 0.5
 LOW_WATER = 0.25
 PLUGIN_LANES = (Lane.URGENT, Lane.PLUGIN)
@@ -84,7 +86,7 @@ def move(spool: Spool, buffer: RecordBuffer, lanes: tuple[Lane, ...], until_byte
         if lanes == PLUGIN_LANES and (
             # Connected: only while a whole take fits within the size bound (a smaller take
             # would split chunks and drop records larger than it).
-            buffer.plugin_bytes <= until_bytes or spool.room < MAX_PAYLOAD
+            buffer.plugin_bytes <= until_bytes or spool.room < MAX_PAYLOAD + ROOM_MARGIN
         ):
             break
         # Taken by the message's measure (a single record may be that large); cut below.

@@ -352,7 +352,8 @@ class Spool:
         trailed = [e for e in batch.entries if e.segment >= 0]
         self._recent.append(trailed)
         self._recent_bytes += sum(e.size for e in trailed)
-        while self._recent_bytes > TRAIL_BYTES:
+        # The newest message always stays: one entry may alone be larger than TRAIL_BYTES.
+        while len(self._recent) > 1 and self._recent_bytes > TRAIL_BYTES:
             self._recent_bytes -= sum(e.size for e in self._recent.popleft())
         self._unconfirmed = [e for entries in self._recent for e in entries]
         for entry in batch.entries:
