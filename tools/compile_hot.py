@@ -4,19 +4,21 @@
 
 `make setup` runs it: without a C compiler the pure-Python modules stay in use, with a
 warning. build/build-in-root.sh runs it with --required: a shipped executable is compiled.
-The generated C and the objects go to a temporary directory, never into build/.
+The generated C and the objects go to `.hot-build/` (removed afterwards), never into build/.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HOT = ["elkeid_agent/framescan.py"]
+#: Relative to the source tree: the generated C and the objects, removed afterwards.
+BUILD_DIR = ".hot-build"
 
 
 def compile_hot(root: Path) -> None:
@@ -29,7 +31,11 @@ def compile_hot(root: Path) -> None:
     for source in HOT:
         for stale in Path(source).parent.glob(Path(source).stem + "*.so"):
             stale.unlink()
-    with tempfile.TemporaryDirectory(prefix="elkeid-hot-") as tmp:
+    # A fixed directory, not a random one: its path ends up in the objects' debug info, and
+    # the build must be reproducible (tests/package: same checkout, same bytes).
+    tmp = BUILD_DIR
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
         # A bare Distribution: setup() would also read pyproject.toml, which is not about this.
         dist = Distribution({
             "name": "elkeid-agent-hot",
@@ -39,6 +45,8 @@ def compile_hot(root: Path) -> None:
                             "--build-lib", f"{tmp}/lib"]
         dist.parse_command_line()
         dist.run_commands()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
