@@ -102,8 +102,9 @@ class RecordBuffer:
         self._space.set()
         self._empty = asyncio.Event()
         self._empty.set()
-        self._above = asyncio.Event()
-        self._above_mark = 0  # 0: nobody waits in wait_plugin_bytes_above
+        # Set when the plugin lanes pass `_above_mark` (0: nobody asked, see notify_above).
+        self._above: asyncio.Event | None = None
+        self._above_mark = 0
         self.stats = BufferStats()
 
     # -- producers ------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ class RecordBuffer:
         self._records += chunk[1]
         self._nonempty.set()
         self._empty.clear()
-        if self._above_mark and self._plugin_bytes() > self._above_mark:
+        if self._above is not None and self._plugin_bytes() > self._above_mark:
             self._above.set()
 
     def _plugin_bytes(self) -> int:
@@ -171,16 +172,13 @@ class RecordBuffer:
     async def wait_empty(self) -> None:
         await self._empty.wait()
 
-    async def wait_plugin_bytes_above(self, mark: int) -> None:
-        """Until the plugin lanes hold more than `mark` bytes (the spooler's high-water mark:
-        it need not look at the buffer while connected until then)."""
-        while self._plugin_bytes() <= mark:
-            self._above_mark = max(mark, 1)
-            self._above.clear()
-            try:
-                await self._above.wait()
-            finally:
-                self._above_mark = 0
+    def notify_above(self, mark: int, event: asyncio.Event | None) -> None:
+        """Set `event` once the plugin lanes hold more than `mark` bytes (the spooler's
+        high-water mark: it need not look at the buffer while connected until then); None
+        stops it. One event the caller already waits on, rather than a task of its own."""
+        self._above, self._above_mark = event, mark
+        if event is not None and self._plugin_bytes() > mark:
+            event.set()
 
     def take(self, max_bytes: int, lanes: Sequence[Lane] = ALL_LANES) -> Batch:
         """Oldest chunks first, agent lane first, whose spliced size fits in `max_bytes`.

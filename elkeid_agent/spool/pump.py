@@ -113,8 +113,9 @@ def spill_all(spool: Spool, buffer: RecordBuffer) -> int:
 async def run_spooler(
     spool: Spool, buffer: RecordBuffer, connected: Callable[[], bool], link_down: asyncio.Event
 ) -> None:
-    """Move chunks as `lanes_to_move` says; `link_down` is set whenever the stream ends or a
-    connection attempt fails."""
+    """Move chunks as `lanes_to_move` says. `link_down` only wakes the spooler: the transfer
+    loop sets it whenever the stream ends or a connection attempt fails, the buffer when its
+    plugin lanes pass the high-water mark."""
     moving = False
     while True:
         link_down.clear()
@@ -135,14 +136,12 @@ async def run_spooler(
 
 async def _until_needed(buffer: RecordBuffer, link_down: asyncio.Event) -> None:
     """Until the link goes down, the plugin lanes pass the high-water mark, or
-    CONNECTED_INTERVAL has passed."""
-    down = asyncio.ensure_future(link_down.wait())
-    high = asyncio.ensure_future(
-        buffer.wait_plugin_bytes_above(int(buffer.max_bytes * HIGH_WATER))
-    )
+    CONNECTED_INTERVAL has passed: both set the one event waited on here."""
+    buffer.notify_above(int(buffer.max_bytes * HIGH_WATER), link_down)
     try:
-        await asyncio.wait((down, high), timeout=CONNECTED_INTERVAL,
-                           return_when=asyncio.FIRST_COMPLETED)
+        async with asyncio.timeout(CONNECTED_INTERVAL):
+            await link_down.wait()
+    except TimeoutError:
+        pass
     finally:
-        down.cancel()
-        high.cancel()
+        buffer.notify_above(0, None)
