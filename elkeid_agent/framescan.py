@@ -17,7 +17,12 @@ from __future__ import annotations
 from typing import Final
 
 
-def _varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """Encode an int as a protobuf varint; negatives are sign-extended to 64 bits (ten bytes).
+
+    Here rather than in wire.py (which uses it) so that this module imports nothing of ours.
+    """
+    value &= 0xFFFFFFFFFFFFFFFF
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -28,14 +33,14 @@ def _varint(value: int) -> bytes:
 
 #: Prefixes for the common record sizes, computed once.
 PREFIX_CACHE_SIZE: Final = 1 << 14
-PREFIXES: Final[list[bytes]] = [b"\x0a" + _varint(n) for n in range(PREFIX_CACHE_SIZE)]
+PREFIXES: Final[list[bytes]] = [b"\x0a" + encode_varint(n) for n in range(PREFIX_CACHE_SIZE)]
 
 
 def record_prefix(length: int) -> bytes:
     """PackagedData field-1 key and length for a record of `length` bytes."""
     if length < PREFIX_CACHE_SIZE:
         return PREFIXES[length]
-    return b"\x0a" + _varint(length)
+    return b"\x0a" + encode_varint(length)
 
 
 def _skip_varint(buf: bytes, pos: int, end: int) -> int:

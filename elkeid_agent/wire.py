@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 
 from elkeid_agent import framescan
 from elkeid_agent._proto.shape_pb2 import RecordTopBatch
-from elkeid_agent.framescan import record_prefix
+from elkeid_agent.framescan import encode_varint, record_prefix
 
 #: A PackagedData must stay under the server's 10 MiB limit; we keep 2 MiB of headroom.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -115,17 +115,6 @@ class Frames(Sequence[bytes]):
 
     def __repr__(self) -> str:
         return f"Frames({self._list()!r})"
-
-
-def encode_varint(value: int) -> bytes:
-    """Encode an int as a protobuf varint; negatives are sign-extended to 64 bits (ten bytes)."""
-    value &= _U64
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def decode_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
