@@ -105,6 +105,9 @@ class RecordBuffer:
         # Set when the plugin lanes pass `_above_mark` (0: nobody asked, see notify_above).
         self._above: asyncio.Event | None = None
         self._above_mark = 0
+        # Set when all lanes together reach `_filled_mark` (0: nobody waits, see wait_filled).
+        self._filled = asyncio.Event()
+        self._filled_mark = 0
         self.stats = BufferStats()
 
     # -- producers ------------------------------------------------------------------------------
@@ -148,6 +151,8 @@ class RecordBuffer:
         self._empty.clear()
         if self._above is not None and self._plugin_bytes() > self._above_mark:
             self._above.set()
+        if self._filled_mark and self.queued_bytes >= self._filled_mark:
+            self._filled.set()
 
     def _plugin_bytes(self) -> int:
         return self._lane_bytes[Lane.URGENT] + self._lane_bytes[Lane.PLUGIN]
@@ -166,8 +171,29 @@ class RecordBuffer:
         await self._nonempty.wait()
 
     def wake(self) -> None:
-        """End the current `wait_nonempty` even without records (an orderly exit)."""
+        """End the current `wait_nonempty` or `wait_filled` even without records (an orderly
+        exit)."""
         self._nonempty.set()
+        self._filled.set()
+
+    async def wait_filled(self, mark: int, timeout: float) -> None:  # noqa: ASYNC109
+        """Until `mark` bytes are queued (a full message's worth), `wake`, or `timeout` s.
+
+        The send loop's pause between rounds: records gather into fewer, larger messages at
+        steady rates, and a flood is not held back (a fixed pause let the buffer fill to the
+        spool's high-water mark, so a connected agent spooled and read back every record).
+        """
+        if self.queued_bytes >= mark:
+            return
+        self._filled.clear()
+        self._filled_mark = mark
+        try:
+            async with asyncio.timeout(timeout):
+                await self._filled.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._filled_mark = 0
 
     async def wait_empty(self) -> None:
         await self._empty.wait()

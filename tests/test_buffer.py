@@ -285,3 +285,27 @@ def test_a_take_smaller_than_every_record_drops_them_counted_without_recursing()
     assert batch.chunks == []
     assert buf.stats.dropped_oversize == 2000
     assert len(buf) == 0
+
+
+def test_wait_filled_ends_at_the_mark_on_wake_or_at_the_timeout() -> None:
+    async def main() -> None:
+        buf = RecordBuffer()
+        started = asyncio.get_running_loop().time()
+        await buf.wait_filled(1000, 0.05)  # nothing queued: the timeout ends it
+        assert asyncio.get_running_loop().time() - started >= 0.05
+
+        waiter = asyncio.create_task(buf.wait_filled(1000, 30))
+        await buf.put_many([rec("p", 400)])
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # below the mark
+        buf.put_agent(rec("a", 700))  # every lane counts
+        await asyncio.wait_for(waiter, 1.0)
+
+        await buf.wait_filled(1000, 30)  # already there: at once
+        buf.take(1 << 20)
+        waiter = asyncio.create_task(buf.wait_filled(1000, 30))
+        await asyncio.sleep(0.01)
+        buf.wake()
+        await asyncio.wait_for(waiter, 1.0)
+
+    asyncio.run(main())

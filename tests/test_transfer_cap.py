@@ -151,3 +151,52 @@ def test_no_message_over_8_mib_with_50_mib_queued(
         received += records
     # The agent lane first, then every plugin record in order, byte for byte.
     assert received == agent + plugin
+
+
+def test_a_full_message_goes_without_waiting_for_send_interval(tmp_path: Path) -> None:
+    """Between rounds the send loop waits `send_interval`, unless a message's worth is queued:
+    a fixed pause let a flood fill the buffer (and spool it) while the stream sat idle."""
+    records = [encode_record(9999, 1_764_168_000, {"seq": str(i), "pad": "x" * 900})
+               for i in range(12_000)]  # about 11 MiB: more than one message
+    assert sum(map(len, records)) > MAX_MESSAGE_BYTES
+
+    async def run(center: CenterThread) -> float:
+        certs = center.certs
+        config = Config(
+            work_dir=str(tmp_path / "work"),
+            tls=TlsConfig(ca=str(certs.ca), cert=str(certs.client_cert), key=str(certs.client_key)),
+            transport=TransportConfig(compression="none", send_interval=60.0),
+            regions={"default": RegionConfig(private=center.address)},
+        )
+        buffer = RecordBuffer()
+        header = HEADER.encode()
+
+        async def on_command(raw: bytes) -> None:
+            grpc_pb2.Command.FromString(raw)
+
+        loop = TransferLoop(
+            config, TlsMaterial.load(config.tls), buffer, lambda: header, on_command, lambda: None
+        )
+        task = asyncio.create_task(loop.run())
+        try:
+            buffer.put_agent(encode_record(1000, 1_764_168_000, {"hb": "0"}))
+            while not center.packaged():  # the first round: at once, then a 60 s pause
+                assert not task.done(), task
+                await asyncio.sleep(0.05)
+            started = time.monotonic()
+            for i in range(0, len(records), 500):  # as a plugin reader queues them
+                await buffer.put_many(records[i : i + 500])
+            want = len(records) + 1
+            while sum(len(p.decoded.records) for p in center.packaged()) < want:
+                assert not task.done(), task
+                assert time.monotonic() - started < 30, "the records waited for send_interval"
+                await asyncio.sleep(0.05)
+            return time.monotonic() - started
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    with CenterThread() as center, asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        elapsed = runner.run(run(center))
+    assert elapsed < 30

@@ -4,9 +4,9 @@
 (never re-open streams on a broken channel: grpcio issue 38499 leaks), announce the stream with a
 heartbeat, then run the send and receive loops until either fails, close the channel, back off.
 
-Send loop: as soon as records are queued, then at most every `send_interval`, it drains the
-RecordBuffer into PackagedData messages built by splicing (no protobuf objects per record)
-under the message cap. A message whose write fails goes
+Send loop: as soon as records are queued, then every `send_interval` or as soon as a full
+message's worth is queued, it drains the RecordBuffer into PackagedData messages built by
+splicing (no protobuf objects per record) under the message cap. A message whose write fails goes
 back to the head of the buffer, so nothing queued is lost to a broken stream. While the spool
 holds a backlog, each round sends the agent lane from memory, then the spool oldest first, and
 the plugin lanes in memory only once the spool is empty (`spool.pump` states the order rule);
@@ -276,7 +276,7 @@ class TransferLoop:
                 # Records, or an orderly exit (`finish` wakes this wait).
                 await self.buffer.wait_nonempty()
             await self.flush(call)
-            await asyncio.sleep(interval)
+            await self.buffer.wait_filled(MAX_MESSAGE_BYTES, interval)
         await call.done_writing()
 
     async def finish(self, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a deadline
