@@ -196,11 +196,9 @@ class Run:
                 self.close()
                 raise SystemExit("the agent did not start the plugin within 30 s")
             time.sleep(0.02)
-        import psutil
-
-        # A frozen agent's launchers share its command line; the plugin does not.
-        cmdline = psutil.Process(self.agent.pid).cmdline()
-        self.group = agent_group(self.agent.pid, lambda c: c != cmdline)
+        # The plugin runs `plugin.py`; every other descendant is the agent's (a frozen build's
+        # launchers run it under the names staticx and PyInstaller give it).
+        self.group = agent_group(self.agent.pid, lambda c: "plugin.py" in c)
 
     def tally(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.tally_file.read_text())

@@ -62,3 +62,17 @@ def rss_bytes(group: list[Any]) -> int:
         except psutil.Error:
             continue
     return total
+
+
+def private_bytes(group: list[Any]) -> int:
+    """Resident memory no other process maps (USS): RSS less the shared library pages that
+    other processes on the machine (the bench's own among them) keep resident too."""
+    import psutil
+
+    total = 0
+    for proc in group:
+        try:
+            total += proc.memory_full_info().uss
+        except psutil.Error:
+            continue
+    return total

@@ -9,8 +9,11 @@ alternate within each scenario (A B … B A), so drift on the machine hits both.
 Each run has a warm-up (12 s by default, the same for both agents: start-up is not the steady
 state a fleet pays for) before its window. Printed per scenario and agent: CPU % of one core
 (every agent process: the frozen build's launcher parents too; the plugin excluded) over the
-window, the largest RSS sampled in it, records delivered per second, and records lost (what the
-plugin reports it sent minus what the sink counted after a settle time); then ours / Go.
+window, the largest RSS sampled in it, the private part of the RSS at the window's end (USS:
+pages no other process maps; `python -m` shares libpython, libcrypto and libc with the bench's
+own Python processes, and the kernel pages out only private pages), records delivered per
+second, and records lost (what the plugin reports it sent minus what the sink counted after a
+settle time); then ours / Go.
 
     .venv/bin/python bench/vs_go.py [--seconds 20] [--warmup 12] [--repeats 1]
         [--only idle,5000,20000,flood] [--go-dir ../shared/go-agent]
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.server
+import importlib.util
 import json
 import os
 import re
@@ -39,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procstat import agent_group, cpu_seconds, rss_bytes  # beside this file
+from procstat import agent_group, cpu_seconds, private_bytes, rss_bytes  # beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -155,6 +159,7 @@ class Agent:
 class Result:
     cpu_pct: float
     rss_mib: float
+    private_mib: float
     delivered: int
     sent: int
     rate: float
@@ -178,13 +183,16 @@ class Bench:
         shutil.copy2(go_dir / "bin" / PLUGIN, files / PLUGIN)
         self.sha256 = hashlib.sha256((files / PLUGIN).read_bytes()).hexdigest()
         self.files = FileServer(files)
-        # The sink gets its own copy of grpc: sharing the agent's mapping of the 12 MiB
-        # extension would keep those pages resident in the agent (the kernel pages out only
-        # pages no other process maps). On a host the center is elsewhere.
-        import grpc
-
+        # The sink gets its own copies of grpc and uvloop: sharing the agent's mappings of
+        # their extensions (12 and 1.3 MiB) would keep those pages resident in the agent (the
+        # kernel pages out only pages no other process maps). On a host the center is
+        # elsewhere. Found, not imported: this process mapping them would share them as well.
         self.sink_lib = base / "sink-lib"
-        shutil.copytree(Path(grpc.__file__).parent, self.sink_lib / "grpc")
+        for package in ("grpc", "uvloop"):
+            spec = importlib.util.find_spec(package)
+            assert spec is not None
+            assert spec.submodule_search_locations
+            shutil.copytree(spec.submodule_search_locations[0], self.sink_lib / package)
 
     def close(self) -> None:
         self.files.close()
@@ -279,11 +287,13 @@ class Bench:
                 break
         wall = time.monotonic() - wall0
         cpu = cpu_seconds(group) - cpu0
+        private = private_bytes(group) / 2**20  # reads smaps: once, after the window
         tally = json.loads(tally_file.read_text())
         span = tally["last"] - tally["first"]
         return Result(
             cpu_pct=100 * cpu / wall,
             rss_mib=max(samples) if samples else 0.0,
+            private_mib=private,
             delivered=tally["count"],
             sent=0 if idle else sent,
             rate=tally["count"] / span if span > 0 else 0.0,
@@ -296,6 +306,7 @@ def combine(results: list[Result]) -> Result:
     return Result(
         cpu_pct=statistics.mean(r.cpu_pct for r in results),
         rss_mib=max(r.rss_mib for r in results),
+        private_mib=max(r.private_mib for r in results),
         delivered=sum(r.delivered for r in results),
         sent=sum(r.sent for r in results),
         rate=statistics.mean(r.rate for r in results),
@@ -363,7 +374,8 @@ def report(scenario: str, results: dict[str, Result]) -> None:
     go = results["go"]
     label = scenario if scenario in ("idle", "flood") else f"{int(scenario):,}/s"
     for name, r in results.items():
-        line = f"{label:<9} {name:<7} CPU {r.cpu_pct:6.2f} %  RSS {r.rss_mib:6.1f} MiB"
+        line = (f"{label:<9} {name:<7} CPU {r.cpu_pct:6.2f} %  RSS {r.rss_mib:6.1f} MiB"
+                f" (private {r.private_mib:5.1f})")
         if scenario != "idle":
             line += f"  delivered {r.rate:>9,.0f}/s  lost {r.lost:>9,}"
         if name != "go":
