@@ -35,7 +35,14 @@ from elkeid_agent import heartbeat as hb
 from elkeid_agent import specified_env
 from elkeid_agent.buffer import RecordBuffer
 from elkeid_agent.commands import ConfigSpec, Dispatcher, MetadataRequest, UploadRequest
-from elkeid_agent.config import EX_CONFIG, Config, ConfigError, load_run_config, work_dir_hint
+from elkeid_agent.config import (
+    EX_CONFIG,
+    Config,
+    ConfigError,
+    ignored_region,
+    load_run_config,
+    work_dir_hint,
+)
 from elkeid_agent.errors import TaskFailed
 from elkeid_agent.fsutil import describe_error
 from elkeid_agent.health import Health
@@ -110,6 +117,10 @@ class Agent:
         self.log_file = log_file
         self.notifier = Notifier(env, self.health)
         make_work_dirs(self.work_dir, self.health)  # first: it makes the work dir itself
+        stale = ignored_region(config, env)
+        if stale:
+            self.health.fault(SPECIFIED_ENV_UNIT, f"specified_region {stale!r} names no "
+                              f"[regions.{stale}] in the config: region {config.region!r} used")
         self.agent_id = load_agent_id(Path("/"), self.work_dir, env, self.health)
         self.facts = read_host_facts()
         self._header = self._encode_header(self.facts)

@@ -171,7 +171,18 @@ def apply_env(config: Config, env: Mapping[str, str]) -> Config:
     """The Go agent's unit passes idc and region as environment (specified_env)."""
     idc = env.get("specified_idc") or config.idc
     region = env.get("specified_region") or config.region
+    if region not in config.regions and config.region in config.regions:
+        # Persisted by a 1051 task or `ctl set` for a config that has since dropped that
+        # region: refusing it would stop every start, a crash loop no server task can end.
+        # The config's own region, and `ignored_region` says so.
+        region = config.region
     return msgspec.structs.replace(config, idc=idc, region=region)
+
+
+def ignored_region(config: Config, env: Mapping[str, str]) -> str | None:
+    """The specified_region that `apply_env` passed over for naming no [regions] section."""
+    wanted = env.get("specified_region")
+    return wanted if wanted and wanted != config.region else None
 
 
 def load_config(

@@ -230,7 +230,7 @@ def test_bad_uploads_fail_with_5100(
     assert reason in result["msg"]
 
 
-def test_metadata_persists_across_restart_and_unknown_region_refused(
+def test_metadata_persists_across_restart_and_unknown_region_refused_or_passed_over(
     center: CenterThread, tmp_path: Path
 ) -> None:
     from agentproc import patch_config
@@ -257,6 +257,20 @@ def test_metadata_persists_across_restart_and_unknown_region_refused(
     with AgentProcess(config):
         beat = center.wait_records(1000, timeout=10)[0]
         assert (beat.fields["idc"], beat.fields["region"]) == ("dc-7", "eu")
+
+    # A new config without "eu": the persisted region would stop every start (a crash loop no
+    # server task could end). The agent runs in the config's region and says why.
+    center.clear()
+    config = center.write_agent_config(
+        tmp_path / "m.toml", tmp_path / "m-work", regions={"default": {"private": center.address}}
+    )
+    patch_config(config, transport=FAST)
+    with AgentProcess(config) as agent:
+        beat = center.wait_records(1000, timeout=10)[0]
+        assert beat.fields["region"] == "default"
+        assert beat.fields["state"] == "abnormal"
+        assert "specified_region 'eu' names no [regions.eu]" in beat.fields["state_detail"]
+        assert agent.stop() == 0
 
 
 def test_shutdown_task_exits_zero_after_reporting(

@@ -15,6 +15,7 @@ from elkeid_agent.config import (
     ConfigError,
     RegionConfig,
     apply_env,
+    ignored_region,
     load_config,
 )
 from elkeid_center.certs import ensure_certs
@@ -207,8 +208,17 @@ def test_env_overrides(tmp_path: Path, certs: Path) -> None:
     assert (config.idc, config.region) == ("idc-7", "eu")
     config = load(path, {"specified_idc": "", "specified_region": ""})
     assert (config.idc, config.region) == ("default", "default")
-    with pytest.raises(ConfigError, match=r"regions\.mars"):
-        load(path, {"specified_region": "mars"})
+    # A persisted region the config no longer has: the config's own, said, not a refusal at
+    # every start.
+    env = {"specified_region": "mars"}
+    config = load(path, env)
+    assert config.region == "default"
+    assert ignored_region(config, env) == "mars"
+    env = {"specified_region": "eu"}
+    assert ignored_region(load(path, env), env) is None
+    # The config's own region missing is the operator's error: refused, named.
+    with pytest.raises(ConfigError, match=r"regions\.nowhere"):
+        load(write(tmp_path / "b.toml", "region = 'nowhere'\n" + text), {})
 
 
 def test_apply_env_keeps_everything_else() -> None:
