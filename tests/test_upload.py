@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -230,3 +231,71 @@ def test_a_path_that_is_not_a_regular_file_is_never_opened(
         assert not opened_by_agent, "the upload opened the FIFO"
 
     go(body)
+
+
+def fd_target(fd: int) -> str | None:
+    """What one of our fds names now (None: closed)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:
+        return None
+
+
+def test_a_hung_filesystem_fails_the_upload_not_the_loop(
+    center: CenterThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stat and open, and each read, run in a thread under a bound: a path on a hung
+    filesystem (NFS) gets a 5100, while the loop (heartbeats, the stream) goes on."""
+    from elkeid_agent.transport import upload
+
+    source = tmp_path / "on-nfs"
+    source.write_bytes(b"h" * (CHUNK * 3))
+    late: list[int] = []
+    really_open = upload._open_regular
+
+    def hung_open(path: str, buf_size: int) -> tuple[int, int]:
+        time.sleep(1.0)  # the filesystem answers, but only after the bound
+        fd, size = really_open(path, buf_size)
+        late.append(fd)
+        return fd, size
+
+    async def body() -> None:
+        stalls: list[float] = []
+
+        async def ticker() -> None:  # how late the loop runs a 10 ms timer
+            while True:
+                before = time.monotonic()
+                await asyncio.sleep(0.01)
+                stalls.append(time.monotonic() - before)
+
+        tick = asyncio.create_task(ticker())
+        async with rig(center, file_timeout=0.3) as r:
+            monkeypatch.setattr(upload, "_open_regular", hung_open)
+            with pytest.raises(TaskFailed, match=r"no answer within 0\.3 s"):
+                await r.uploader.upload("h-1", UploadRequest(str(source), CHUNK))
+            await asyncio.sleep(1.0)  # the open completes in its thread meanwhile
+            assert late, "the open never completed"
+            assert fd_target(late[0]) != str(source), "the late open's fd was not closed"
+            monkeypatch.undo()
+
+            # A read that hangs: the upload fails with a 5100, the slot is free again.
+            really_pread = os.pread
+
+            def hung_pread(fd: int, n: int, offset: int) -> bytes:
+                time.sleep(1.0)
+                return really_pread(fd, n, offset)
+
+            monkeypatch.setattr(os, "pread", hung_pread)
+            await r.uploader.upload("h-2", UploadRequest(str(source), CHUNK))
+            result = await r.result(1)
+            assert result["status"] == "failed"
+            assert "a read got no answer within 0.3 s" in result["msg"]
+            monkeypatch.undo()
+            await asyncio.sleep(1.0)
+            await r.uploader.upload("h-3", UploadRequest(str(source), CHUNK))
+            assert (await r.result(2))["status"] == "succeed"
+        tick.cancel()
+        assert max(stalls) < 0.25, f"the loop stalled {max(stalls):.2f} s"
+
+    go(body)
+    assert center.uploads["h-3"].data == b"h" * (CHUNK * 3)
