@@ -349,13 +349,15 @@ class PluginSupervisor:
         directory = self.root / spec.name
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         await asyncio.to_thread(install.clean_leftovers, directory)
-        # Built per install (a few ms), so a host CA store updated meanwhile is seen.
+        # Built per install, so a host CA store updated meanwhile is seen; in a thread, as
+        # reading and parsing the bundle takes tens of milliseconds.
         https = any(u.startswith("https:") for u in spec.download_urls)
+        context = await asyncio.to_thread(self.ssl_context_factory) if https else None
         staged = await install.prepare(
             directory,
             spec,
             max_bytes=self.config.download_max_bytes,
-            ssl_context=self.ssl_context_factory() if https else None,
+            ssl_context=context,
             timeout=self.download_timeout,
         )
         try:
