@@ -39,40 +39,28 @@ def agent_group(pid: int, is_plugin: Callable[[list[str]], bool]) -> list[Any]:
     return group
 
 
-def cpu_seconds(group: list[Any]) -> float:
+def _total(group: list[Any], measure: Callable[[Any], float]) -> float:
+    """`measure` summed over the group's processes (one that has ended counts nothing)."""
     import psutil
 
     total = 0.0
     for proc in group:
         try:
-            t = proc.cpu_times()
-            total += t.user + t.system
+            total += measure(proc)
         except psutil.Error:
             continue
     return total
+
+
+def cpu_seconds(group: list[Any]) -> float:
+    return _total(group, lambda p: sum(p.cpu_times()[:2]))  # user + system
 
 
 def rss_bytes(group: list[Any]) -> int:
-    import psutil
-
-    total = 0
-    for proc in group:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
+    return int(_total(group, lambda p: p.memory_info().rss))
 
 
 def private_bytes(group: list[Any]) -> int:
     """Resident memory no other process maps (USS): RSS less the shared library pages that
     other processes on the machine (the bench's own among them) keep resident too."""
-    import psutil
-
-    total = 0
-    for proc in group:
-        try:
-            total += proc.memory_full_info().uss
-        except psutil.Error:
-            continue
-    return total
+    return int(_total(group, lambda p: p.memory_full_info().uss))

@@ -75,14 +75,32 @@ def field1_slices(message: bytes) -> tuple[list[bytes], int]:
     return records, pos
 
 
-def agent_config(center: CenterThread, work: Path, compression: Literal["gzip", "none"]) -> Config:
+def agent_config(
+    center: CenterThread,
+    work: Path,
+    compression: Literal["gzip", "none"],
+    send_interval: float = 0.5,
+) -> Config:
     certs = center.certs
     return Config(
         work_dir=str(work),
         tls=TlsConfig(ca=str(certs.ca), cert=str(certs.client_cert), key=str(certs.client_key)),
-        transport=TransportConfig(compression=compression),
+        transport=TransportConfig(compression=compression, send_interval=send_interval),
         regions={"default": RegionConfig(private=center.address)},
     )
+
+
+def start_transfer(config: Config, buffer: RecordBuffer) -> tuple[TransferLoop, asyncio.Task[None]]:
+    """A real TransferLoop sending `buffer` with the HEADER, running in a task."""
+    header = HEADER.encode()
+
+    async def on_command(raw: bytes) -> None:
+        grpc_pb2.Command.FromString(raw)
+
+    loop = TransferLoop(
+        config, TlsMaterial.load(config.tls), buffer, lambda: header, on_command, lambda: None
+    )
+    return loop, asyncio.create_task(loop.run())
 
 
 async def deliver(
@@ -92,15 +110,7 @@ async def deliver(
     await asyncio.wait_for(buffer.put_many(plugin), 5)  # 50 MiB fits the 64 MiB default
     for record in agent:
         buffer.put_agent(record)
-    header = HEADER.encode()
-
-    async def on_command(raw: bytes) -> None:
-        grpc_pb2.Command.FromString(raw)
-
-    loop = TransferLoop(
-        config, TlsMaterial.load(config.tls), buffer, lambda: header, on_command, lambda: None
-    )
-    task = asyncio.create_task(loop.run())
+    loop, task = start_transfer(config, buffer)
     want = len(plugin) + len(agent)
     deadline = time.monotonic() + 120
     try:
@@ -161,23 +171,9 @@ def test_a_full_message_goes_without_waiting_for_send_interval(tmp_path: Path) -
     assert sum(map(len, records)) > MAX_MESSAGE_BYTES
 
     async def run(center: CenterThread) -> float:
-        certs = center.certs
-        config = Config(
-            work_dir=str(tmp_path / "work"),
-            tls=TlsConfig(ca=str(certs.ca), cert=str(certs.client_cert), key=str(certs.client_key)),
-            transport=TransportConfig(compression="none", send_interval=60.0),
-            regions={"default": RegionConfig(private=center.address)},
-        )
+        config = agent_config(center, tmp_path / "work", "none", send_interval=60.0)
         buffer = RecordBuffer()
-        header = HEADER.encode()
-
-        async def on_command(raw: bytes) -> None:
-            grpc_pb2.Command.FromString(raw)
-
-        loop = TransferLoop(
-            config, TlsMaterial.load(config.tls), buffer, lambda: header, on_command, lambda: None
-        )
-        task = asyncio.create_task(loop.run())
+        _, task = start_transfer(config, buffer)
         try:
             buffer.put_agent(encode_record(1000, 1_764_168_000, {"hb": "0"}))
             while not center.packaged():  # the first round: at once, then a 60 s pause
