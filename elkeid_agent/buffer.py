@@ -185,15 +185,16 @@ class RecordBuffer:
         """
         if self.queued_bytes >= mark:
             return
-        self._filled.clear()
         self._filled_mark = mark
         try:
+            # Set already if `wake` came between two waits: that wake is not lost.
             async with asyncio.timeout(timeout):
                 await self._filled.wait()
         except TimeoutError:
             pass
         finally:
             self._filled_mark = 0
+            self._filled.clear()
 
     async def wait_empty(self) -> None:
         await self._empty.wait()

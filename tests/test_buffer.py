@@ -308,4 +308,11 @@ def test_wait_filled_ends_at_the_mark_on_wake_or_at_the_timeout() -> None:
         buf.wake()
         await asyncio.wait_for(waiter, 1.0)
 
+        buf.wake()  # between two waits (the send loop was sending): the next one ends at once
+        await asyncio.wait_for(buf.wait_filled(1000, 30), 1.0)
+        waiter = asyncio.create_task(buf.wait_filled(1000, 30))  # and only that one
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        waiter.cancel()
+
     asyncio.run(main())
