@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -81,6 +82,29 @@ def go(body: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(body())
 
 
+def fd_target(fd: int) -> str | None:
+    """What one of our fds names now (None: closed)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:
+        return None
+
+
+async def opened(r: Rig) -> int:
+    """The fd of the file the current upload's thread opened."""
+    async with asyncio.timeout(5):
+        while (files := r.uploader._files) is None or files.fd < 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    return files.fd
+
+
+async def closed(fd: int, path: Path, limit: float = 5.0) -> None:
+    """Until `fd` no longer names `path` (the file thread closes it when it is free)."""
+    async with asyncio.timeout(limit):
+        while fd_target(fd) == str(path):  # noqa: ASYNC110 - another thread closes it
+            await asyncio.sleep(0.02)
+
+
 def test_a_file_that_shrinks_ends_with_a_5100_and_frees_the_slot(
     center: CenterThread, tmp_path: Path
 ) -> None:
@@ -113,10 +137,9 @@ def test_a_read_error_ends_with_a_5100_and_frees_the_slot(
     async def body() -> None:
         async with rig(center, chunk_interval=0.3) as r:
             await r.uploader.upload("r-1", UploadRequest(str(source), CHUNK))
-            job = r.uploader._job
-            assert job is not None
+            fd = await opened(r)
             directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-            os.dup2(directory, job.fd)  # the next pread fails with EISDIR
+            os.dup2(directory, fd)  # the next pread fails with EISDIR
             os.close(directory)
             result = await r.result(1)
             assert result["status"] == "failed"
@@ -153,14 +176,12 @@ def test_a_cancelled_upload_frees_the_slot_and_the_fd(
     async def body() -> None:
         async with rig(center, chunk_interval=0.5) as r:
             await r.uploader.upload("c-1", UploadRequest(str(source), CHUNK))
-            job = r.uploader._job
-            assert job is not None
+            fd = await opened(r)
             await asyncio.sleep(0.2)
         # `rig` cancelled the runner mid-transfer.
         assert r.uploader._job is None
-        # The fd is closed (its number may already serve something else, not our file).
-        with contextlib.suppress(FileNotFoundError):
-            assert os.readlink(f"/proc/self/fd/{job.fd}") != str(source)
+        # The file thread closes the fd (its number may then serve something else).
+        await closed(fd, source)
 
     go(body)
 
@@ -171,8 +192,10 @@ def test_a_nul_in_the_path_is_refused_not_raised(center: CenterThread) -> None:
             # Built without the edge's validation, as a caller inside the agent could.
             request = UploadRequest("/etc/passwd", CHUNK)
             request.path = "/etc/pass\x00wd"
-            with pytest.raises(TaskFailed, match="cannot open"):
-                await r.uploader.upload("n", request)
+            await r.uploader.upload("n", request)
+            result = await r.result(1)
+            assert result["status"] == "failed"
+            assert "cannot open" in result["msg"]
             assert r.uploader._job is None
 
     go(body)
@@ -222,8 +245,10 @@ def test_a_path_that_is_not_a_regular_file_is_never_opened(
         waiting = loop.run_in_executor(None, writer)
         await asyncio.sleep(0.2)
         async with rig(center) as r:
-            with pytest.raises(TaskFailed, match="not a regular file"):
-                await r.uploader.upload("f", UploadRequest(str(fifo), CHUNK))
+            await r.uploader.upload("f", UploadRequest(str(fifo), CHUNK))
+            result = await r.result(1)
+            assert result["status"] == "failed"
+            assert "not a regular file" in result["msg"]
         await asyncio.sleep(0.2)
         opened_by_agent = released.is_set()
         os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # let the writer go
@@ -233,69 +258,76 @@ def test_a_path_that_is_not_a_regular_file_is_never_opened(
     go(body)
 
 
-def fd_target(fd: int) -> str | None:
-    """What one of our fds names now (None: closed)."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except FileNotFoundError:
-        return None
-
-
 def test_a_hung_filesystem_fails_the_upload_not_the_loop(
     center: CenterThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The stat and open, and each read, run in a thread under a bound: a path on a hung
-    filesystem (NFS) gets a 5100, while the loop (heartbeats, the stream) goes on."""
+    """The file's operations run on a thread of the upload's own, each under a bound: a path
+    on a hung filesystem (NFS) gets a 5100, while the loop (heartbeats, the stream, the
+    receive loop) goes on; new uploads are refused, said, until the stuck call returns."""
     from elkeid_agent.transport import upload
 
     source = tmp_path / "on-nfs"
     source.write_bytes(b"h" * (CHUNK * 3))
+    release = threading.Event()  # the hung server answers
     late: list[int] = []
     really_open = upload._open_regular
 
     def hung_open(path: str, buf_size: int) -> tuple[int, int]:
-        time.sleep(1.0)  # the filesystem answers, but only after the bound
+        release.wait(10)
         fd, size = really_open(path, buf_size)
         late.append(fd)
         return fd, size
 
     async def body() -> None:
-        stalls: list[float] = []
-
-        async def ticker() -> None:  # how late the loop runs a 10 ms timer
-            while True:
-                before = time.monotonic()
-                await asyncio.sleep(0.01)
-                stalls.append(time.monotonic() - before)
-
-        tick = asyncio.create_task(ticker())
         async with rig(center, file_timeout=0.3) as r:
+            stalls: list[float] = []
+
+            async def ticker() -> None:  # how late the loop runs a 10 ms timer
+                while True:
+                    before = time.monotonic()
+                    await asyncio.sleep(0.01)
+                    stalls.append(time.monotonic() - before - 0.01)
+
+            tick = asyncio.create_task(ticker())
             monkeypatch.setattr(upload, "_open_regular", hung_open)
-            with pytest.raises(TaskFailed, match=r"no answer within 0\.3 s"):
-                await r.uploader.upload("h-1", UploadRequest(str(source), CHUNK))
-            await asyncio.sleep(1.0)  # the open completes in its thread meanwhile
-            assert late, "the open never completed"
-            assert fd_target(late[0]) != str(source), "the late open's fd was not closed"
+            await r.uploader.upload("h-1", UploadRequest(str(source), CHUNK))  # accepted at once
+            result = await r.result(1)
+            assert result["status"] == "failed"
+            assert "no answer from the filesystem within 0.3 s" in result["msg"]
+            assert r.uploader.health.counters["upload_file_timeouts"] == 1
+            assert r.uploader.health.faulty(upload.FILE_UNIT)
+            with pytest.raises(TaskFailed, match="has not returned"):
+                await r.uploader.upload("h-2", UploadRequest(str(source), CHUNK))
+            release.set()  # the open completes: its fd is closed, uploads are taken again
+            async with asyncio.timeout(5):
+                while r.uploader.health.faulty(upload.FILE_UNIT):  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            assert late
+            await closed(late[0], source)
             monkeypatch.undo()
 
-            # A read that hangs: the upload fails with a 5100, the slot is free again.
+            # A read that hangs: the same.
+            release.clear()
             really_pread = os.pread
 
             def hung_pread(fd: int, n: int, offset: int) -> bytes:
-                time.sleep(1.0)
+                release.wait(10)
                 return really_pread(fd, n, offset)
 
             monkeypatch.setattr(os, "pread", hung_pread)
-            await r.uploader.upload("h-2", UploadRequest(str(source), CHUNK))
-            result = await r.result(1)
-            assert result["status"] == "failed"
-            assert "a read got no answer within 0.3 s" in result["msg"]
-            monkeypatch.undo()
-            await asyncio.sleep(1.0)
             await r.uploader.upload("h-3", UploadRequest(str(source), CHUNK))
-            assert (await r.result(2))["status"] == "succeed"
-        tick.cancel()
-        assert max(stalls) < 0.25, f"the loop stalled {max(stalls):.2f} s"
+            result = await r.result(2)
+            assert result["status"] == "failed"
+            assert "no answer from the filesystem" in result["msg"]
+            release.set()
+            monkeypatch.undo()
+            async with asyncio.timeout(5):
+                while r.uploader.health.faulty(upload.FILE_UNIT):  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            await r.uploader.upload("h-4", UploadRequest(str(source), CHUNK))
+            assert (await r.result(3))["status"] == "succeed"
+            tick.cancel()
+            assert max(stalls) < 0.25, f"the loop stalled {max(stalls):.2f} s"
 
     go(body)
-    assert center.uploads["h-3"].data == b"h" * (CHUNK * 3)
+    assert center.uploads["h-4"].data == b"h" * (CHUNK * 3)

@@ -1,11 +1,15 @@
 """Task 1050: stream a file to the server with FileExt.Upload (PROTOCOL.md section 3).
 
 Limits as the Go agent keeps them: at most one chunk of min(buf_size, 500 KiB) per second, files
-over buf_size * 600 refused, one upload at a time, the whole call bounded by 600 s. The request
-is checked when the task arrives (so a bad one fails at once); the transfer runs in `run()`,
-owned by the app's task group, and reports its outcome as a 5100 record. The file's stat, open
-and reads run in threads, each bounded by `FILE_TIMEOUT`: a path on a hung filesystem (NFS)
-fails its upload, and the event loop, the heartbeats and the stream go on.
+over buf_size * 600 refused, one upload at a time, the whole call bounded by 600 s. The task is
+accepted or refused at once (one at a time, connected, a valid buf_size); the transfer runs in
+`run()`, owned by the app's task group, and reports its outcome, from the open on, as a 5100.
+
+The file is opened, read and closed by a `FileThread` of the upload's own, each operation bounded
+by `FILE_TIMEOUT`: a path on a hung filesystem (NFS) fails its upload, and neither the event loop
+(the receive loop, heartbeats, the stream) nor asyncio's shared thread pool (the spool's disk
+work) nor the process's exit waits for it. While such a thread is still stuck, new uploads are
+refused (a Health fault says why), so at most one thread is ever stuck.
 
 One upload is a unit of failure: whatever ends it (a read error, a file that shrinks, the
 deadline, the server, a defect) ends it with a 5100 and a log line, and the one-at-a-time slot
@@ -18,11 +22,16 @@ iterator's, kept aside, or the closed connection), not a reason to end `run()`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import queue
 import stat
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 from elkeid_agent._proto import grpc_pb2
 from elkeid_agent.commands import UploadRequest, task_result
@@ -31,6 +40,8 @@ from elkeid_agent.health import Health
 from elkeid_agent.transport.grpc_env import grpc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+V = TypeVar("V")
 
 UPLOAD_METHOD = "/grpc.FileExt/Upload"
 MAX_CHUNK = 500 * 1024
@@ -40,15 +51,74 @@ CHUNK_INTERVAL = 1.0
 UPLOAD_DEADLINE = 600.0
 #: Each file operation of an upload (stat and open; one chunk's read).
 FILE_TIMEOUT = 30.0
+#: The Health unit of a file operation that has not returned.
+FILE_UNIT = "upload file"
 
 
 @dataclass(frozen=True)
 class _Job:
     token: str
     path: str
-    fd: int
-    size: int
+    buf_size: int
     chunk: int
+
+
+class FileThread:
+    """One upload's file operations, in order, on a daemon thread of its own.
+
+    The thread owns the file: it opens it (`fd`), reads it, and closes it after `close`, once
+    whatever it was doing has returned. Daemon: one stuck in the kernel never holds up the
+    process's exit.
+    """
+
+    def __init__(self, on_exit: Callable[[FileThread], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._on_exit = on_exit
+        self._requests: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.fd = -1
+        threading.Thread(target=self._serve, name="upload-file", daemon=True).start()
+
+    def _serve(self) -> None:
+        while (request := self._requests.get()) is not None:
+            request()
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+        self._to_loop(lambda: self._on_exit(self))
+
+    def _to_loop(self, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            self._loop.call_soon_threadsafe(callback)
+
+    async def call(self, fn: Callable[[], T], limit: float) -> T:
+        """`fn()` on the thread; TimeoutError after `limit` s (it may still be running)."""
+        future: asyncio.Future[T] = self._loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - raised again in the caller, on the loop
+                self._to_loop(partial(_settle, future, future.set_exception, exc))
+            else:
+                self._to_loop(partial(_settle, future, future.set_result, result))
+
+        self._requests.put(run)
+        async with asyncio.timeout(limit):
+            return await future
+
+    # The operations, called on the thread (through `call`).
+
+    def open(self, path: str, buf_size: int) -> int:
+        """Open the file for this thread to own; its size."""
+        self.fd, size = _open_regular(path, buf_size)
+        return size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def close(self) -> None:
+        """Close the file and end the thread, after the operation under way (if any)."""
+        self._requests.put(None)
 
 
 class Uploader:
@@ -68,42 +138,25 @@ class Uploader:
         self._file_timeout = file_timeout
         self.health = Health() if health is None else health
         self._job: _Job | None = None
-        self._opening = False  # the slot is taken while the file is opened, too
+        self._files: FileThread | None = None  # the current upload's
+        self._stuck: FileThread | None = None  # an earlier upload's, still in an operation
         self._ready = asyncio.Event()
         self.completed = 0
         self.failed = 0
 
     async def upload(self, token: str, request: UploadRequest) -> None:
         """Accept an upload task or raise TaskFailed with the reason."""
-        if self._job is not None or self._opening:
+        if self._job is not None:
             raise TaskFailed("another upload is in progress")
+        if self._stuck is not None:
+            raise TaskFailed("a file operation of an earlier upload has not returned "
+                             "(a hung filesystem?)")
         if request.buf_size <= 0:
             raise TaskFailed(f"invalid buf_size {request.buf_size}")
         if self._channel() is None:
             raise TaskFailed("not connected to the server")
-        chunk = min(request.buf_size, MAX_CHUNK)
-        self._opening = True
-        try:
-            fd, size = await self._open(request.path, request.buf_size)
-        finally:
-            self._opening = False
-        self._job = _Job(token, request.path, fd, size, chunk)
+        self._job = _Job(token, request.path, request.buf_size, min(request.buf_size, MAX_CHUNK))
         self._ready.set()
-
-    async def _open(self, path: str, buf_size: int) -> tuple[int, int]:
-        future = asyncio.get_running_loop().run_in_executor(None, _open_regular, path, buf_size)
-        try:
-            async with asyncio.timeout(self._file_timeout):
-                return await asyncio.shield(future)
-        except TimeoutError:
-            future.add_done_callback(_close_late)
-            raise TaskFailed(
-                f"cannot open {path}: no answer within {self._file_timeout:g} s "
-                "(a hung filesystem?)"
-            ) from None
-        except asyncio.CancelledError:
-            future.add_done_callback(_close_late)
-            raise
 
     async def run(self) -> None:
         while True:
@@ -112,8 +165,10 @@ class Uploader:
             job = self._job
             if job is None:
                 continue
+            files = self._files = FileThread(self._file_thread_ended)
             try:
-                await self._transfer(job)
+                size = await self._file_op(job, files, partial(files.open, job.path, job.buf_size))
+                await self._transfer(job, files, size)
             except grpc.aio.AioRpcError as exc:
                 self._failed(job, f"{exc.code().name}: {exc.details()}")
             except (TaskFailed, OSError) as exc:
@@ -125,10 +180,31 @@ class Uploader:
             else:
                 self.completed += 1
                 self.health.clear("upload")
-                self._emit(task_result(job.token, True, f"uploaded {job.size} bytes"))
+                self._emit(task_result(job.token, True, f"uploaded {size} bytes"))
             finally:
-                self._job = None
-                os.close(job.fd)
+                self._job = self._files = None
+                files.close()
+
+    async def _file_op(self, job: _Job, files: FileThread, fn: Callable[[], T]) -> T:
+        try:
+            return await files.call(fn, self._file_timeout)
+        except TimeoutError:
+            self._stuck = files
+            self.health.fault(
+                FILE_UNIT,
+                f"{job.path}: a file operation has not returned after {self._file_timeout:g} s "
+                "(a hung filesystem?); uploads are refused until it does",
+                "upload_file_timeouts",
+            )
+            raise TaskFailed(
+                f"{job.path}: no answer from the filesystem within {self._file_timeout:g} s "
+                "(a hung filesystem?)"
+            ) from None
+
+    def _file_thread_ended(self, files: FileThread) -> None:
+        if self._stuck is files:
+            self._stuck = None
+            self.health.clear(FILE_UNIT)
 
     def _failed(self, job: _Job, reason: str) -> None:
         self.failed += 1
@@ -136,15 +212,16 @@ class Uploader:
         self._emit(task_result(job.token, False, f"upload failed: {reason}"))
 
     async def _chunks(
-        self, job: _Job, failure: list[Exception]
+        self, job: _Job, files: FileThread, size: int, failure: list[Exception]
     ) -> AsyncIterator[grpc_pb2.FileUploadRequest]:
-        remaining = job.size
+        remaining = size
         first = True
         try:
             while remaining > 0 or first:
                 if not first:
                     await asyncio.sleep(self._interval)
-                data = await self._read(job, min(job.chunk, remaining), job.size - remaining)
+                read = partial(files.pread, min(job.chunk, remaining), size - remaining)
+                data = await self._file_op(job, files, read)
                 if not data and remaining:
                     raise TaskFailed(f"{job.path} shrank during the upload")
                 remaining -= len(data)
@@ -154,17 +231,7 @@ class Uploader:
             failure.append(exc)  # grpc.aio only cancels the call; `_transfer` reports this
             raise
 
-    async def _read(self, job: _Job, size: int, offset: int) -> bytes:
-        try:
-            async with asyncio.timeout(self._file_timeout):
-                return await asyncio.to_thread(os.pread, job.fd, size, offset)
-        except TimeoutError:
-            raise TaskFailed(
-                f"{job.path}: a read got no answer within {self._file_timeout:g} s "
-                "(a hung filesystem?)"
-            ) from None
-
-    async def _transfer(self, job: _Job) -> None:
+    async def _transfer(self, job: _Job, files: FileThread, size: int) -> None:
         channel = self._channel()
         if channel is None:
             raise TaskFailed("not connected to the server")
@@ -175,7 +242,7 @@ class Uploader:
         )
         failure: list[Exception] = []
         try:
-            response = await call(self._chunks(job, failure), timeout=self._deadline)
+            response = await call(self._chunks(job, files, size, failure), timeout=self._deadline)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -224,7 +291,6 @@ def _open_regular(path: str, buf_size: int) -> tuple[int, int]:
     return fd, st.st_size
 
 
-def _close_late(future: asyncio.Future[tuple[int, int]]) -> None:
-    """An open given up on (timed out, cancelled) that succeeded after all: close its fd."""
-    if not future.cancelled() and future.exception() is None:
-        os.close(future.result()[0])
+def _settle(future: asyncio.Future[T], setter: Callable[[V], None], value: V) -> None:
+    if not future.done():  # not given up on (timed out, cancelled)
+        setter(value)
