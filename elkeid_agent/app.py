@@ -89,6 +89,7 @@ STATUS_UNIT = "status file"
 LOG_UNIT = "log file"
 WORK_DIR_UNIT = "work dir"
 SPECIFIED_ENV_UNIT = "specified_env file"
+REGION_UNIT = "specified_region"
 FACTS_UNIT = "host facts"
 
 
@@ -119,8 +120,8 @@ class Agent:
         make_work_dirs(self.work_dir, self.health)  # first: it makes the work dir itself
         stale = ignored_region(config, env)
         if stale:
-            self.health.fault(SPECIFIED_ENV_UNIT, f"specified_region {stale!r} names no "
-                              f"[regions.{stale}] in the config: region {config.region!r} used")
+            self.health.fault(REGION_UNIT, f"{stale!r} names no [regions.{stale}] in the "
+                              f"config: region {config.region!r} used")
         self.agent_id = load_agent_id(Path("/"), self.work_dir, env, self.health)
         self.facts = read_host_facts()
         self._header = self._encode_header(self.facts)
@@ -384,6 +385,8 @@ class Agent:
             self.health.fault(SPECIFIED_ENV_UNIT, reason)
             raise TaskFailed(f"cannot persist metadata: {reason}") from exc
         self.health.clear(SPECIFIED_ENV_UNIT)
+        if request.region is not None:
+            self.health.clear(REGION_UNIT)  # the stale one is replaced on disk
         self.config = msgspec.structs.replace(
             self.config,
             idc=request.idc if request.idc is not None else self.config.idc,

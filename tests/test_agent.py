@@ -269,8 +269,14 @@ def test_metadata_persists_across_restart_and_unknown_region_refused_or_passed_o
         beat = center.wait_records(1000, timeout=10)[0]
         assert beat.fields["region"] == "default"
         assert beat.fields["state"] == "abnormal"
-        assert "specified_region 'eu' names no [regions.eu]" in beat.fields["state_detail"]
+        assert "specified_region: 'eu' names no [regions.eu]" in beat.fields["state_detail"]
+        # A 1051 with a region replaces the stale one on disk (an idc alone does not).
+        center.send_task(1051, PRODUCT, {"idc": "dc-8"}, "m-2")
+        center.send_task(1051, PRODUCT, {"region": "default"}, "m-3")
+        results = center.wait_records(5100, count=2, timeout=10)
+        assert [r.fields["status"] for r in results] == ["succeed", "succeed"]
         assert agent.stop() == 0
+    assert "specified_region=default" in (tmp_path / "m-work" / "specified_env").read_text()
 
 
 def test_shutdown_task_exits_zero_after_reporting(
