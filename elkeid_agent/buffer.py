@@ -178,6 +178,7 @@ class RecordBuffer:
 
     async def wait_filled(self, mark: int, timeout: float) -> None:  # noqa: ASYNC109
         """Until `mark` bytes are queued (a full message's worth), `wake`, or `timeout` s.
+        One waiter at a time (the send loop).
 
         The send loop's pause between rounds: records gather into fewer, larger messages at
         steady rates, and a flood is not held back (a fixed pause let the buffer fill to the

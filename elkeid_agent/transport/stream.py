@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 TRANSFER_METHOD = "/grpc.Transfer/Transfer"
 MAX_GRPC_MESSAGE = 10 * 1024 * 1024
+#: Below the spool's high-water mark (spool.pump.HIGH_WATER, half of the buffer).
+FILL_MARK = 0.25
 # A stream that lived this long was healthy: the next failure starts backing off from 1 s again.
 HEALTHY_STREAM_SECONDS = 30.0
 # One message's write: HTTP/2 flow control parks it while the server does not read, and its
@@ -276,7 +278,10 @@ class TransferLoop:
                 # Records, or an orderly exit (`finish` wakes this wait).
                 await self.buffer.wait_nonempty()
             await self.flush(call)
-            await self.buffer.wait_filled(MAX_MESSAGE_BYTES, interval)
+            # A full message ends the pause, or what the spool starts moving at (a buffer
+            # configured small), whichever is less.
+            full = min(MAX_MESSAGE_BYTES, int(self.buffer.max_bytes * FILL_MARK))
+            await self.buffer.wait_filled(full, interval)
         await call.done_writing()
 
     async def finish(self, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a deadline
