@@ -53,9 +53,9 @@ from elkeid_agent.wire import encode_varint  # noqa: E402 - needs ROOT on the pa
 
 RECORD_BYTES = 300
 # How each of the plugin's records starts in a PackagedData: field 1, its length (all are
-# RECORD_BYTES long), data_type 9999. Nothing else in a message matches: inside a record a
-# 0x0A starts a map entry, shorter than the record and followed by a key, and the agent's
-# own records have other data_types.
+# RECORD_BYTES long), data_type 9999. Nothing else in a message matches: a 0x0A inside a
+# record (a map entry's key, a length of 10) is followed by a length under 300 or by ASCII,
+# never by 0xAC; the agent's own records have other data_types.
 RECORD_MARK = b"\x0a" + encode_varint(RECORD_BYTES) + b"\x08" + encode_varint(9999)
 SETTLE_SECONDS = 15.0
 
@@ -113,7 +113,8 @@ async def sink(certs_dir: str, configs: list[dict[str, Any]], tally_file: str) -
     async def transfer(requests: Any, context: Any) -> Any:
         pushed = False
         async for raw in requests:
-            message = grpc_pb2.PackagedData.FromString(raw)  # a malformed message fails here
+            # Fails unless `raw` is a PackagedData (the records' payloads are bytes to it).
+            message = grpc_pb2.PackagedData.FromString(raw)
             # The plugin's records, counted in C: a Python object per record made this sink,
             # which shares the machine's CPUs with the agent, a bottleneck in the flood.
             n = raw.count(RECORD_MARK)
@@ -197,8 +198,19 @@ class Run:
                 raise SystemExit("the agent did not start the plugin within 30 s")
             time.sleep(0.02)
         # The plugin runs `plugin.py`; every other descendant is the agent's (a frozen build's
-        # launchers run it under the names staticx and PyInstaller give it).
-        self.group = agent_group(self.agent.pid, lambda c: "plugin.py" in c)
+        # launchers run it under the names staticx and PyInstaller give it). Taken once the
+        # plugin has exec'd its script, so that its shell is not counted as the agent.
+        def is_plugin(cmdline: list[str]) -> bool:
+            return "plugin.py" in cmdline
+
+        while True:
+            self.group = agent_group(self.agent.pid, is_plugin)
+            if len(agent_group(self.agent.pid, lambda c: False)) > len(self.group):
+                break
+            if time.monotonic() > deadline:
+                self.close()
+                raise SystemExit("the plugin did not run its script within 30 s")
+            time.sleep(0.02)
 
     def tally(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.tally_file.read_text())
