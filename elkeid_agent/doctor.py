@@ -25,6 +25,7 @@ from elkeid_agent.config import (
     DEFAULT_CONFIG_PATH,
     Config,
     ConfigError,
+    ignored_region,
     load_run_config,
     work_dir_hint,
 )
@@ -195,7 +196,7 @@ def check_work_dir(work_dir: Path) -> Iterator[Check]:
 def checks(config_path: str | None, env: dict[str, str]) -> Iterator[Check]:
     yield _ok("version", VERSION)
     try:
-        config, _ = load_run_config(config_path, env)
+        config, merged = load_run_config(config_path, env)
     except ConfigError as exc:
         yield _fail("config", str(exc))
         yield from check_work_dir(work_dir_hint(config_path))
@@ -207,6 +208,10 @@ def checks(config_path: str | None, env: dict[str, str]) -> Iterator[Check]:
         "config",
         f"{source}: work dir {config.work_dir}, idc {config.idc}, region {config.region}",
     )
+    stale = ignored_region(config, merged)
+    if stale:
+        yield Check(Verdict.WARN, "specified_region",
+                    f"{stale!r} names no [regions.{stale}]: region {config.region!r} is used")
     yield from check_certificates(config, datetime.datetime.now(datetime.UTC))
     yield from check_connections(config)
     yield from check_work_dir(config.work_path)

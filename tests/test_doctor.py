@@ -225,6 +225,11 @@ def test_doctor_reads_specified_env(center: CenterThread, agent_config: AgentCon
     [connect] = connect_lines(found)
     assert connect.name == "connect private east.invalid:1"
     assert "cannot resolve east.invalid" in connect.detail
+    # A region the config no longer has: passed over by `run`, and said here.
+    (work / "specified_env").write_text("specified_region=west\n")
+    [stale] = [c for c in checks(str(config), {}) if c.name == "specified_region"]
+    assert stale.verdict is Verdict.WARN
+    assert "'west' names no [regions.west]" in stale.detail
 
 
 def test_doctor_work_dir_checks(center: CenterThread, agent_config: AgentConfig) -> None:

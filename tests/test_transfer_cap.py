@@ -180,7 +180,7 @@ def test_a_full_message_goes_without_waiting_for_send_interval(tmp_path: Path) -
                 assert not task.done(), task
                 await asyncio.sleep(0.05)
             started = time.monotonic()
-            for i in range(0, len(records), 500):  # as a plugin reader queues them
+            for i in range(0, len(records), 500):  # in batches, all before the loop runs again
                 await buffer.put_many(records[i : i + 500])
             want = len(records) + 1
             while sum(len(p.decoded.records) for p in center.packaged()) < want:
