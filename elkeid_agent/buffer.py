@@ -102,12 +102,10 @@ class RecordBuffer:
         self._space.set()
         self._empty = asyncio.Event()
         self._empty.set()
-        # Set when the plugin lanes pass `_above_mark` (0: nobody asked, see notify_above).
-        self._above: asyncio.Event | None = None
-        self._above_mark = 0
-        # Set when all lanes together reach `_filled_mark` (0: nobody waits, see wait_filled).
+        # Events to set when a byte level is reached (see `watch`): event -> (mark, plugin
+        # lanes only). The spooler's high-water mark and the send loop's full message.
+        self._watches: dict[asyncio.Event, tuple[int, bool]] = {}
         self._filled = asyncio.Event()
-        self._filled_mark = 0
         self.stats = BufferStats()
 
     # -- producers ------------------------------------------------------------------------------
@@ -149,13 +147,15 @@ class RecordBuffer:
         self._records += chunk[1]
         self._nonempty.set()
         self._empty.clear()
-        if self._above is not None and self._plugin_bytes() > self._above_mark:
-            self._above.set()
-        if self._filled_mark and self.queued_bytes >= self._filled_mark:
-            self._filled.set()
+        for event, (mark, plugin_lanes) in self._watches.items():
+            if self._level(plugin_lanes) >= mark:
+                event.set()
 
     def _plugin_bytes(self) -> int:
         return self._lane_bytes[Lane.URGENT] + self._lane_bytes[Lane.PLUGIN]
+
+    def _level(self, plugin_lanes: bool) -> int:
+        return self._plugin_bytes() if plugin_lanes else self.queued_bytes
 
     @property
     def plugin_bytes(self) -> int:
@@ -186,7 +186,7 @@ class RecordBuffer:
         """
         if self.queued_bytes >= mark:
             return
-        self._filled_mark = mark
+        self.watch(self._filled, mark)
         try:
             # Set already if `wake` came between two waits: that wake is not lost.
             async with asyncio.timeout(timeout):
@@ -194,19 +194,22 @@ class RecordBuffer:
         except TimeoutError:
             pass
         finally:
-            self._filled_mark = 0
+            self.unwatch(self._filled)
             self._filled.clear()
 
     async def wait_empty(self) -> None:
         await self._empty.wait()
 
-    def notify_above(self, mark: int, event: asyncio.Event | None) -> None:
-        """Set `event` once the plugin lanes hold more than `mark` bytes (the spooler's
-        high-water mark: it need not look at the buffer while connected until then); None
-        stops it. One event the caller already waits on, rather than a task of its own."""
-        self._above, self._above_mark = event, mark
-        if event is not None and self._plugin_bytes() > mark:
+    def watch(self, event: asyncio.Event, mark: int, *, plugin_lanes: bool = False) -> None:
+        """Set `event` once all lanes (or the plugin lanes) hold at least `mark` bytes, now or
+        at any append until `unwatch`: an event the caller already waits on, rather than a
+        task of its own (the spooler waits on one event for this and for the link)."""
+        self._watches[event] = (mark, plugin_lanes)
+        if self._level(plugin_lanes) >= mark:
             event.set()
+
+    def unwatch(self, event: asyncio.Event) -> None:
+        self._watches.pop(event, None)
 
     def take(self, max_bytes: int, lanes: Sequence[Lane] = ALL_LANES) -> Batch:
         """Oldest chunks first, agent lane first, whose spliced size fits in `max_bytes`.

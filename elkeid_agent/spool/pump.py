@@ -137,11 +137,11 @@ async def run_spooler(
 async def _until_needed(buffer: RecordBuffer, link_down: asyncio.Event) -> None:
     """Until the link goes down, the plugin lanes pass the high-water mark, or
     CONNECTED_INTERVAL has passed: both set the one event waited on here."""
-    buffer.notify_above(int(buffer.max_bytes * HIGH_WATER), link_down)
+    buffer.watch(link_down, int(buffer.max_bytes * HIGH_WATER) + 1, plugin_lanes=True)
     try:
         async with asyncio.timeout(CONNECTED_INTERVAL):
             await link_down.wait()
     except TimeoutError:
         pass
     finally:
-        buffer.notify_above(0, None)
+        buffer.unwatch(link_down)
