@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from elkeid_agent.fsutil import remove_tree
 from elkeid_agent.heartbeat import (
     CpuUsageSampler,
     DirUsage,
@@ -276,7 +277,12 @@ def test_dir_usage_of_a_tree_deeper_than_the_recursion_limit(tmp_path: Path) -> 
     # (which ended the heartbeat task group, and so the agent).
     depth = sys.getrecursionlimit() + 100
     _deep_tree(tmp_path, depth)
-    assert dir_usage(tmp_path) == 1
+    try:
+        assert dir_usage(tmp_path) == 1
+    finally:
+        # pytest removes old temporary trees with shutil.rmtree, which recurses: this one
+        # made a later session's clean-up fail with RecursionError.
+        remove_tree(tmp_path / "d")
 
 
 # ---------------------------------------------------------------------------------------
