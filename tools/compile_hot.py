@@ -17,6 +17,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HOT = ["elkeid_agent/framescan.py"]
+#: mypyc's runtime library for all of HOT, found by build/pyinstaller.spec. Without a name,
+#: mypyc names it after the module when there is one, and after a hash at the top level
+#: (outside the package) when there are several.
+GROUP = "elkeid_agent.hot"
 #: Relative to the source tree: the generated C and the objects, removed afterwards.
 BUILD_DIR = ".hot-build"
 
@@ -31,6 +35,8 @@ def compile_hot(root: Path) -> None:
     for source in HOT:
         for stale in Path(source).parent.glob(Path(source).stem + "*.so"):
             stale.unlink()
+    for stale in Path("elkeid_agent").glob("*__mypyc.*.so"):
+        stale.unlink()
     # A fixed directory, not a random one: its path ends up in the objects' debug info, and
     # the build must be reproducible (tests/package: same checkout, same bytes).
     tmp = BUILD_DIR
@@ -39,7 +45,8 @@ def compile_hot(root: Path) -> None:
         # A bare Distribution: setup() would also read pyproject.toml, which is not about this.
         dist = Distribution({
             "name": "elkeid-agent-hot",
-            "ext_modules": mypycify(HOT, target_dir=f"{tmp}/c", opt_level="3"),
+            "ext_modules": mypycify(HOT, target_dir=f"{tmp}/c", opt_level="3",
+                                    group_name=GROUP),
         })
         dist.script_args = ["-q", "build_ext", "--inplace", "--build-temp", f"{tmp}/o",
                             "--build-lib", f"{tmp}/lib"]
