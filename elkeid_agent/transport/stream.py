@@ -261,12 +261,22 @@ class TransferLoop:
         self.on_open()
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._send_loop(call))
-                tg.create_task(self._receive_loop(call))
+                loops = (tg.create_task(self._send_loop(call)),
+                         tg.create_task(self._receive_loop(call)))
+                # Waited for here, not in the group's exit: Python 3.11's group cancels its
+                # task when a loop fails during the exit and never takes that cancel back,
+                # so each ended stream would add one to `cancelling()` for good.
+                await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
         except ExceptionGroup as group:
             ended, other = group.split((grpc.aio.AioRpcError, StreamClosed))
             if other is not None or ended is None:
                 raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A cancel came as the stream ended, and the group raised the stream's end in
+                # its place: passed on, or `run` would carry on connecting after its owner
+                # has left (an exit that never ends).
+                raise asyncio.CancelledError from None
             raise StreamClosed(_describe(ended.exceptions[0])) from None
         finally:
             call.cancel()
