@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
 from agentproc import patch_config, wait_until
 
 from elkeid_agent.buffer import RecordBuffer
@@ -77,10 +78,12 @@ def test_ended_streams_leave_the_run_task_uncancelled(
     assert seen[:ENDS] == [0] * ENDS, seen
 
 
+@pytest.mark.parametrize("first", ["cancel", "end"])
 def test_a_cancel_as_the_stream_ends_ends_the_loop(
-    center: CenterThread, tmp_path: Path
+    center: CenterThread, tmp_path: Path, first: str
 ) -> None:
-    """The cancel and the stream's end come together: the loop ends, cancelled."""
+    """The cancel and the stream's end come together, in either order: the loop ends,
+    cancelled."""
     runner: asyncio.Task[None] | None = None
     commands = 0
 
@@ -88,7 +91,13 @@ def test_a_cancel_as_the_stream_ends_ends_the_loop(
         nonlocal commands
         commands += 1
         assert runner is not None
-        runner.cancel()
+        if first == "cancel":
+            runner.cancel()
+        else:
+            # After the group has seen the receive loop fail and begun to abort.
+            loop = asyncio.get_running_loop()
+            cancel = runner.cancel
+            loop.call_soon(lambda: loop.call_soon(cancel))
         raise StreamClosed("the stream ends as the agent exits")
 
     async def exit_during_an_end() -> None:
