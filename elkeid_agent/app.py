@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import os
 import signal
@@ -26,13 +27,14 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import msgspec
 import psutil
 
 from elkeid_agent import heartbeat as hb
-from elkeid_agent import specified_env
+from elkeid_agent import metrics, specified_env
 from elkeid_agent.buffer import RecordBuffer
 from elkeid_agent.commands import ConfigSpec, Dispatcher, MetadataRequest, UploadRequest
 from elkeid_agent.config import (
@@ -46,12 +48,14 @@ from elkeid_agent.config import (
 from elkeid_agent.errors import TaskFailed
 from elkeid_agent.fsutil import describe_error
 from elkeid_agent.health import Health
+from elkeid_agent.heartbeat_ring import RING_FILE, HeartbeatRing, write_ring
 from elkeid_agent.host import HostFacts, read_host_facts
 from elkeid_agent.identity import ID_FILE_UNIT, load_agent_id, save_agent_id
 from elkeid_agent.logs import LogFileHandler, RecordHandler, setup_logging
 from elkeid_agent.memory import limit_arenas, trim_after_start, trim_heap
 from elkeid_agent.plugins import lastset
 from elkeid_agent.plugins.supervisor import PluginSupervisor
+from elkeid_agent.redact import redact
 from elkeid_agent.runtime_dir import clean_stale_unpack_dirs
 from elkeid_agent.service import Notifier, dump_tasks, release_memory, watchdog_interval
 from elkeid_agent.spool.pump import run_spooler, spill_all
@@ -91,6 +95,8 @@ WORK_DIR_UNIT = "work dir"
 SPECIFIED_ENV_UNIT = "specified_env file"
 REGION_UNIT = "specified_region"
 FACTS_UNIT = "host facts"
+RING_UNIT = "heartbeat ring"
+METRICS_UNIT = "metrics file"
 
 
 class _Stop(Exception):
@@ -160,6 +166,8 @@ class Agent:
         self._usage = hb.DirUsage(self.work_dir, "plugin")
         self._last_tick = time.monotonic()
         self._last_stats = (0, 0, 0, 0)
+        self._last_beat: tuple[dict[str, str], int] | None = None
+        self._ring = HeartbeatRing()
         self.last_heartbeat = 0.0
         self.exit_reason = ""
         self._started = psutil.Process().create_time()
@@ -192,9 +200,18 @@ class Agent:
     def state_detail(self) -> list[str]:
         link = self.transfer.state
         connection = [] if link.connected else [f"connection: {e}" for e in link.dial_errors]
+        tls = [f"tls: {self.transfer.tls_problem}"] if self.transfer.tls_problem else []
         return [
-            *connection, *self.errors.values(), *self.health.details(), *self.plugins.errors()
+            redact(d) for d in (
+                *connection, *tls, *self.errors.values(), *self.health.details(),
+                *self.plugins.errors(),
+            )
         ]
+
+    def warnings(self) -> list[str]:
+        """What needs attention soon without being a fault (state stays running)."""
+        expiry = self.transfer.tls.expiry_warning(datetime.datetime.now(datetime.UTC))
+        return [expiry] if expiry else []
 
     def counters(self) -> dict[str, int | float]:
         b = self.buffer.snapshot()
@@ -245,6 +262,7 @@ class Agent:
         if self.transfer.state.connected and stats.tx_messages:
             # A stream is open and has carried this process's first heartbeat.
             self.upgrader.confirm()
+        self.upgrader.recheck_hold()
         current = (stats.tx_bytes, stats.tx_records, stats.rx_bytes, stats.rx_commands)
         tx_bytes, tx_records, rx_bytes, rx_commands = (
             c - p for c, p in zip(current, self._last_stats, strict=True)
@@ -254,9 +272,10 @@ class Agent:
         self.last_heartbeat = time.time()
         self._write_status()
         detail = self.state_detail()
+        process = self._sampler.sample()
         fields = hb.build_agent_heartbeat(
             facts=facts,
-            process=self._sampler.sample(),
+            process=process,
             stats=hb.host_stats(self._cpu),
             state="abnormal" if detail else "running",
             state_detail=detail,
@@ -273,7 +292,15 @@ class Agent:
         )
         fields["upgrade_state"] = self.upgrader.state
         fields["upgrade_error"] = self.upgrader.last_error
+        warnings = self.warnings()
+        fields["warnings"] = "; ".join(warnings)
+        not_after = self.transfer.tls.not_after
+        fields["tls_cert_not_after"] = str(int(not_after.timestamp())) if not_after else ""
+        fields["upgrade_hold"] = self.upgrader.hold
+        fields["upgrade_held_version"] = self.upgrader.held_version
         fields["spool_state"] = str(self.spool.state)
+        fields = {key: redact(value) for key, value in fields.items()}
+        self._last_beat = (fields, process.rss)
         timestamp = int(time.time())
         self.buffer.put_agent(encode_record(AGENT_HEARTBEAT, timestamp, fields))
         for record in self.plugins.heartbeats():
@@ -307,10 +334,13 @@ class Agent:
                     last_heartbeat=self.last_heartbeat,
                     updated=time.time(),
                     upgrade_state=self.upgrader.state,
+                    upgrade_hold=self.upgrader.hold,
+                    upgrade_held_version=self.upgrader.held_version,
+                    warnings=self.warnings(),
                     started=self._started,
                     connected_since=link.connected_since if link.connected else 0.0,
                     detail=detail,
-                    exit_reason=self.exit_reason,
+                    exit_reason=redact(self.exit_reason),
                     spool_state=str(self.spool.state),
                     spool_records=self.spool.records,
                     spool_bytes=self.spool.held_bytes,
@@ -466,6 +496,36 @@ class Agent:
                 self.facts = facts
                 self._header = self._encode_header(facts)
         self.send_heartbeat()
+        await self._write_beat_files()
+
+    async def _write_beat_files(self) -> None:
+        """The heartbeat ring (for diagnostics) and the metrics textfile, written in a worker
+        thread; each a unit of failure of its own: a fault and a counter, never the beat."""
+        if self._last_beat is None:
+            return
+        fields, rss = self._last_beat
+        plugins = self.plugins.states()
+        self._ring.add(self.last_heartbeat, fields, plugins)
+        writes = [(RING_UNIT, "heartbeat_ring_failures", self.work_dir / RING_FILE,
+                   partial(write_ring, self.work_dir, self._ring.encode()))]
+        if self.config.metrics.textfile:
+            sample = metrics.Sample(
+                version=VERSION, connected=self.transfer.state.connected,
+                upgrade_held=bool(self.upgrader.hold), rss_bytes=rss,
+                cpu_seconds=time.process_time(), heartbeat_time=self.last_heartbeat,
+                plugins=plugins,
+            )
+            path = Path(self.config.metrics.textfile)
+            text = metrics.render(self.counters(), sample)
+            writes.append((METRICS_UNIT, "metrics_write_failures", path,
+                           partial(metrics.write_textfile, path, text)))
+        for unit, counter, path, write in writes:
+            try:
+                await asyncio.to_thread(write)
+            except OSError as exc:
+                self.health.fault(unit, "cannot write: " + describe_error(path, exc), counter)
+            else:
+                self.health.clear(unit)
 
     async def _watchdog_tick(self) -> None:
         self.notifier.send("WATCHDOG=1")
