@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -96,6 +96,8 @@ SPECIFIED_ENV_UNIT = "specified_env file"
 REGION_UNIT = "specified_region"
 FACTS_UNIT = "host facts"
 RING_UNIT = "heartbeat ring"
+# How long a heartbeat waits for its ring or metrics file write.
+BEAT_FILE_SECONDS = 10.0
 METRICS_UNIT = "metrics file"
 
 
@@ -168,6 +170,7 @@ class Agent:
         self._last_stats = (0, 0, 0, 0)
         self._last_beat: tuple[dict[str, str], int] | None = None
         self._ring = HeartbeatRing()
+        self._file_writes: dict[str, asyncio.Future[None]] = {}
         self.last_heartbeat = 0.0
         self.exit_reason = ""
         self._started = psutil.Process().create_time()
@@ -499,33 +502,58 @@ class Agent:
         await self._write_beat_files()
 
     async def _write_beat_files(self) -> None:
-        """The heartbeat ring (for diagnostics) and the metrics textfile, written in a worker
-        thread; each a unit of failure of its own: a fault and a counter, never the beat."""
-        if self._last_beat is None:
+        """The heartbeat ring (for diagnostics) and the metrics textfile, each a unit of
+        failure of its own (a fault and a counter, never the beat). Written in a worker thread
+        and waited for at most BEAT_FILE_SECONDS: a write stuck on a hung filesystem holds up
+        neither the heartbeat loop nor, by piling up, the thread pool (one at a time per file).
+        """
+        beat, self._last_beat = self._last_beat, None
+        if beat is None:  # this beat was not built
             return
-        fields, rss = self._last_beat
-        plugins = self.plugins.states()
-        self._ring.add(self.last_heartbeat, fields, plugins)
-        writes = [(RING_UNIT, "heartbeat_ring_failures", self.work_dir / RING_FILE,
-                   partial(write_ring, self.work_dir, self._ring.encode()))]
-        if self.config.metrics.textfile:
-            sample = metrics.Sample(
-                version=VERSION, connected=self.transfer.state.connected,
-                upgrade_held=bool(self.upgrader.hold), rss_bytes=rss,
-                cpu_seconds=time.process_time(), heartbeat_time=self.last_heartbeat,
-                plugins=plugins,
-            )
-            path = Path(self.config.metrics.textfile)
-            text = metrics.render(self.counters(), sample)
-            writes.append((METRICS_UNIT, "metrics_write_failures", path,
-                           partial(metrics.write_textfile, path, text)))
-        for unit, counter, path, write in writes:
+        fields, rss = beat
+        for unit, counter, path in (
+            (RING_UNIT, "heartbeat_ring_failures", self.work_dir / RING_FILE),
+            (METRICS_UNIT, "metrics_write_failures", Path(self.config.metrics.textfile)),
+        ):
+            if unit == METRICS_UNIT and not self.config.metrics.textfile:
+                continue
+            pending = self._file_writes.get(unit)
+            if pending is not None and not pending.done():
+                self.health.fault(unit, f"{path}: the last write has not returned "
+                                  "(hung filesystem?)", counter)
+                continue
             try:
-                await asyncio.to_thread(write)
+                write = self._beat_file(unit, fields, rss)
+                future = self.loop.run_in_executor(None, write)
+                self._file_writes[unit] = future
+                await asyncio.wait({future}, timeout=BEAT_FILE_SECONDS)
+                if not future.done():
+                    self.health.fault(unit, f"{path}: write not done within "
+                                      f"{BEAT_FILE_SECONDS:g} s (hung filesystem?)", counter)
+                    continue
+                future.result()
             except OSError as exc:
                 self.health.fault(unit, "cannot write: " + describe_error(path, exc), counter)
+            except Exception as exc:  # the boundary of one file write
+                log.error("%s not written", unit, exc_info=exc)
+                self.health.fault(unit, f"not written: {exc!r}", counter)
             else:
                 self.health.clear(unit)
+
+    def _beat_file(self, unit: str, fields: dict[str, str], rss: int) -> Callable[[], None]:
+        """What the worker thread writes for `unit`, built here on the loop."""
+        plugins = self.plugins.states()
+        if unit == RING_UNIT:
+            self._ring.add(self.last_heartbeat, fields, plugins)
+            return partial(write_ring, self.work_dir, self._ring.encode())
+        sample = metrics.Sample(
+            version=VERSION, connected=self.transfer.state.connected,
+            upgrade_held=bool(self.upgrader.hold), rss_bytes=rss,
+            cpu_seconds=time.process_time(), heartbeat_time=self.last_heartbeat,
+            plugins=plugins,
+        )
+        text = metrics.render(self.counters(), sample)
+        return partial(metrics.write_textfile, Path(self.config.metrics.textfile), text)
 
     async def _watchdog_tick(self) -> None:
         self.notifier.send("WATCHDOG=1")

@@ -84,3 +84,25 @@ def test_no_textfile_by_default(tmp_path: Path) -> None:
             wait_until((agent.work_dir / RING_FILE).exists, 20)
             agent.stop()
     assert not list(tmp_path.rglob("*.prom"))
+
+
+def test_unwritable_textfile_is_a_fault_not_the_end(tmp_path: Path) -> None:
+    prom = tmp_path / "missing-dir" / "elkeid_agent.prom"
+    with CenterThread(tmp_path / "certs") as center:
+        config = patch_config(
+            center.write_agent_config(tmp_path / "agent.toml", tmp_path / "work"),
+            transport={"heartbeat_interval": 0.3}, metrics={"textfile": str(prom)},
+        )
+        with AgentProcess(config) as agent:
+
+            def faulted() -> list[str]:
+                return [r.fields["state_detail"] for r in center.records(1000)
+                        if "metrics file: cannot write" in r.fields.get("state_detail", "")]
+
+            detail = wait_until(faulted, 20)[-1]
+            assert "ENOENT" in detail
+            prom.parent.mkdir()
+            wait_until(prom.exists, 20)  # retried at each beat; the fault then clears
+            assert agent.proc is not None
+            assert agent.proc.poll() is None
+            agent.stop()
