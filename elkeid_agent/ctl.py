@@ -371,7 +371,10 @@ def hold_and_warnings(work_dir: Path, live: AgentStatus | None) -> dict[str, Any
     from elkeid_agent.upgrade.hold import hold_source, read_hold
 
     record = read_hold(work_dir)
-    source = live.upgrade_hold if live is not None else hold_source(work_dir, False)
+    # The config's hold as the live agent reports it; the `ctl` one from the file itself, so
+    # a hold or release just made shows before the agent's next heartbeat.
+    configured = live is not None and live.upgrade_hold == "config"
+    source = hold_source(work_dir, configured)
     return {
         "upgrade_hold": source,
         "upgrade_hold_reason": record.reason if record is not None else "",

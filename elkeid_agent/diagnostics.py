@@ -17,18 +17,20 @@ environment and any line of the private key's PEM (a plugin could print it), as 
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import platform
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgspec
 
@@ -37,7 +39,7 @@ from elkeid_agent.config import Config, ConfigError, TlsConfig, load_run_config,
 from elkeid_agent.ctl import is_agent_process
 from elkeid_agent.fsutil import atomic_write
 from elkeid_agent.heartbeat_ring import RING_FILE, read_ring
-from elkeid_agent.redact import MASK, redact, secret_name
+from elkeid_agent.redact import MASK, redact, redact_mapping, secret_name
 from elkeid_agent.status import STATUS_FILE, read_status
 from elkeid_agent.version import PRODUCT, VERSION
 
@@ -129,6 +131,7 @@ class Bundle:
             return
         if len(data) > self.left:
             data = data[len(data) - self.left:] if self.left > 0 else b""
+            data = data[data.find(b"\n") + 1:]  # from a line start, as read_tail does
             note = (note + "; " if note else "") + "cut (its end kept) to stay within the bound"
         self.left -= len(data)
         self.members.append((name, data))
@@ -155,22 +158,39 @@ class Bundle:
 # --- readers -------------------------------------------------------------------------------------
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a regular file itself: never through a symlink a
+    plugin left (it could point at /etc/shadow), never blocking on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def _whole_lines(data: bytes) -> bytes:
+    """`data` up to its last line end: a cut never leaves part of a line (of a key, say) the
+    scrubber could not recognise."""
+    end = data.rfind(b"\n") + 1
+    return data[:end]
+
+
 def read_head(path: Path, limit: int) -> tuple[bytes, str]:
-    """Up to `limit` bytes from the start; (data, note)."""
+    """Up to `limit` bytes from the start, whole lines when cut; (data, note)."""
     try:
-        with path.open("rb") as fh:
+        with _open_regular(path) as fh:
             data = fh.read(limit + 1)
     except OSError as exc:
         return b"", f"not read: {exc.strerror or exc}"
     if len(data) > limit:
-        return data[:limit], f"first {limit} bytes"
+        return _whole_lines(data[:limit]), f"the first {limit} bytes at most"
     return data, ""
 
 
 def read_tail(path: Path, limit: int) -> tuple[bytes, str]:
     """The last `limit` bytes, from a line start; (data, note)."""
     try:
-        with path.open("rb") as fh:
+        with _open_regular(path) as fh:
             size = os.fstat(fh.fileno()).st_size
             fh.seek(max(0, size - limit))
             data = fh.read(limit)
@@ -284,8 +304,7 @@ def collect(config_path: str | None, env: Mapping[str, str]) -> tuple[Bundle, di
                    config_note)
     wanted = {k: v for k, v in merged.items()
               if k in PROXY_VARIABLES or k.lower().startswith(("specified_", "elkeid_"))}
-    bundle.add_json("environment.json",
-                    {k: MASK if secret_name(k) and v else redact(v) for k, v in wanted.items()},
+    bundle.add_json("environment.json", redact_mapping(wanted),
                     "the environment run uses (proxy and specified_*), secrets masked")
 
     config_args = ["--config", config_path] if config_path else []
@@ -339,12 +358,16 @@ def _add_plugins(bundle: Bundle, work_dir: Path, states: list[Any]) -> None:
     by_name = {s.get("name"): s for s in states if isinstance(s, dict)}
     base = work_dir / "plugin"
     try:
-        names = sorted(p.name for p in base.iterdir() if p.is_dir())
+        names = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.is_symlink())
     except OSError:
         names = []
     names = sorted(set(names) | {n for n in by_name if isinstance(n, str)})[:MAX_PLUGINS]
     for name in names:
         directory = base / name
+        if directory.is_symlink():  # a plugin's link out of its directory is not followed
+            bundle.add_json(f"plugins/{name}/state.json", {"error": "a symlink, not read"},
+                            str(directory))
+            continue
         bundle.add_json(f"plugins/{name}/state.json", {
             "last_heartbeat": by_name.get(name, "not in the last heartbeat"),
             "files": listing(directory),

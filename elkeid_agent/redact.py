@@ -17,7 +17,10 @@ import re
 from collections.abc import Mapping
 
 MASK = "***"
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{0,15}://)[^\s'\"<>`]*@")
+# The scan for `@` is bounded (USERINFO_MAX) so that text with many `://` and no blank costs
+# linear time, not quadratic; no real userinfo comes near it.
+USERINFO_MAX = 1024
+_USERINFO = re.compile(rf"(?i)\b([a-z][a-z0-9+.-]{{0,15}}://)[^\s'\"<>`]{{0,{USERINFO_MAX}}}@")
 # The fields of a config or environment whose values are secrets whatever they look like.
 _SECRET_NAME = re.compile(r"(?i)(passw|secret|token|credential|api_?key|private)")
 

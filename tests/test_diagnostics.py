@@ -130,3 +130,20 @@ def test_proxy_password_as_typed(value: str, password: str) -> None:
     from elkeid_agent.diagnostics import proxy_password
 
     assert proxy_password(value) == password
+
+
+def test_plugin_files_are_read_only_when_regular_and_not_through_links(tmp_path: Path) -> None:
+    from elkeid_agent.diagnostics import read_head, read_tail
+
+    secret = tmp_path / "secret"
+    secret.write_text("root:$6$hash\n")
+    (tmp_path / "link.stderr").symlink_to(secret)
+    os.mkfifo(tmp_path / "fifo.stderr")  # opening it blocking would hang the bundle
+    for reader in (read_head, read_tail):
+        assert reader(tmp_path / "link.stderr", 1024)[0] == b""
+        assert reader(tmp_path / "fifo.stderr", 1024) == (b"", "not read: not a regular file")
+    assert read_head(secret, 1024) == (b"root:$6$hash\n", "")
+    # A cut keeps whole lines only, so a key line is never left half there.
+    (tmp_path / "lines").write_bytes(b"aaaa\nbbbbbbbb\n")
+    assert read_head(tmp_path / "lines", 8)[0] == b"aaaa\n"
+    assert read_tail(tmp_path / "lines", 12)[0] == b"bbbbbbbb\n"

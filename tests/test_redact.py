@@ -96,3 +96,11 @@ def test_agent_sends_and_writes_no_credentials(tmp_path: Path) -> None:
         (f"record {i}", raw) for i, raw in enumerate(sent)
     )]:
         assert SECRET.encode() not in data, where
+
+
+def test_redact_is_linear_on_hostile_text() -> None:
+    import time
+
+    started = time.monotonic()
+    assert redact("@" + "http://" * 20000) == "@" + "http://" * 20000
+    assert time.monotonic() - started < 5  # quadratic would take minutes
