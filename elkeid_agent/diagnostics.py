@@ -84,11 +84,8 @@ class Scrubber:
         secrets = [password for name in PROXY_VARIABLES
                    if (password := proxy_password(env.get(name, "")))]
         if key_path:
-            try:
-                with open(key_path, "rb") as fh:
-                    pem = fh.read(SMALL_FILE).decode("ascii", "replace")
-            except OSError:
-                pem = ""
+            data, _ = read_head(Path(key_path), SMALL_FILE, follow=True)
+            pem = data.decode("ascii", "replace")
             lines = [ln.strip() for ln in pem.splitlines() if ln.strip()]
             body = [ln for ln in lines if not ln.startswith("-----")]
             secrets += [ln for ln in body if len(ln) >= MIN_SECRET]
@@ -158,10 +155,12 @@ class Bundle:
 # --- readers -------------------------------------------------------------------------------------
 
 
-def _open_regular(path: Path) -> BinaryIO:
-    """`path` opened for reading if it is a regular file itself: never through a symlink a
-    plugin left (it could point at /etc/shadow), never blocking on a FIFO."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+def _open_regular(path: Path, follow: bool) -> BinaryIO:
+    """`path` opened for reading if it is a regular file, never blocking on a FIFO; with
+    `follow` False never through a final symlink (a plugin's could point at /etc/shadow).
+    System files (`/etc/os-release`, units) are often links: they are followed."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file")
@@ -175,10 +174,10 @@ def _whole_lines(data: bytes) -> bytes:
     return data[:end]
 
 
-def read_head(path: Path, limit: int) -> tuple[bytes, str]:
+def read_head(path: Path, limit: int, *, follow: bool = False) -> tuple[bytes, str]:
     """Up to `limit` bytes from the start, whole lines when cut; (data, note)."""
     try:
-        with _open_regular(path) as fh:
+        with _open_regular(path, follow) as fh:
             data = fh.read(limit + 1)
     except OSError as exc:
         return b"", f"not read: {exc.strerror or exc}"
@@ -190,7 +189,7 @@ def read_head(path: Path, limit: int) -> tuple[bytes, str]:
 def read_tail(path: Path, limit: int) -> tuple[bytes, str]:
     """The last `limit` bytes, from a line start; (data, note)."""
     try:
-        with _open_regular(path) as fh:
+        with _open_regular(path, False) as fh:
             size = os.fstat(fh.fileno()).st_size
             fh.seek(max(0, size - limit))
             data = fh.read(limit)
@@ -251,7 +250,7 @@ def run_self(args: list[str], timeout: float) -> tuple[bytes, str]:
 
 def cgroup_text(pid: int, root: Path = Path("/")) -> str:
     """The cgroup of `pid` and the limits in effect there, one `file: value` a line."""
-    membership, note = read_head(root / f"proc/{pid}/cgroup", SMALL_FILE)
+    membership, note = read_head(root / f"proc/{pid}/cgroup", SMALL_FILE, follow=True)
     text = membership.decode("utf-8", "replace")
     lines = [f"# /proc/{pid}/cgroup{' (' + note + ')' if note else ''}", text.rstrip(), ""]
     base = root / "sys/fs/cgroup"
@@ -264,7 +263,7 @@ def cgroup_text(pid: int, root: Path = Path("/")) -> str:
             candidates = [base / ctl / path / name for ctl, name in CGROUP_V1_FILES
                           if ctl == controllers or ctl in controllers.split(",")]
         for file in candidates:
-            data, why = read_head(file, 4096)
+            data, why = read_head(file, 4096, follow=True)
             if not why:
                 lines.append(f"{file.relative_to(root)}: {data.decode('utf-8', 'replace').strip()}")
     return "\n".join(lines) + "\n"
@@ -340,7 +339,7 @@ def collect(config_path: str | None, env: Mapping[str, str]) -> tuple[Bundle, di
     pid = status.pid if live and status is not None else os.getpid()
     which = "the agent's" if pid != os.getpid() else "this process's (no agent running)"
     bundle.add("cgroup.txt", cgroup_text(pid).encode(), f"{which} cgroup and its limit files")
-    os_release, _ = read_head(Path("/etc/os-release"), SMALL_FILE)
+    os_release, _ = read_head(Path("/etc/os-release"), SMALL_FILE, follow=True)
     uname = os.uname()
     bundle.add("os.txt", (f"kernel: {uname.sysname} {uname.release} {uname.version} "
                           f"{uname.machine}\n\n").encode() + os_release,
@@ -381,7 +380,7 @@ def _add_units(bundle: Bundle) -> None:
     for directory in UNIT_DIRS:
         unit = Path(directory) / SERVICE
         if unit.is_file():
-            data, note = read_head(unit, SMALL_FILE)
+            data, note = read_head(unit, SMALL_FILE, follow=True)
             bundle.add(f"systemd{unit}", data, str(unit), note)
         dropins = Path(directory) / f"{SERVICE}.d"
         try:
@@ -389,7 +388,7 @@ def _add_units(bundle: Bundle) -> None:
         except OSError:
             confs = []
         for conf in confs:
-            data, note = read_head(conf, SMALL_FILE)
+            data, note = read_head(conf, SMALL_FILE, follow=True)
             bundle.add(f"systemd{conf}", data, str(conf), note)
 
 

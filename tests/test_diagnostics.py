@@ -92,6 +92,8 @@ def test_bundle_from_a_running_then_a_stopped_agent(tmp_path: Path) -> None:
     assert running["plugins/noisy/noisy.stderr"].startswith(b"starting\n-----BEGIN")
     assert json.loads(running["environment.json"])["HTTPS_PROXY"] == (
         "http://***@proxy.invalid:3128")
+    if Path("/etc/os-release").exists():  # a link on Debian: system files are followed
+        assert b"ID=" in running["os.txt"]
     config_json = json.loads(running["config.json"])
     assert config_json["tls"]["key"] == str(key)  # the path, never the key
 
