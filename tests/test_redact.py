@@ -42,12 +42,15 @@ def test_redact_mapping_removes_secret_named_values() -> None:
 @pytest.mark.parametrize(
     "value",
     [f"http://user:{SECRET}/rest@proxy:3128", f"http://user:{SECRET}#x@proxy:3128",
-     f"http://user:{SECRET}?x@proxy:99999"],
+     f"http://user:{SECRET}?x@proxy:99999", "http://user:31337/rest@proxy:3128",
+     f"user:{SECRET}/rest@proxy:3128"],
 )
 def test_malformed_proxy_url_error_quotes_no_part_of_the_password(value: str) -> None:
     with pytest.raises(ProxyConfigError) as caught:
         parse_proxy("HTTP_PROXY", value)
     assert SECRET not in str(caught.value)
+    assert "31337" not in str(caught.value)
+    assert "user" not in str(caught.value)
     assert "HTTP_PROXY is not a valid proxy URL" in str(caught.value)
 
 
