@@ -19,20 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import msgspec
 import psutil
 
 from elkeid_agent import heartbeat as hb
-from elkeid_agent import specified_env
+from elkeid_agent import metrics, specified_env
 from elkeid_agent.buffer import RecordBuffer
 from elkeid_agent.commands import ConfigSpec, Dispatcher, MetadataRequest, UploadRequest
 from elkeid_agent.config import (
@@ -46,12 +48,14 @@ from elkeid_agent.config import (
 from elkeid_agent.errors import TaskFailed
 from elkeid_agent.fsutil import describe_error
 from elkeid_agent.health import Health
+from elkeid_agent.heartbeat_ring import RING_FILE, HeartbeatRing, write_ring
 from elkeid_agent.host import HostFacts, read_host_facts
 from elkeid_agent.identity import ID_FILE_UNIT, load_agent_id, save_agent_id
 from elkeid_agent.logs import LogFileHandler, RecordHandler, setup_logging
 from elkeid_agent.memory import limit_arenas, trim_after_start, trim_heap
 from elkeid_agent.plugins import lastset
 from elkeid_agent.plugins.supervisor import PluginSupervisor
+from elkeid_agent.redact import redact
 from elkeid_agent.runtime_dir import clean_stale_unpack_dirs
 from elkeid_agent.service import Notifier, dump_tasks, release_memory, watchdog_interval
 from elkeid_agent.spool.pump import run_spooler, spill_all
@@ -91,6 +95,10 @@ WORK_DIR_UNIT = "work dir"
 SPECIFIED_ENV_UNIT = "specified_env file"
 REGION_UNIT = "specified_region"
 FACTS_UNIT = "host facts"
+RING_UNIT = "heartbeat ring"
+# How long a heartbeat waits for its ring or metrics file write.
+BEAT_FILE_SECONDS = 10.0
+METRICS_UNIT = "metrics file"
 
 
 class _Stop(Exception):
@@ -160,6 +168,9 @@ class Agent:
         self._usage = hb.DirUsage(self.work_dir, "plugin")
         self._last_tick = time.monotonic()
         self._last_stats = (0, 0, 0, 0)
+        self._last_beat: tuple[dict[str, str], int] | None = None
+        self._ring = HeartbeatRing()
+        self._file_writes: dict[str, asyncio.Future[None]] = {}
         self.last_heartbeat = 0.0
         self.exit_reason = ""
         self._started = psutil.Process().create_time()
@@ -192,9 +203,18 @@ class Agent:
     def state_detail(self) -> list[str]:
         link = self.transfer.state
         connection = [] if link.connected else [f"connection: {e}" for e in link.dial_errors]
+        tls = [f"tls: {self.transfer.tls_problem}"] if self.transfer.tls_problem else []
         return [
-            *connection, *self.errors.values(), *self.health.details(), *self.plugins.errors()
+            redact(d) for d in (
+                *connection, *tls, *self.errors.values(), *self.health.details(),
+                *self.plugins.errors(),
+            )
         ]
+
+    def warnings(self) -> list[str]:
+        """What needs attention soon without being a fault (state stays running)."""
+        expiry = self.transfer.tls.expiry_warning(datetime.datetime.now(datetime.UTC))
+        return [expiry] if expiry else []
 
     def counters(self) -> dict[str, int | float]:
         b = self.buffer.snapshot()
@@ -245,6 +265,7 @@ class Agent:
         if self.transfer.state.connected and stats.tx_messages:
             # A stream is open and has carried this process's first heartbeat.
             self.upgrader.confirm()
+        self.upgrader.recheck_hold()
         current = (stats.tx_bytes, stats.tx_records, stats.rx_bytes, stats.rx_commands)
         tx_bytes, tx_records, rx_bytes, rx_commands = (
             c - p for c, p in zip(current, self._last_stats, strict=True)
@@ -254,9 +275,10 @@ class Agent:
         self.last_heartbeat = time.time()
         self._write_status()
         detail = self.state_detail()
+        process = self._sampler.sample()
         fields = hb.build_agent_heartbeat(
             facts=facts,
-            process=self._sampler.sample(),
+            process=process,
             stats=hb.host_stats(self._cpu),
             state="abnormal" if detail else "running",
             state_detail=detail,
@@ -273,7 +295,15 @@ class Agent:
         )
         fields["upgrade_state"] = self.upgrader.state
         fields["upgrade_error"] = self.upgrader.last_error
+        warnings = self.warnings()
+        fields["warnings"] = "; ".join(warnings)
+        not_after = self.transfer.tls.not_after
+        fields["tls_cert_not_after"] = str(int(not_after.timestamp())) if not_after else ""
+        fields["upgrade_hold"] = self.upgrader.hold
+        fields["upgrade_held_version"] = self.upgrader.held_version
         fields["spool_state"] = str(self.spool.state)
+        fields = {key: redact(value) for key, value in fields.items()}
+        self._last_beat = (fields, process.rss)
         timestamp = int(time.time())
         self.buffer.put_agent(encode_record(AGENT_HEARTBEAT, timestamp, fields))
         for record in self.plugins.heartbeats():
@@ -307,10 +337,13 @@ class Agent:
                     last_heartbeat=self.last_heartbeat,
                     updated=time.time(),
                     upgrade_state=self.upgrader.state,
+                    upgrade_hold=self.upgrader.hold,
+                    upgrade_held_version=self.upgrader.held_version,
+                    warnings=self.warnings(),
                     started=self._started,
                     connected_since=link.connected_since if link.connected else 0.0,
                     detail=detail,
-                    exit_reason=self.exit_reason,
+                    exit_reason=redact(self.exit_reason),
                     spool_state=str(self.spool.state),
                     spool_records=self.spool.records,
                     spool_bytes=self.spool.held_bytes,
@@ -466,6 +499,61 @@ class Agent:
                 self.facts = facts
                 self._header = self._encode_header(facts)
         self.send_heartbeat()
+        await self._write_beat_files()
+
+    async def _write_beat_files(self) -> None:
+        """The heartbeat ring (for diagnostics) and the metrics textfile, each a unit of
+        failure of its own (a fault and a counter, never the beat). Written in a worker thread
+        and waited for at most BEAT_FILE_SECONDS: a write stuck on a hung filesystem holds up
+        neither the heartbeat loop nor, by piling up, the thread pool (one at a time per file).
+        """
+        beat, self._last_beat = self._last_beat, None
+        if beat is None:  # this beat was not built
+            return
+        fields, rss = beat
+        for unit, counter, path in (
+            (RING_UNIT, "heartbeat_ring_failures", self.work_dir / RING_FILE),
+            (METRICS_UNIT, "metrics_write_failures", Path(self.config.metrics.textfile)),
+        ):
+            if unit == METRICS_UNIT and not self.config.metrics.textfile:
+                continue
+            pending = self._file_writes.get(unit)
+            if pending is not None and not pending.done():
+                self.health.fault(unit, f"{path}: the last write has not returned "
+                                  "(hung filesystem?)", counter)
+                continue
+            try:
+                write = self._beat_file(unit, fields, rss)
+                future = self.loop.run_in_executor(None, write)
+                self._file_writes[unit] = future
+                await asyncio.wait({future}, timeout=BEAT_FILE_SECONDS)
+                if not future.done():
+                    self.health.fault(unit, f"{path}: write not done within "
+                                      f"{BEAT_FILE_SECONDS:g} s (hung filesystem?)", counter)
+                    continue
+                future.result()
+            except OSError as exc:
+                self.health.fault(unit, "cannot write: " + describe_error(path, exc), counter)
+            except Exception as exc:  # the boundary of one file write
+                log.error("%s not written", unit, exc_info=exc)
+                self.health.fault(unit, f"not written: {exc!r}", counter)
+            else:
+                self.health.clear(unit)
+
+    def _beat_file(self, unit: str, fields: dict[str, str], rss: int) -> Callable[[], None]:
+        """What the worker thread writes for `unit`, built here on the loop."""
+        plugins = self.plugins.states()
+        if unit == RING_UNIT:
+            self._ring.add(self.last_heartbeat, fields, plugins)
+            return partial(write_ring, self.work_dir, self._ring.encode())
+        sample = metrics.Sample(
+            version=VERSION, connected=self.transfer.state.connected,
+            upgrade_held=bool(self.upgrader.hold), rss_bytes=rss,
+            cpu_seconds=time.process_time(), heartbeat_time=self.last_heartbeat,
+            plugins=plugins,
+        )
+        text = metrics.render(self.counters(), sample)
+        return partial(metrics.write_textfile, Path(self.config.metrics.textfile), text)
 
     async def _watchdog_tick(self) -> None:
         self.notifier.send("WATCHDOG=1")

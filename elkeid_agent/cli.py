@@ -23,13 +23,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(
-        dest="command", metavar="{run,ctl,doctor,selftest,upgrade-guard}"
+        dest="command", metavar="{run,ctl,doctor,diagnostics,selftest,upgrade-guard}"
     )
     run = sub.add_parser("run", help="run the agent (the default)")
     run.add_argument("--config", help="TOML configuration file")
     add_ctl_parser(sub)
     doctor = sub.add_parser("doctor", help="check config, certificates, server, work dir")
     doctor.add_argument("--config", help="TOML configuration file (as for run)")
+    diagnostics = sub.add_parser(
+        "diagnostics", help="write one bounded tar.gz for a support case, secrets removed"
+    )
+    diagnostics.add_argument("--config", help="TOML configuration file (as for run)")
+    diagnostics.add_argument("--output", help="the tar.gz to write (default: in this directory)")
     selftest = sub.add_parser(
         "selftest", help="load everything `run` needs, without side effects; print one JSON line"
     )
@@ -62,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         from elkeid_agent.doctor import run_doctor
 
         return run_doctor(args.config, sys.stdout)
+    if args.command == "diagnostics":
+        from elkeid_agent.diagnostics import run_diagnostics
+
+        return run_diagnostics(args.config, args.output)
     if args.command == "selftest":
         from elkeid_agent.upgrade.selftest import run_selftest
 

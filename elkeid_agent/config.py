@@ -104,6 +104,15 @@ class UpgradeConfig(_Strict):
     probe_timeout: float | None = None
     quarantine_seconds: float | None = None
     retry_after: float | None = None
+    # True: the running version stays whatever the server pushes (`ctl hold` does the same
+    # without a restart, and `ctl release` lifts only that one).
+    hold: bool | None = None
+
+
+class MetricsConfig(_Strict):
+    # Path of a node_exporter textfile-collector file (`*.prom` in its directory), rewritten
+    # at each heartbeat; empty: no metrics file.
+    textfile: str = ""
 
 
 class Config(_Strict):
@@ -118,6 +127,7 @@ class Config(_Strict):
     plugins: PluginsConfig = msgspec.field(default_factory=PluginsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     upgrade: UpgradeConfig = msgspec.field(default_factory=UpgradeConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
     @property
     def work_path(self) -> Path:

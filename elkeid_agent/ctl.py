@@ -70,6 +70,13 @@ def add_ctl_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     sub.add_parser(
         "cleanup", help="remove plugins, logs and temporary files (service must be stopped)"
     )
+    hold = sub.add_parser(
+        "hold", help="keep the running agent version whatever the server pushes (no restart)"
+    )
+    hold.add_argument("--config", help="read the work dir from this config, as run does")
+    hold.add_argument("--reason", default="", help="why, for whoever reads ctl status")
+    release = sub.add_parser("release", help="lift `ctl hold`: upgrades pushed are applied")
+    release.add_argument("--config", help="read the work dir from this config, as run does")
 
 
 def run_ctl(args: argparse.Namespace) -> int:
@@ -82,6 +89,8 @@ def run_ctl(args: argparse.Namespace) -> int:
         return _status(work_dir, args.json)
     if cmd == "cleanup":
         return _cleanup(work_dir)
+    if cmd in ("hold", "release"):
+        return _hold(work_dir, cmd == "hold", getattr(args, "reason", ""))
     return _systemctl(cmd, SERVICE)
 
 
@@ -281,10 +290,11 @@ def _status(work_dir: Path, as_json: bool) -> int:
     from elkeid_agent.upgrade.report import upgrade_lines
 
     report["upgrade_history"] = upgrade_lines(work_dir, now)
+    report.update(hold_and_warnings(work_dir, st if report.get("running") else None))
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
-        sys.stdout.write(format_report(report, now))
+        sys.stdout.write(format_report(report, now) + format_hold_and_warnings(report))
     return 0 if report["running"] else 3
 
 
@@ -333,3 +343,54 @@ def _cleanup(work_dir: Path) -> int:
             clean_stale_unpack_dirs(base)
     print(f"cleaned {', '.join(CLEANUP_DIRS)} under {work_dir}")
     return 1 if failed else 0
+
+
+# --- upgrade hold, warnings ----------------------------------------------------------
+
+
+def _hold(work_dir: Path, hold: bool, reason: str) -> int:
+    from elkeid_agent.upgrade.hold import clear_hold, set_hold
+
+    try:
+        if hold:
+            path = set_hold(work_dir, reason)
+            sys.stdout.write(f"upgrades held ({path}); the running agent keeps its version\n")
+        elif clear_hold(work_dir):
+            sys.stdout.write("upgrade hold released: the running agent applies the next push\n")
+        else:
+            sys.stdout.write(f"no `ctl hold` in {work_dir} (upgrade.hold in a config stays)\n")
+    except OSError as exc:
+        sys.stderr.write(f"ctl {'hold' if hold else 'release'}: {exc}\n")
+        return 1
+    return 0
+
+
+def hold_and_warnings(work_dir: Path, live: AgentStatus | None) -> dict[str, Any]:
+    """The upgrade hold (what the live agent says, else the `ctl hold` file alone) and the
+    live agent's warnings (a certificate close to its end)."""
+    from elkeid_agent.upgrade.hold import hold_source, read_hold
+
+    record = read_hold(work_dir)
+    # The config's hold as the live agent reports it; the `ctl` one from the file itself, so
+    # a hold or release just made shows before the agent's next heartbeat.
+    configured = live is not None and live.upgrade_hold == "config"
+    source = hold_source(work_dir, configured)
+    return {
+        "upgrade_hold": source,
+        "upgrade_hold_reason": record.reason if record is not None else "",
+        "upgrade_held_version": live.upgrade_held_version if live is not None else "",
+        "warnings": list(live.warnings) if live is not None else [],
+    }
+
+
+def format_hold_and_warnings(report: dict[str, Any]) -> str:
+    lines = []
+    source = report.get("upgrade_hold")
+    if source:
+        how = "upgrade.hold in the config" if source == "config" else "`ctl hold`"
+        held = report.get("upgrade_held_version")
+        lines.append(f"upgrade hold: by {how}" + (f", {held} pushed and held" if held else "")
+                     + (f" ({report['upgrade_hold_reason']})"
+                        if report.get("upgrade_hold_reason") else ""))
+    lines += [f"warning: {w}" for w in report.get("warnings", [])]
+    return "".join(line + "\n" for line in lines)

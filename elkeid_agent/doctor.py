@@ -32,11 +32,12 @@ from elkeid_agent.config import (
 from elkeid_agent.transport.certinfo import CLIENT_AUTH, CertError, parse_pem, verify_client_cert
 from elkeid_agent.transport.discovery import DiscoveryError, candidates, fetch_sd_nodes
 from elkeid_agent.transport.probe import probe
-from elkeid_agent.transport.tls import TlsError, TlsMaterial
+from elkeid_agent.transport.tls import EXPIRY_WARN_DAYS, TlsError, TlsMaterial
+from elkeid_agent.upgrade.hold import HOLD_FILE, hold_source
 from elkeid_agent.version import VERSION
 
 # A certificate this close to its end gets a warning: replacing certs on hosts takes time.
-WARN_DAYS = 30
+WARN_DAYS = EXPIRY_WARN_DAYS
 # Plugins, their downloads and the unpacked executable live in the work dir.
 MIN_FREE_BYTES = 200 * 1024 * 1024
 
@@ -215,6 +216,18 @@ def checks(config_path: str | None, env: dict[str, str]) -> Iterator[Check]:
     yield from check_certificates(config, datetime.datetime.now(datetime.UTC))
     yield from check_connections(config)
     yield from check_work_dir(config.work_path)
+    yield check_upgrade_hold(config)
+
+
+def check_upgrade_hold(config: Config) -> Check:
+    """A hold is the operator's choice, never a failure; doctor says it stands."""
+    source = hold_source(config.work_path, bool(config.upgrade.hold))
+    if source == "config":
+        return _ok("upgrade", "held by upgrade.hold in the config: pushed versions are ignored")
+    if source == "ctl":
+        return _ok("upgrade", f"held by `ctl hold` ({config.work_path / HOLD_FILE}): pushed "
+                   "versions are ignored until `ctl release`")
+    return _ok("upgrade", "not held: versions the server pushes are installed")
 
 
 def run_doctor(config_path: str | None, out: TextIO) -> int:

@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from elkeid_agent import http
+from elkeid_agent.redact import redact
 
 #: The issue's cap for a plugin or agent artifact, and for what an archive unpacks to.
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
@@ -153,6 +154,7 @@ async def download_verified(
     expected = sha256.lower()
     failures: list[str] = []
     for url in urls:
+        shown = redact(url)
         try:
             sink = await asyncio.to_thread(_HashingFile, directory)
         except OSError as exc:
@@ -164,18 +166,18 @@ async def download_verified(
             actual = await sink.finish()
         except http.HttpError as exc:
             await asyncio.to_thread(sink.discard)
-            failures.append(f"{url}: {exc}")
+            failures.append(f"{shown}: {exc}")
             continue
         except OSError as exc:
             await asyncio.to_thread(sink.discard)
-            raise WriteFailed(f"{url}: cannot write {sink.path}: {exc}") from exc
+            raise WriteFailed(f"{shown}: cannot write {sink.path}: {exc}") from exc
         except BaseException:
             # Cancelled (or a bug): no await here, the file must go all the same.
             sink.discard()
             raise
         if actual != expected:
             await asyncio.to_thread(sink.discard)
-            failures.append(f"{url}: sha256 {actual} != {expected}")
+            failures.append(f"{shown}: sha256 {actual} != {expected}")
             continue
         return sink.path
     raise DownloadError("; ".join(failures))

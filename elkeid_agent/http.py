@@ -32,6 +32,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import h11
 
 from elkeid_agent.proxyenv import Proxy, ProxyConfigError, ProxySettings
+from elkeid_agent.redact import redact
 
 #: Where distributions keep their CA bundle. A frozen executable carries its own OpenSSL whose
 #: compiled-in default path may not exist on the host, so we look for the host's file ourselves.
@@ -62,7 +63,11 @@ Sink = Callable[[bytes], Awaitable[None]]
 
 
 class HttpError(Exception):
-    """A request that did not produce a complete 200 body; the message says why."""
+    """A request that did not produce a complete 200 body; the message says why (with the
+    credentials of any URL in it masked: reasons go to logs, heartbeats and status.json)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 class TooLarge(HttpError):
@@ -120,6 +125,7 @@ class Url:
 
 
 def _quote(text: str) -> str:
+    text = redact(text)  # before the cut, which could leave a URL without its `@`
     return repr(text[:MAX_QUOTE] + ("..." if len(text) > MAX_QUOTE else ""))
 
 

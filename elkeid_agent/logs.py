@@ -26,6 +26,7 @@ from typing import TextIO
 
 from elkeid_agent.config import LogConfig
 from elkeid_agent.fsutil import describe_error
+from elkeid_agent.redact import redact
 from elkeid_agent.wire import encode_record
 
 AGENT_LOG = 1010
@@ -285,6 +286,13 @@ class _Compressor:
         self.pending.unlink()
 
 
+class RedactingFormatter(logging.Formatter):
+    """Every line, traceback included, with URL credentials masked (redact.py)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 class RecordHandler(logging.Handler):
     """Turns error-level entries into 1010 records, rate-limited by a token bucket."""
 
@@ -314,12 +322,12 @@ class RecordHandler(logging.Handler):
         self._tokens -= 1
         fields = {
             "level": record.levelname.lower(),
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
             "source": f"{record.pathname.rsplit('/', 1)[-1]}:{record.lineno}",
             "logger": record.name,
         }
         if record.exc_info and record.exc_info[1] is not None:
-            fields["error"] = repr(record.exc_info[1])
+            fields["error"] = redact(repr(record.exc_info[1]))
         self._emit(encode_record(AGENT_LOG, int(record.created), fields))
 
 
@@ -335,7 +343,7 @@ def setup_logging(work_dir: Path, config: LogConfig) -> LogFileHandler:
         root.removeHandler(handler)
         if isinstance(handler, LogFileHandler):
             handler.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     to_terminal = sys.stderr.isatty() or bool(os.environ.get("ELKEID_LOG_STDERR"))
     # Lines the file could not take go to stderr, unless every line already does.
     file_handler = LogFileHandler(

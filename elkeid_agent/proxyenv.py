@@ -168,6 +168,17 @@ def _split_entry(entry: str) -> tuple[str, int | None]:
     return (host, int(port_text)) if port_text.isascii() and port_text.isdigit() else ("", None)
 
 
+def _problem(exc: ValueError) -> str:
+    text = str(exc)
+    if text.startswith("Port out of range"):
+        return "its port is out of range 0-65535"
+    if not text or text.startswith("Port could not be cast"):
+        return "its port is not a number (a password with / ? # or @ must be %-encoded)"
+    if "IPv6" in text:
+        return "its IPv6 address is malformed"
+    return "it does not parse as a URL"
+
+
 def parse_proxy(variable: str, value: str) -> Proxy:
     """The proxy a variable's value names; ProxyConfigError if it is unusable."""
     try:
@@ -176,7 +187,13 @@ def parse_proxy(variable: str, value: str) -> Proxy:
             parts = urlsplit(f"http://{value}")
         port = parts.port or DEFAULT_PORTS.get(parts.scheme, 80)
     except ValueError as exc:
-        raise ProxyConfigError(f"{variable} is not a valid proxy URL: {exc}") from None
+        # Never urllib's words: they quote the netloc, and a password holding `/` or `#`
+        # makes part of it the "port" they quote.
+        raise ProxyConfigError(f"{variable} is not a valid proxy URL: {_problem(exc)}") from None
+    if "@" in parts.path + parts.query + parts.fragment:
+        # `user:123/x@host`: urllib reads host `user`, port 123, and every message naming the
+        # proxy would show the user and the start of the password.
+        raise ProxyConfigError(f"{variable} is not a valid proxy URL: {_problem(ValueError())}")
     if parts.scheme != "http":
         raise ProxyConfigError(f"{variable}: {parts.scheme} proxies are not supported (http is)")
     if not parts.hostname:

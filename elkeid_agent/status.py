@@ -17,6 +17,9 @@ import msgspec
 from elkeid_agent.fsutil import atomic_write
 
 STATUS_FILE = "status.json"
+# Owner read-write, group read (a monitoring group), others nothing: the detail names hosts,
+# paths and reasons an unprivileged user of the host has no business reading.
+STATUS_MODE = 0o640
 
 
 class AgentStatus(msgspec.Struct, kw_only=True):
@@ -38,6 +41,9 @@ class AgentStatus(msgspec.Struct, kw_only=True):
     spool_bytes: int = 0
     spool_oldest_seconds: float = 0.0
     spool_dropped_records: int = 0
+    upgrade_hold: str = ""  # config, ctl, or "" (upgrade/hold.py)
+    upgrade_held_version: str = ""  # pushed while held, not installed
+    warnings: list[str] = msgspec.field(default_factory=list)  # e.g. a certificate expiring
 
 
 _encoder = msgspec.json.Encoder()
@@ -51,7 +57,7 @@ def write_status(work_dir: Path, st: AgentStatus) -> None:
     so after a power loss an old or missing copy is as good as the latest. OSError (a full or
     read-only disk) is the caller's to report.
     """
-    atomic_write(work_dir / STATUS_FILE, _encoder.encode(st), 0o644, durable=False)
+    atomic_write(work_dir / STATUS_FILE, _encoder.encode(st), STATUS_MODE, durable=False)
 
 
 def read_status(work_dir: Path) -> AgentStatus | None:

@@ -280,14 +280,18 @@ def generate_client_cert(
     *,
     expired: bool = False,
     stem: str = "client",
+    days_left: float | None = None,
 ) -> tuple[Path, Path]:
-    """Sign another client cert with the CA of `ca` (`expired`: it ended yesterday).
+    """Sign another client cert with the CA of `ca` (`expired`: it ended yesterday;
+    `days_left`: it ends that many days from now).
 
     Returns (cert path, key path) written into `directory` as `<stem>.crt` / `<stem>.key`.
     """
     ca_cert, ca_key = _load_ca(ca)
     now = datetime.datetime.now(datetime.UTC)
     valid = (now - 2 * VALIDITY, now - BACKDATE) if expired else None
+    if days_left is not None:
+        valid = (now - BACKDATE, now + datetime.timedelta(days=days_left))
     cert, key = _make_leaf(ca_cert, ca_key, CLIENT_NAME, server=False, valid=valid)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

@@ -303,6 +303,23 @@ class PluginSupervisor:
             out.append(encode_record(PLUGIN_HEARTBEAT, int(time.time()), fields))
         return out
 
+    def states(self) -> list[dict[str, str | int]]:
+        """Each plugin's state and counters (metrics, the heartbeat ring, diagnostics)."""
+        return [
+            {
+                "name": name,
+                "version": slot.spec.version,
+                "state": str(slot.lifecycle.state.value),
+                "pid": slot.process.pid if slot.process is not None else 0,
+                "restarts": slot.restarts,
+                "last_exit": slot.last_exit,
+                "rx_frames": slot.counters.rx_frames,
+                "malformed_frames": slot.counters.malformed,
+                "too_large_frames": slot.counters.too_large,
+            }
+            for name, slot in self._slots.items()
+        ]
+
     def slot_info(self, name: str) -> tuple[State, int, Counters, int | None] | None:
         """(state, restarts, counters, pid) of a plugin, for status displays and tests."""
         slot = self._slots.get(name)

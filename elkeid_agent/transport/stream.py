@@ -39,7 +39,7 @@ from elkeid_agent.transport.discovery import (
 )
 from elkeid_agent.transport.grpc_env import grpc
 from elkeid_agent.transport.probe import probe
-from elkeid_agent.transport.tls import TlsMaterial
+from elkeid_agent.transport.tls import TlsError, TlsMaterial
 from elkeid_agent.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,8 @@ class TransferLoop:
         self._finishing = False
         self._session_ended = asyncio.Event()
         self.tls = tls
+        # Why the certificates on disk were last refused ("" when they loaded).
+        self.tls_problem = ""
         self.buffer = buffer
         self.header = header
         self.on_command = on_command
@@ -193,8 +195,25 @@ class TransferLoop:
         self._dial_failed(f"dial {candidate.address} ({candidate.net_mode}): {reason}")
         return None
 
+    async def reload_tls(self) -> None:
+        """The certificates as they are on disk now: a renewed cert, key or CA is used from
+        this round on; one that does not load keeps the last good material, and says why."""
+        try:
+            material = await asyncio.to_thread(TlsMaterial.load, self.config.tls)
+        except TlsError as exc:
+            problem = f"renewed certificates not used ({exc}); the ones read before are"
+            if problem != self.tls_problem:
+                log.error("%s", problem)
+            self.tls_problem = problem
+            return
+        self.tls_problem = ""
+        if material != self.tls:
+            log.info("certificates changed on disk: this connection round uses the new ones")
+            self.tls = material
+
     async def connect(self) -> tuple[grpc.aio.Channel, Candidate] | None:
         self._round_errors = []
+        await self.reload_tls()
         ladder = await self._ladder()
         if not ladder and not self._round_errors:
             self._dial_failed(f"no address configured for region {self.config.region}")

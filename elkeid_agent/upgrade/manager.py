@@ -41,6 +41,7 @@ from elkeid_agent.upgrade.artifact import (
     BadArtifact,
     extract_candidate,
 )
+from elkeid_agent.upgrade.hold import hold_source
 from elkeid_agent.upgrade.probe import (
     ELF_HEAD_BYTES,
     architecture_verdict,
@@ -205,6 +206,7 @@ class UpgradeManager:
         self.last_error = ""
         self._record: UpgradeRecord | None = None  # ours to confirm
         self._pending: ConfigSpec | None = None
+        self._held: ConfigSpec | None = None  # pushed while held; tried once released
         self._wake = asyncio.Event()
         self._retry_at: dict[tuple[str, str], float] = {}
         self._said: set[str] = set()  # refusals already logged (log once)
@@ -222,6 +224,34 @@ class UpgradeManager:
     @property
     def state(self) -> str:
         return self.machine.state.value
+
+    @property
+    def hold(self) -> str:
+        """Why upgrades are held: `config`, `ctl`, or "" when they are not."""
+        return hold_source(self.work_dir, self.settings.hold)
+
+    @property
+    def held_version(self) -> str:
+        """The version the server pushed and the hold keeps out, "" when none."""
+        return self._held.version if self._held is not None else ""
+
+    def recheck_hold(self) -> None:
+        """Each heartbeat: a version kept out by a hold since lifted is tried now."""
+        if self._held is not None and not self.hold:
+            log.info("upgrade hold released: %s pushed while held is considered",
+                     self._held.version)
+            self._pending, self._held = self._held, None
+            self._wake.set()
+
+    def _keep_out(self, config: ConfigSpec) -> bool:
+        source = self.hold
+        if not source:
+            return False
+        self._held = config
+        how = "upgrade.hold in the config" if source == "config" else "`ctl hold`"
+        self._say_once(f"held/{config.version}/{source}",
+                       f"upgrade to {config.version} held by {how}; {self.version} keeps running")
+        return True
 
     def _set_error(self, message: str) -> None:
         self.last_error = message
@@ -242,10 +272,13 @@ class UpgradeManager:
         """Note the wish; `run()` acts on it. Never blocks the Dispatcher."""
         if not config.version or config.version == self.version:
             # The server wants what runs: any earlier failure is no longer news.
-            self._pending = None
+            self._pending = self._held = None
             if self.machine.state is not UpgradeState.SWAPPED:
                 self._clear_error()
             return
+        if self._keep_out(config):
+            return
+        self._held = None
         refusal = self._refusal(config)
         if refusal is not None:
             self._say_once(*refusal)
@@ -301,7 +334,7 @@ class UpgradeManager:
                 continue
             self._wake.clear()
             config, self._pending = self._pending, None
-            if config is None:
+            if config is None or self._keep_out(config):
                 continue
             refusal = self._refusal(config)
             if refusal is not None:

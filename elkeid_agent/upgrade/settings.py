@@ -30,6 +30,8 @@ class UpgradeSettings:
     max_artifact_bytes: int = 512 * 1024 * 1024
     max_candidate_bytes: int = MAX_CANDIDATE_BYTES
     package_timeout: float = 600.0
+    #: `upgrade.hold`: the running version stays whatever the server pushes (hold.py).
+    hold: bool = False
 
 
 def with_overrides(base: UpgradeSettings, config: UpgradeConfig) -> UpgradeSettings:
