@@ -10,6 +10,10 @@
 #   PRODUCT_CONFIG  TOML baked in as the agent's defaults; default build/product.default.toml
 #   DIST_DIR        default dist/
 #   PACKAGE_MAINTAINER  "Name <address>" of the packages (build/package.sh)
+#   SIGNING_KEY     an Ed25519 private key file (tools/sign.py keygen): the executable, the
+#                   deb and the rpm get its signature block as elkeid-agent VERSION
+#                   (docs/signing.md); SIGNING_ALLOW_DOWNGRADE=1 lets hosts that run a
+#                   higher version take this one. Unset: nothing is signed.
 # Outputs: DIST_DIR/elkeid-agent-VERSION-linux-ARCH, the .deb and the .rpm, with sha256.
 #
 # amd64 builds in a Debian 12 root made by debootstrap and cached in build/cache/roots
@@ -77,7 +81,14 @@ exe=$dist/elkeid-agent-$version-linux-$arch
 install -m 0755 "$out/elkeid-agent" "$exe"
 say "packaging"
 build/package.sh "$arch" "$exe" "$version" "$CERTS_DIR" "$dist" >/dev/null
-say "done: $(du -h "$exe" | cut -f1) executable"
 rpm_arch=$([ "$arch" = arm64 ] && echo aarch64 || echo x86_64)
+if [ -n "${SIGNING_KEY:-}" ]; then
+    # After packaging: the packages hold the executable as built, each file its own block.
+    say "signing with $SIGNING_KEY"
+    .venv/bin/python tools/sign.py sign --key "$SIGNING_KEY" --name elkeid-agent \
+        --version "$version" ${SIGNING_ALLOW_DOWNGRADE:+--allow-downgrade} "$exe" \
+        "$dist/elkeid-agent_${version}_$arch.deb" "$dist/elkeid-agent-$version-1.$rpm_arch.rpm" >&2
+fi
+say "done: $(du -h "$exe" | cut -f1) executable"
 (cd "$dist" && sha256sum "elkeid-agent-$version-linux-$arch" "elkeid-agent_${version}_$arch.deb" \
     "elkeid-agent-$version-1.$rpm_arch.rpm")
