@@ -31,7 +31,7 @@ from elkeid_agent.download import (
     sha256_file,
 )
 from elkeid_agent.fsutil import remove_tree
-from elkeid_agent.signing.check import Verifier, strip
+from elkeid_agent.signing.check import Verdict, Verifier, strip
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,13 @@ async def prepare(
     """Stage the plugin's files; None when the executable on disk is already the right one."""
     executable = directory / spec.name
     expected = spec.signature or spec.sha256
+    verifier = verifier or Verifier()
     if await asyncio.to_thread(file_matches, executable, expected):
+        if spec.type != TAR_GZ:
+            # The same bytes, now asked for as this name and version: the block they kept
+            # must say so too (an unpacked archive's executable has no block to ask).
+            _apply(await asyncio.to_thread(verifier.check, executable, spec.name,
+                                           spec.version), spec)
         return None
     if not spec.download_urls:
         raise InstallError("executable missing or different, and no download URL")
@@ -88,15 +94,8 @@ async def prepare(
     )
     staged = Staged(directory, download, None)
     try:
-        verifier = verifier or Verifier()
         verdict = await asyncio.to_thread(verifier.check, download, spec.name, spec.version)
-        if verdict.refuse:
-            raise SignatureRefused(f"signature: {verdict.problem}; refused (signing policy "
-                                   "enforce)")
-        if verdict.problem is not None:
-            staged.signature_warning = verdict.problem
-            log.warning("plugin %s %s: signature: %s; used anyway (signing policy warn)",
-                        spec.name, spec.version, verdict.problem)
+        staged.signature_warning = _apply(verdict, spec)
         candidate = download
         if spec.type == TAR_GZ:
             staged.unpacked = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
@@ -111,6 +110,16 @@ async def prepare(
         discard(staged)
         raise
     return staged
+
+
+def _apply(verdict: Verdict, spec: ConfigSpec) -> str | None:
+    """Raise SignatureRefused for a refusal; the problem used anyway (warn), or None."""
+    if verdict.refuse:
+        raise SignatureRefused(f"signature: {verdict.problem}; refused (signing policy enforce)")
+    if verdict.problem is not None:
+        log.warning("plugin %s %s: signature: %s; used anyway (signing policy warn)",
+                    spec.name, spec.version, verdict.problem)
+    return verdict.problem
 
 
 def check_signature(executable: Path, signature: str) -> None:

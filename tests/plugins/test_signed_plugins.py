@@ -104,3 +104,19 @@ def test_a_rotated_key_runs_an_expired_key_is_refused(tmp_path: Path) -> None:
     assert any(f"signed with key {expired.pinned.key_id}, expired" in e for e in errors)
     assert any("plugin stranger: signature: signed with unknown key" in e for e in errors)
     assert any("plugin bare: signature: unsigned; refused" in e for e in errors)
+
+
+def test_bytes_in_place_asked_for_as_another_version_are_checked_again(tmp_path: Path) -> None:
+    key = TestKey()
+    signed = key.sign(PLUGIN, "p", "1")
+    ran, errors, _ = _sync(tmp_path, Verifier(Policy.ENFORCE, [key.pinned]),
+                           [("p", signed, "1", "")])
+    assert (ran, errors) == ({"p": True}, [])
+    (tmp_path / "plugin" / "p" / "ran").unlink()
+    # The server now calls the same bytes version 2: nothing is downloaded, and the block in
+    # place says version 1.
+    ran, errors, counters = _sync(tmp_path, Verifier(Policy.ENFORCE, [key.pinned]),
+                                  [("p", signed, "2", "")])
+    assert ran == {"p": False}
+    assert any("signed for 'p' '1', not 'p' '2'" in e for e in errors)
+    assert counters == {"signature_refused": 1}
