@@ -7,6 +7,8 @@ plugin, a tar.gz or the agent's deb/rpm (docs/signing.md).
                                              appends the block (replaces an existing one)
     tools/sign.py verify --pub P [--pub P2] --name N --version V FILE
                                              exit 0 if a pinned key signed FILE as N V
+    tools/sign.py strip FILE...              cuts the block off (rpm refuses a package with
+                                             bytes after its payload: `rpm -i` needs this)
 
 Keys are files holding the base64 of the 32 raw bytes (the private key's seed, the public
 key). Run it with the project's venv: `.venv/bin/python tools/sign.py ...`.
@@ -54,13 +56,20 @@ def keygen(stem: Path) -> int:
     return 0
 
 
-def sign_file(path: Path, seed: bytes, name: str, version: str, allow_downgrade: bool) -> None:
+def strip_file(path: Path) -> bool:
+    """Cut an existing block off; False if the file has none."""
     try:
-        old = read_block(path)
+        block = read_block(path)
     except BadBlock:
-        old = None
-    if old is not None:
-        os.truncate(path, old.content_size)
+        block = None
+    if block is None:
+        return False
+    os.truncate(path, block.content_size)
+    return True
+
+
+def sign_file(path: Path, seed: bytes, name: str, version: str, allow_downgrade: bool) -> None:
+    strip_file(path)
     size = path.stat().st_size
     block = sign(seed, name, version, size, sha256_prefix(path, size), allow_downgrade)
     with path.open("ab") as fh:
@@ -84,9 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     ver.add_argument("--name", required=True)
     ver.add_argument("--version", required=True)
     ver.add_argument("file", type=Path)
+    cut = sub.add_parser("strip")
+    cut.add_argument("files", type=Path, nargs="+")
     args = parser.parse_args(argv)
     if args.command == "keygen":
         return keygen(args.stem)
+    if args.command == "strip":
+        for path in args.files:
+            print(f"{path}: {'block cut off' if strip_file(path) else 'no block'}")
+        return 0
     if args.command == "sign":
         seed = _read_key(args.key)
         for path in args.files:

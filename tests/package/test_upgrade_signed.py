@@ -51,7 +51,8 @@ def builds(host_ready: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     debs = {}
     for version in (A_VERSION, B_VERSION):
         out = top / version
-        debs[version] = out / f"elkeid-agent_{version}_amd64.deb"
+        signed = out / "signed"
+        debs[version] = signed / f"elkeid-agent_{version}_amd64.deb"
         if not debs[version].exists():
             out.mkdir(exist_ok=True)
             env = {**os.environ, "BUILD_VERSION": version, "DIST_DIR": str(out),
@@ -60,13 +61,15 @@ def builds(host_ready: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
             run([REPO / "build" / "dist.sh", "amd64"], timeout=2400, env=env)
         verify = [sys.executable, REPO / "tools" / "sign.py", "verify", "--pub",
                   keys / "release.pub", "--name", "elkeid-agent", "--version", version]
-        for artifact in (debs[version], out / f"elkeid-agent-{version}-1.x86_64.rpm",
-                         out / f"elkeid-agent-{version}-linux-amd64"):
-            run([*verify, artifact])
+        for name in (debs[version].name, f"elkeid-agent-{version}-1.x86_64.rpm",
+                     f"elkeid-agent-{version}-linux-amd64"):
+            run([*verify, signed / name])
+            # DIST_DIR keeps the files as built, for installing by hand.
+            assert "unsigned" in run([*verify, out / name], check=False).stderr
         if version == A_VERSION:
             # The signed executable still runs (ELF tolerates trailing bytes; staticx and
             # PyInstaller find their archives regardless).
-            exe = out / f"elkeid-agent-{version}-linux-amd64"
+            exe = signed / f"elkeid-agent-{version}-linux-amd64"
             done = run([exe, "--version"], env={**os.environ, "TMPDIR": str(out)})
             assert done.stdout.strip() == version
     return debs
