@@ -86,7 +86,7 @@ def _valid(public_key: bytes, signature: bytes, message: bytes) -> bool:
 
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
-    except InvalidSignature:
+    except (InvalidSignature, ValueError):  # ValueError: 32 bytes that are not a key
         return False
     return True
 

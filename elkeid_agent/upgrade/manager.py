@@ -402,8 +402,11 @@ class UpgradeManager:
     async def _check_signature(self, config: ConfigSpec, artifact: Path) -> None:
         """The artifact's signature, before anything of it is unpacked or run; its block is
         cut off, so a package or archive ends where dpkg, rpm and gzip expect."""
-        verdict = await asyncio.to_thread(self.verifier.check, artifact, EXECUTABLE,
-                                          config.version, self.version)
+        try:
+            verdict = await asyncio.to_thread(self.verifier.check, artifact, EXECUTABLE,
+                                              config.version, self.version)
+        except OSError as exc:
+            raise UpgradeFailed(f"signature: cannot read {artifact}: {exc}") from exc
         if verdict.refuse:
             self._count(REFUSED_COUNTER)
             raise UpgradeFailed(f"signature: {verdict.problem}; refused (signing policy "
@@ -412,7 +415,10 @@ class UpgradeManager:
             self._count(WARNED_COUNTER)
             log.warning("upgrade to %s: signature: %s; used anyway (signing policy warn)",
                         config.version, verdict.problem)
-        await asyncio.to_thread(strip, artifact, verdict)
+        try:
+            await asyncio.to_thread(strip, artifact, verdict)
+        except OSError as exc:
+            raise UpgradeFailed(f"signature: cannot cut the block off {artifact}: {exc}") from exc
 
     async def _selftest(self, candidate: Path, version: str, attempt_dir: Path) -> None:
         """The deep probe: the candidate walks its whole run path against the live config."""
