@@ -62,6 +62,7 @@ class Publisher:
         one more Config: the first plugin signed as `tampered`, then a byte of it changed."""
         out_dir.mkdir(parents=True, exist_ok=True)
         out = []
+        first: tuple[Path, dict[str, Any]] | None = None
         for config in configs:
             local = [u for u in config.get("download_urls", []) if "://" not in u]
             if not local:
@@ -70,13 +71,13 @@ class Publisher:
             name, version = str(config["name"]), str(config["version"])
             self.sign_file(files_dir / local[0], out_dir / name, name, version)
             out.append({**config, "sha256": "", "signature": "", "download_urls": [name]})
-        if tampered and out:
-            first = out[0]
-            source = files_dir / next(u for u in configs[0]["download_urls"] if "://" not in u)
+            first = first or (files_dir / local[0], out[-1])
+        if tampered and first is not None:
+            source, config = first
             target = out_dir / TAMPERED
-            self.sign_file(source, target, TAMPERED, str(first["version"]))
+            self.sign_file(source, target, TAMPERED, str(config["version"]))
             data = bytearray(target.read_bytes())
             data[data.index(b"\n") + 3] ^= 0x20  # a letter of the first comment line
             target.write_bytes(bytes(data))
-            out.append({**first, "name": TAMPERED, "download_urls": [TAMPERED]})
+            out.append({**config, "name": TAMPERED, "download_urls": [TAMPERED]})
         return out
