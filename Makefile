@@ -50,7 +50,7 @@ demo: setup
 CENTER_DIR := .work/center
 center: setup
 	$(BIN)/elkeid-center serve --dir $(CENTER_DIR) --files examples/files \
-		--configs examples/plugins.json
+		--configs examples/plugins.json --sign
 
 agent: setup
 	@test -f $(CENTER_DIR)/agent.toml || { echo "run \`make center\` first (in another terminal)"; exit 1; }

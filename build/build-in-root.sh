@@ -100,7 +100,7 @@ fi
     echo "built executable does not report $version" >&2
     exit 1
 }
-# Import smoke test: `run` imports the agent (grpc, protobuf, cryptography...) before it
+# Import smoke test: `run` imports the agent (grpc, protobuf, msgspec...) before it
 # reads its config, so a module PyInstaller missed (C-level imports are invisible to it)
 # fails here with a traceback instead of the config error (EX_CONFIG, 78) on a host.
 rc=0

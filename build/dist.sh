@@ -10,6 +10,12 @@
 #   PRODUCT_CONFIG  TOML baked in as the agent's defaults; default build/product.default.toml
 #   DIST_DIR        default dist/
 #   PACKAGE_MAINTAINER  "Name <address>" of the packages (build/package.sh)
+#   SIGNING_KEY     an Ed25519 private key file (tools/sign.py keygen): signed copies of the
+#                   executable, the deb and the rpm (elkeid-agent VERSION, docs/signing.md)
+#                   go to DIST_DIR/signed/, for the server's upload page; the files in
+#                   DIST_DIR stay as built, to install by hand (rpm refuses a package with
+#                   bytes after its payload). SIGNING_ALLOW_DOWNGRADE=1 lets hosts that run
+#                   a higher version take this one. Unset: nothing is signed.
 # Outputs: DIST_DIR/elkeid-agent-VERSION-linux-ARCH, the .deb and the .rpm, with sha256.
 #
 # amd64 builds in a Debian 12 root made by debootstrap and cached in build/cache/roots
@@ -77,7 +83,19 @@ exe=$dist/elkeid-agent-$version-linux-$arch
 install -m 0755 "$out/elkeid-agent" "$exe"
 say "packaging"
 build/package.sh "$arch" "$exe" "$version" "$CERTS_DIR" "$dist" >/dev/null
-say "done: $(du -h "$exe" | cut -f1) executable"
 rpm_arch=$([ "$arch" = arm64 ] && echo aarch64 || echo x86_64)
-(cd "$dist" && sha256sum "elkeid-agent-$version-linux-$arch" "elkeid-agent_${version}_$arch.deb" \
+artifacts=("elkeid-agent-$version-linux-$arch" "elkeid-agent_${version}_$arch.deb"
     "elkeid-agent-$version-1.$rpm_arch.rpm")
+if [ -n "${SIGNING_KEY:-}" ]; then
+    # After packaging: the packages hold the executable as built, each copy its own block.
+    say "signing with $SIGNING_KEY into $dist/signed"
+    mkdir -p "$dist/signed"
+    for artifact in "${artifacts[@]}"; do
+        cp "$dist/$artifact" "$dist/signed/$artifact"
+    done
+    .venv/bin/python tools/sign.py sign --key "$SIGNING_KEY" --name elkeid-agent \
+        --version "$version" ${SIGNING_ALLOW_DOWNGRADE:+--allow-downgrade} \
+        "${artifacts[@]/#/$dist/signed/}" >&2
+fi
+say "done: $(du -h "$exe" | cut -f1) executable"
+(cd "$dist" && sha256sum "${artifacts[@]}" ${SIGNING_KEY:+"${artifacts[@]/#/signed/}"})

@@ -58,6 +58,7 @@ from elkeid_agent.plugins.supervisor import PluginSupervisor
 from elkeid_agent.redact import redact
 from elkeid_agent.runtime_dir import clean_stale_unpack_dirs
 from elkeid_agent.service import Notifier, dump_tasks, release_memory, watchdog_interval
+from elkeid_agent.signing.check import verifier_from
 from elkeid_agent.spool.pump import run_spooler, spill_all
 from elkeid_agent.spool.store import Spool, SpoolState
 from elkeid_agent.status import STATUS_FILE, AgentStatus, write_status
@@ -137,6 +138,9 @@ class Agent:
         self.plugins = PluginSupervisor(
             self.work_dir, self.buffer, config.plugins, health=self.health
         )
+        verifier = verifier_from(config.signing)
+        self.plugins.verifier = verifier
+        log.info("signing policy %s, %d pinned key(s)", verifier.policy, len(verifier.keys))
         self.upgrader = UpgradeManager(
             self.work_dir,
             emit=self.emit,
@@ -146,6 +150,8 @@ class Agent:
             env=env,
             settings=settings_from(config.upgrade),
             config_path=config_path,
+            verifier=verifier,
+            count=self.health.count,
         )
         self.dispatcher = Dispatcher(
             self, self.plugins, self.upgrader, self.emit, health=self.health

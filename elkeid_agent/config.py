@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 from elkeid_agent import specified_env
+from elkeid_agent.signing.keys import decode_public_key
 
 DEFAULT_CONFIG_PATH = Path("/etc/elkeid/elkeid-agent.toml")
 PRODUCT_CONFIG_PATH = Path(__file__).with_name("product.toml")
@@ -115,6 +117,29 @@ class MetricsConfig(_Strict):
     textfile: str = ""
 
 
+class SigningKey(_Strict):
+    """A pinned publisher key (docs/signing.md)."""
+
+    public_key: str  # base64 of the 32 raw bytes of an Ed25519 public key
+    not_after: datetime | None = None  # artifacts it signed are refused after this instant
+
+    def __post_init__(self) -> None:
+        decode_public_key(self.public_key)
+        if self.not_after is not None and self.not_after.tzinfo is None:
+            raise ValueError("not_after needs a time zone (e.g. 2027-01-01T00:00:00Z)")
+
+
+class SigningConfig(_Strict):
+    """Signatures on plugins and on the agent's own upgrades (docs/signing.md).
+
+    `policy` unset: `enforce` when the product config (baked in at build time) pins a key,
+    `off` otherwise. The keys of every layer are pinned together.
+    """
+
+    policy: Literal["off", "warn", "enforce"] | None = None
+    keys: list[SigningKey] = msgspec.field(default_factory=list)
+
+
 class Config(_Strict):
     work_dir: str = "/etc/elkeid"
     idc: str = "default"
@@ -128,6 +153,7 @@ class Config(_Strict):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     upgrade: UpgradeConfig = msgspec.field(default_factory=UpgradeConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    signing: SigningConfig = msgspec.field(default_factory=SigningConfig)
 
     @property
     def work_path(self) -> Path:
@@ -213,11 +239,27 @@ def load_config(
     for source, raw in layers:
         _convert(raw, source)  # each layer alone must be valid, so errors name the right file
         merged = _merge(merged, raw)
+    merged = _pinned_keys(merged, layers, product)
     config = apply_env(_convert(merged, source), env)
     _check_files(config, source)
     if config.region not in config.regions and config.regions:
         raise ConfigError(source, f"key region: no [regions.{config.region}] section")
     return config
+
+
+def _pinned_keys(merged: dict[str, Any], layers: list[tuple[str, dict[str, Any]]],
+                 product: Path) -> dict[str, Any]:
+    """[signing]: every layer's keys together (a host adds keys to the built-in ones, a
+    list would otherwise replace them), and `enforce` by default when the build pinned one."""
+    signing = dict(merged.get("signing", {}))
+    keys = [k for _, raw in layers for k in raw.get("signing", {}).get("keys", [])]
+    if keys:
+        signing["keys"] = keys
+    built_in = any(source == str(product) and raw.get("signing", {}).get("keys")
+                   for source, raw in layers)
+    if built_in and "policy" not in signing:
+        signing["policy"] = "enforce"
+    return {**merged, "signing": signing} if signing else merged
 
 
 def load_run_config(

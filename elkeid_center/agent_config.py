@@ -32,13 +32,15 @@ def write_agent_config(
     *,
     compression: Compression = "none",
     buffer_bytes: int | None = None,
+    signing_key: str | None = None,
 ) -> Path:
     """Write the agent's TOML config and return its path.
 
     `regions` maps a region name to any of `service_discovery`, `private`, `public`
     ("host:port"); the agent needs at least one region, so it is required in practice
     (CenterThread.write_agent_config fills it in). `buffer_bytes`, when given, is
-    written as `[buffer] max_bytes`.
+    written as `[buffer] max_bytes`. `signing_key` (base64 Ed25519 public key) is pinned
+    with the signing policy `enforce`.
     """
     if not regions:
         raise ValueError("at least one region with an address is needed")
@@ -59,6 +61,9 @@ def write_agent_config(
     ]
     if buffer_bytes is not None:
         lines += ["", "[buffer]", f"max_bytes = {int(buffer_bytes)}"]
+    if signing_key is not None:
+        lines += ["", "[signing]", 'policy = "enforce"', "", "[[signing.keys]]",
+                  f"public_key = {_toml_str(signing_key)}"]
     for name, addresses in regions.items():
         unknown = set(addresses) - set(REGION_KEYS)
         if unknown:

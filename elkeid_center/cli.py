@@ -1,13 +1,17 @@
 """`elkeid-center serve` runs a local center and prints what agents send;
 `elkeid-center send` pushes a Task or Configs to it through its loopback admin port.
 
-    elkeid-center serve [--dir DIR] [--port P] [--files DIR] [--configs FILE.json]
+    elkeid-center serve [--dir DIR] [--port P] [--files DIR] [--configs FILE.json] [--sign]
     elkeid-center send [--dir DIR] (--task JSON | --configs FILE.json [--set])
                        [--target all|latest]
 
 Files uploaded by agents (task 1050) are saved under `DIR/uploads/`. In a Config, a download
 URL without a scheme names a file under the served directory and becomes its URL on this
 center; an empty sha256 becomes that file's.
+
+With `--sign`, the center signs the plugins of `--configs` with its publisher key
+(`DIR/publisher.key`, made on first use), serves the signed copies from `DIR/signed`, and
+the agent.toml it writes pins that key with the signing policy `enforce` (docs/signing.md).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from elkeid_center.center import LocalCenter
 from elkeid_center.certs import CertFiles, ensure_certs
 from elkeid_center.httpd import HttpServer, Request, Response
 from elkeid_center.server import Target, configs_command, task_command
+from elkeid_center.signing import Publisher
 from elkeid_center.store import ConnectionInfo, DecodedRecord, ReceivedPackage, Upload, record_name
 
 DEFAULT_DIR = Path(".work/center")
@@ -202,9 +207,15 @@ async def serve(
     files_dir: Path,
     configs: list[dict[str, Any]] | None,
     out: TextIO,
+    sign: bool = False,
 ) -> None:
     """Run until SIGINT/SIGTERM; state goes next to the certs, in `certs.directory`."""
     directory = certs.directory
+    publisher = Publisher(directory) if sign else None
+    if publisher is not None:
+        signed = directory / "signed"
+        configs = publisher.publish(configs or [], files_dir, signed)
+        files_dir = signed
     center = LocalCenter(certs, port=port, files_dir=files_dir)
     center.store.add_listener(_printer(out))
     uploads = UploadSaver(directory / UPLOADS_DIR, out)
@@ -231,6 +242,7 @@ async def serve(
                     "private": center.grpc.address,
                 }
             },
+            signing_key=publisher.public_key if publisher is not None else None,
         )
         print(
             f"AgentCenter (mTLS, name elkeid.com) on {center.grpc.address}\n"
@@ -243,6 +255,9 @@ async def serve(
             file=out,
             flush=True,
         )
+        if publisher is not None:
+            print(f"plugins signed with publisher key {publisher.key_id}, pinned in {config}",
+                  file=out, flush=True)
         await stop.wait()
     finally:
         await admin.close()
@@ -283,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0 = any free)")
     s.add_argument("--files", type=Path, help="directory served for downloads (DIR/files)")
     s.add_argument("--configs", type=Path, help="JSON Configs pushed on each first heartbeat")
+    s.add_argument("--sign", action="store_true",
+                   help="serve the plugins signed with DIR/publisher.key, pinned in agent.toml")
     c = sub.add_parser("send", help="push a Command to the agents of a running center")
     c.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     what = c.add_mutually_exclusive_group(required=True)
@@ -302,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             files = (args.files if args.files is not None else directory / "files").resolve()
             directory.mkdir(parents=True, exist_ok=True)
             files.mkdir(parents=True, exist_ok=True)
-            asyncio.run(serve(ensure_certs(directory), args.port, files, configs, sys.stdout))
+            asyncio.run(serve(ensure_certs(directory), args.port, files, configs, sys.stdout,
+                              sign=args.sign))
             return 0
         body: dict[str, Any] = {"target": args.target}
         if args.task is not None:

@@ -303,6 +303,7 @@ class CenterThread:
         regions: Mapping[str, Mapping[str, str]] | None = None,
         compression: Compression = "none",
         buffer_bytes: int | None = None,
+        signing_key: str | None = None,
     ) -> Path:
         """The agent's config for this center; by default region `default` reaches it
         at `via` (`service_discovery` means through this center's SD endpoint)."""
@@ -316,6 +317,7 @@ class CenterThread:
             regions,
             compression=compression,
             buffer_bytes=buffer_bytes,
+            signing_key=signing_key,
         )
 
     # --- what was received -------------------------------------------------------

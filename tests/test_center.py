@@ -28,6 +28,9 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from elkeid_agent._proto import grpc_pb2
+from elkeid_agent.config import load_config
+from elkeid_agent.signing.check import verifier_from
+from elkeid_agent.signing.keys import Policy
 from elkeid_center.certs import (
     SERVER_NAME,
     CertFiles,
@@ -781,6 +784,33 @@ def test_make_center_serves_examples_plugins_as_is(serve: Serve) -> None:
         stream.close()
 
 
+def test_center_sign_serves_signed_plugins_and_pins_the_key(tmp_path: Path) -> None:
+    s = Serve(tmp_path / "center", "--files", str(REPO / "examples" / "files"),
+              "--configs", str(REPO / "examples" / "plugins.json"), "--sign")
+    try:
+        with client_channel(s.address, CertFiles(s.directory)) as ch:
+            stream = open_stream(ch)
+            stream.send(heartbeat())
+            command = stream.recv()
+            assert command is not None
+            [config] = command.configs
+            body = http_get(config.download_urls[0])
+            stream.close()
+    finally:
+        s.close()
+    assert config.sha256 == hashlib.sha256(body).hexdigest()
+    plain = (REPO / "examples" / "files" / "demo").read_bytes()
+    assert body.startswith(plain)
+    assert len(body) > len(plain)
+    agent = load_config(s.directory / "agent.toml", {})
+    verifier = verifier_from(agent.signing)
+    assert verifier.policy is Policy.ENFORCE
+    served = tmp_path / "demo"
+    served.write_bytes(body)
+    assert verifier.check(served, "demo", config.version).problem is None
+    assert verifier.check(served, "demo", "9.9.9").problem is not None
+
+
 def test_examples_sha256_matches_the_plugin() -> None:
     configs = json.loads((REPO / "examples" / "plugins.json").read_text())
     files = REPO / "examples" / "files"
@@ -822,6 +852,10 @@ def test_demo_names_record_types_and_keeps_its_directory() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "  1000 heartbeat: {" in done.stdout
     assert "  5100 task result: {" in done.stdout
+    # The signed demo plugin runs; the copy changed after signing is refused.
+    assert "  5999 demo tick: {" in done.stdout
+    assert "plugin tampered: signature: " in done.stdout
+    assert "(changed after signing); refused (signing policy enforce)" in done.stdout
     kept = Path(done.stdout.split("kept ", 1)[1].split(":", 1)[0])
     try:
         assert (kept / "agent.toml").is_file()

@@ -11,7 +11,7 @@ from elkeid_agent.version import VERSION
 
 #: Modules a regression would drag into `--version`: each cost the frozen start 5-80 ms.
 HEAVY = ("argparse", "elkeid_agent.ctl", "msgspec", "logging", "subprocess", "pathlib",
-         "psutil", "grpc", "uvloop", "google.protobuf", "elkeid_agent.config")
+         "psutil", "grpc", "uvloop", "google.protobuf", "elkeid_agent.config", "cryptography")
 
 PROBE = """
 import io, json, sys

@@ -1,8 +1,11 @@
 """`make demo`: the whole system on this machine in one command.
 
 Starts a local AgentCenter (mTLS on 127.0.0.1), serves examples/plugins.json (the SDK's demo
-plugin) for download, starts the real agent against it, prints what arrives for a while, sends
-the plugin a task and the agent a shutdown, and exits with the agent's status. With `--keep`
+plugin) for download, signed with a publisher key the agent pins (docs/signing.md), and a
+`tampered` copy changed after signing, starts the real agent against it, prints what arrives
+for a while (the signed plugin's records; the tampered one refused, in the heartbeat's
+state_detail), sends the plugin a task and the agent a shutdown, and exits with the agent's
+status. With `--keep`
 the directory (certificates, the agent's config, its work dir and log) stays for a look.
 """
 
@@ -22,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from elkeid_center.cli import resolve_configs  # noqa: E402
+from elkeid_center.signing import TAMPERED, Publisher  # noqa: E402
 from elkeid_center.store import DecodedRecord, record_name  # noqa: E402
 from elkeid_center.testing import CenterThread  # noqa: E402
 
@@ -41,14 +45,19 @@ def show(record: DecodedRecord) -> str:
 
 
 def run(directory: Path, seconds: float) -> int:
-    files = EXAMPLES / "files"
+    files = directory / "files"
+    publisher = Publisher(directory)
+    configs = publisher.publish(json.loads((EXAMPLES / "plugins.json").read_text()),
+                                EXAMPLES / "files", files, tampered=True)
     with CenterThread(directory / "certs", files_dir=files) as center:
         center.start()
-        configs = json.loads((EXAMPLES / "plugins.json").read_text())
         center.set_configs(resolve_configs(configs, files, center.file_url))
-        config = center.write_agent_config(directory / "agent.toml", directory / "work")
+        config = center.write_agent_config(directory / "agent.toml", directory / "work",
+                                           signing_key=publisher.public_key)
         log = directory / "work" / "log" / "elkeid-agent.log"
         print(f"center on {center.address}; agent config {config}; agent log {log}")
+        print(f"plugins signed with publisher key {publisher.key_id}, pinned by the agent "
+              f"(policy enforce); {TAMPERED!r} was changed after signing and is refused")
         # The demo plugin runs the first python3 on PATH: this one.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         agent = subprocess.Popen(

@@ -5,11 +5,17 @@ leaves the result in hidden names inside the plugin directory (`.download-*`, `.
 `commit` then moves it into place with renames, after the old process has stopped. So a
 failed download, a bad checksum or a hostile archive leaves the running plugin untouched, and
 the executable name only ever points at verified bytes.
+
+The appended signature (docs/signing.md) is checked right after the download, before
+anything unpacks or runs: refused in `enforce`, logged in `warn`. A bare executable keeps
+its block (an ELF file runs with bytes after its end, and its sha256 stays the one the
+server names); a tar.gz loses it before it is unpacked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 import tempfile
@@ -25,12 +31,19 @@ from elkeid_agent.download import (
     sha256_file,
 )
 from elkeid_agent.fsutil import remove_tree
+from elkeid_agent.signing.check import Verdict, Verifier, strip
+
+log = logging.getLogger(__name__)
 
 TAR_GZ = "tar.gz"
 
 
 class InstallError(Exception):
     """The plugin's files could not be put in place; the message says why."""
+
+
+class SignatureRefused(InstallError):
+    """The signing policy is enforce and the artifact's signature does not hold."""
 
 
 @dataclass
@@ -40,6 +53,8 @@ class Staged:
     directory: Path
     download: Path
     unpacked: Path | None
+    #: The signature's problem, used anyway (policy warn).
+    signature_warning: str | None = None
 
 
 def valid_name(name: str) -> bool:
@@ -54,11 +69,18 @@ async def prepare(
     max_bytes: int,
     ssl_context: ssl.SSLContext | None,
     timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - per URL, see download_verified
+    verifier: Verifier | None = None,
 ) -> Staged | None:
     """Stage the plugin's files; None when the executable on disk is already the right one."""
     executable = directory / spec.name
     expected = spec.signature or spec.sha256
+    verifier = verifier or Verifier()
     if await asyncio.to_thread(file_matches, executable, expected):
+        if spec.type != TAR_GZ:
+            # The same bytes, now asked for as this name and version: the block they kept
+            # must say so too (an unpacked archive's executable has no block to ask).
+            _apply(await asyncio.to_thread(verifier.check, executable, spec.name,
+                                           spec.version), spec)
         return None
     if not spec.download_urls:
         raise InstallError("executable missing or different, and no download URL")
@@ -72,10 +94,13 @@ async def prepare(
     )
     staged = Staged(directory, download, None)
     try:
+        verdict = await asyncio.to_thread(verifier.check, download, spec.name, spec.version)
+        staged.signature_warning = _apply(verdict, spec)
         candidate = download
         if spec.type == TAR_GZ:
             staged.unpacked = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
             candidate = staged.unpacked / spec.name
+            await asyncio.to_thread(strip, download, verdict)
             await asyncio.to_thread(extract_tar_gz, download, staged.unpacked,
                                     max_bytes=max_bytes)
             if not candidate.is_file():
@@ -85,6 +110,16 @@ async def prepare(
         discard(staged)
         raise
     return staged
+
+
+def _apply(verdict: Verdict, spec: ConfigSpec) -> str | None:
+    """Raise SignatureRefused for a refusal; the problem used anyway (warn), or None."""
+    if verdict.refuse:
+        raise SignatureRefused(f"signature: {verdict.problem}; refused (signing policy enforce)")
+    if verdict.problem is not None:
+        log.warning("plugin %s %s: signature: %s; used anyway (signing policy warn)",
+                    spec.name, spec.version, verdict.problem)
+    return verdict.problem
 
 
 def check_signature(executable: Path, signature: str) -> None:

@@ -57,6 +57,7 @@ from elkeid_agent.plugins.lifecycle import (
     failures_after_run,
 )
 from elkeid_agent.plugins.process import HIGH_PRIORITY_ENV, Counters, Outcome, PluginProcess
+from elkeid_agent.signing.check import REFUSED_COUNTER, WARNED_COUNTER, Verifier
 from elkeid_agent.wire import encode_record, task_frame
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,9 @@ class PluginSupervisor:
         #: The TLS context for HTTPS downloads: the host's CA store unless replaced.
         self.ssl_context_factory: Callable[[], ssl.SSLContext] = host_ssl_context
         self.download_timeout = 600.0
+        #: Checks each download's signature (docs/signing.md); the policy says what a
+        #: problem does.
+        self.verifier = Verifier()
         #: Seconds between walks of the plugin directories for the 1001s' `du`.
         self.usage_max_age = 60.0
         #: Bytes under each plugin's directory at the last walk (a worker thread's).
@@ -242,6 +246,8 @@ class PluginSupervisor:
                     errors.append(f"plugin {spec.name}: {_reason(exc)}")
                     if isinstance(exc, UnsafeArchive) and exc.counter is not None:
                         self.health.count(exc.counter)
+                    if isinstance(exc, install.SignatureRefused):
+                        self.health.count(REFUSED_COUNTER)
             for reason in errors:
                 log.error("sync: %s", reason)
             if errors:
@@ -376,7 +382,10 @@ class PluginSupervisor:
             max_bytes=self.config.download_max_bytes,
             ssl_context=context,
             timeout=self.download_timeout,
+            verifier=self.verifier,
         )
+        if staged is not None and staged.signature_warning is not None:
+            self.health.count(WARNED_COUNTER)
         try:
             old = self._slots.get(spec.name)
             if old is not None:

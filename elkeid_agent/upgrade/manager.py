@@ -10,7 +10,9 @@ Two entry points, two processes:
   this check runs is counted by the upgrade guard instead, `guard.py`.)
 * `UpgradeManager` lives in the running agent. `consider()` (from the Dispatcher) only
   records the wish; `run()` (a task of the agent's TaskGroup) does the work one attempt at a
-  time: download and verify into `<work_dir>/tmp`, extract the candidate, probe it with
+  time: download and verify into `<work_dir>/tmp`, check its signature against the pinned
+  keys (docs/signing.md; refused in `enforce` before anything of it runs), extract the
+  candidate, probe it with
   `--version` and then `selftest` (its whole run path against the live config), swap, ask
   the agent to exit. In the new process it also waits for `confirm()`
   (the first heartbeat went out on a stream) and rolls back when the bound passes first.
@@ -35,6 +37,7 @@ from elkeid_agent.childenv import child_env
 from elkeid_agent.commands import ConfigSpec, task_result
 from elkeid_agent.config import UpgradeConfig
 from elkeid_agent.download import DownloadError, download_verified, sha256_file
+from elkeid_agent.signing.check import REFUSED_COUNTER, WARNED_COUNTER, Verifier, strip
 from elkeid_agent.upgrade import swap
 from elkeid_agent.upgrade.artifact import (
     ArtifactKind,
@@ -191,8 +194,12 @@ class UpgradeManager:
         version: str = VERSION,
         ssl_context: ssl.SSLContext | None = None,
         config_path: str | None = None,
+        verifier: Verifier | None = None,
+        count: Callable[[str], None] | None = None,
     ) -> None:
         self.work_dir = work_dir
+        self.verifier = verifier or Verifier()
+        self._count = count or (lambda _counter: None)
         self.config_path = config_path  # the live config the selftest probe reads
         self.target = _target(work_dir)
         self.emit = emit
@@ -404,6 +411,7 @@ class UpgradeManager:
             )
         except DownloadError as exc:
             raise UpgradeFailed(f"download: {exc}") from exc
+        await self._check_signature(config, artifact)
         candidate = attempt_dir / EXECUTABLE
         kind = await asyncio.to_thread(_extract, artifact, candidate, s.max_candidate_bytes)
         foreign = await asyncio.to_thread(_foreign_architecture, candidate)
@@ -423,6 +431,27 @@ class UpgradeManager:
             await self._package_swap(config, kind, artifact, attempt_dir)
         else:
             await self._file_swap(config, candidate)
+
+    async def _check_signature(self, config: ConfigSpec, artifact: Path) -> None:
+        """The artifact's signature, before anything of it is unpacked or run; its block is
+        cut off, so a package or archive ends where dpkg, rpm and gzip expect."""
+        try:
+            verdict = await asyncio.to_thread(self.verifier.check, artifact, EXECUTABLE,
+                                              config.version, self.version)
+        except OSError as exc:
+            raise UpgradeFailed(f"signature: cannot read {artifact}: {exc}") from exc
+        if verdict.refuse:
+            self._count(REFUSED_COUNTER)
+            raise UpgradeFailed(f"signature: {verdict.problem}; refused (signing policy "
+                                "enforce)")
+        if verdict.problem is not None:
+            self._count(WARNED_COUNTER)
+            log.warning("upgrade to %s: signature: %s; used anyway (signing policy warn)",
+                        config.version, verdict.problem)
+        try:
+            await asyncio.to_thread(strip, artifact, verdict)
+        except OSError as exc:
+            raise UpgradeFailed(f"signature: cannot cut the block off {artifact}: {exc}") from exc
 
     async def _selftest(self, candidate: Path, version: str, attempt_dir: Path) -> None:
         """The deep probe: the candidate walks its whole run path against the live config."""

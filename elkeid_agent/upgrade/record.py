@@ -40,6 +40,8 @@ class UpgradeRecord(msgspec.Struct, kw_only=True, frozen=True):
     started_boottime: float = 0.0  # CLOCK_BOOTTIME at the swap, valid within boot_id
     guard_starts: int = 0  # starts counted by the upgrade guard (outside the new version)
     guard_invocation: str = ""  # the service start the guard counted last (systemd's id)
+    # For people only: what was swapped. Never used as paths (rollback.roll_back copies
+    # between the fixed names in the work dir), as this file may not be trusted.
     target: str  # the executable the service manager starts
     prev: str  # the saved previous executable
     method: Method = "file"

@@ -8,6 +8,7 @@ must stay light: nothing here imports grpc or the run path.
 from __future__ import annotations
 
 import logging
+import stat
 import time
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from elkeid_agent.upgrade.record import BootTime, CorruptFile, Outcome, Quaranti
 log = logging.getLogger(__name__)
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+#: The only files a rollback copies: the previous executable over the executable.
+EXECUTABLE = "elkeid-agent"
+PREV_EXECUTABLE = "elkeid-agent.prev"
 
 
 def boot_time() -> BootTime | None:
@@ -44,13 +48,20 @@ def roll_back(
 ) -> str:
     """Quarantine `record.to_version`, mark the record rolled back, restore the previous
     executable. In this order, so a kill at any point is finished by the next start (the
-    record says "rolled_back" before the executable changes). Returns the message."""
+    record says "rolled_back" before the executable changes). Returns the message.
+
+    The record's `prev` and `target` are never used as paths: whoever can write
+    upgrade.json would make the root guard copy any file over any other. The copy is
+    always `<work_dir>/elkeid-agent.prev` over `<work_dir>/elkeid-agent`."""
     until = now + quarantine_seconds
     quarantine = read_quarantine(work_dir).add(record.to_version, until, now)
     swap.write_quarantine(work_dir, quarantine)
     swap.write_record(work_dir, msgspec.structs.replace(record, phase="rolled_back",
                                                         reason=reason))
-    prev, target = Path(record.prev), Path(record.target)
+    target = work_dir / EXECUTABLE
+    prev = work_dir / PREV_EXECUTABLE
+    if not stat.S_ISREG(prev.lstat().st_mode):  # a symlink would name any file
+        raise OSError(f"{prev} is not a regular file")
     swap.copy_atomic(prev, target, swap.executable_mode(target))
     message = rollback_message(record, reason, until)
     write_outcome(work_dir, Outcome(from_version=record.from_version,

@@ -31,8 +31,11 @@ FAILED = "failed"
 
 #: Modules `run` needs that the agent's import statements do not load at import time:
 #: uvloop (imported once the config is read) and pkgutil (grpc's cygrpc imports it from C
-#: to read its root certificates, out of PyInstaller's sight).
-LATE_IMPORTS = ("uvloop", "pkgutil", "grpc._cython.cygrpc", "google.protobuf.message")
+#: to read its root certificates, out of PyInstaller's sight), and the Ed25519 verifier
+#: (imported at the first signature check: a build without it would refuse every signed
+#: artifact in enforce, its own next upgrade included).
+LATE_IMPORTS = ("uvloop", "pkgutil", "grpc._cython.cygrpc", "google.protobuf.message",
+                "cryptography.hazmat.primitives.asymmetric.ed25519", "cryptography.exceptions")
 #: Never imported by the selftest: the entry point runs the CLI when imported.
 SKIPPED = ("elkeid_agent.__main__",)
 

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from elkeid_agent.config import UpgradeConfig
 from elkeid_agent.upgrade import swap
 from elkeid_agent.upgrade.guard import guard
@@ -135,3 +137,34 @@ def test_ctl_status_says_what_is_pending_rolled_back_and_quarantined(tmp_path: P
     # Corrupt files are named, not a traceback.
     (work / "upgrade-last.json").write_text("[")
     assert "upgrade files: upgrade-last.json" in ctl_status(work)
+
+
+def test_a_forged_record_copies_nothing_but_the_fixed_files(tmp_path: Path) -> None:
+    """upgrade.json may be written by someone else: its `prev` and `target` name any file.
+    The guard restores `<work_dir>/elkeid-agent.prev` over `<work_dir>/elkeid-agent`, and
+    nothing else is read or written."""
+    work, config = pending(tmp_path, max_starts=1)
+    secret, victim = tmp_path / "secret", tmp_path / "victim"
+    secret.write_bytes(b"root's secret\n")
+    victim.write_bytes(b"a system file\n")
+    forged = json.loads((work / "upgrade.json").read_text())
+    forged.update(prev=str(secret), target=str(victim))
+    (work / "upgrade.json").write_text(json.dumps(forged))
+    for n in range(2):
+        assert run_guard(config, f"start-{n}").returncode == 0
+    assert json.loads((work / "upgrade.json").read_text())["phase"] == "rolled_back"
+    assert victim.read_bytes() == b"a system file\n"
+    assert secret.read_bytes() == b"root's secret\n"
+    assert (work / "elkeid-agent").read_bytes() == OLD  # the fixed pair, whatever it says
+
+
+def test_a_symlinked_previous_executable_is_not_followed(tmp_path: Path) -> None:
+    work, _ = pending(tmp_path, max_starts=1)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root's secret\n")
+    (work / "elkeid-agent.prev").unlink()
+    (work / "elkeid-agent.prev").symlink_to(secret)
+    assert guard(work, UpgradeConfig(max_unconfirmed_starts=1), "s1") is Verdict.AWAIT_CONFIRM
+    with pytest.raises(OSError, match="not a regular file"):
+        guard(work, UpgradeConfig(max_unconfirmed_starts=1), "s2")
+    assert (work / "elkeid-agent").read_bytes() == NEW

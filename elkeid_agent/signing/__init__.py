@@ -1,0 +1,1 @@
+"""Artifact signatures: the appended block's format, pinned publisher keys, the policy."""
