@@ -396,21 +396,32 @@ def test_configs_routed_to_upgrader_and_plugins() -> None:
 def test_configs_latest_wins() -> None:
     h = Harness()
     h.plugins.gate = asyncio.Event()  # hold the first sync, as a long download would
+    applied: list[Sequence[ConfigSpec]] = []
+
+    async def on_applied(plugins: Sequence[ConfigSpec]) -> None:
+        applied.append(plugins)
+
+    h.dispatcher.on_applied = on_applied
 
     async def body() -> None:
         assert h.plugins.gate is not None
         await h.dispatcher.handle(configs(PLUGIN_A))
         await settle()
         assert [[c.name for c in s] for s in h.plugins.syncs] == [["a"]]
-        # While the first set is being applied, two more arrive: only the last is applied.
+        # While the first set is being applied, two more arrive: only the last is applied,
+        # and at once, not after the first (the supervisor supersedes the first).
         await h.dispatcher.handle(configs(PLUGIN_B))
         await h.dispatcher.handle(configs(PLUGIN_A, PLUGIN_B, SELF))
+        await settle()
+        assert [[c.name for c in s] for s in h.plugins.syncs] == [["a"], ["a", "b"]]
         # Tasks are not blocked by the sync in progress.
         await h.dispatcher.handle(task(SHUTDOWN, "", "s"))
         assert h.agent.shutdowns == 1
         h.plugins.gate.set()
         await settle()
         assert [[c.name for c in s] for s in h.plugins.syncs] == [["a"], ["a", "b"]]
+        # Only the newest set is saved for the next start.
+        assert [[c.name for c in s] for s in applied] == [["a", "b"]]
         assert [c.version for c in h.upgrader.considered] == ["9.9.9"]
         # A Command with an empty Configs list encodes to nothing: the empty desired set.
         await h.dispatcher.handle(grpc_pb2.Command(configs=[]).SerializeToString())
