@@ -138,6 +138,8 @@ class Agent:
             env=env,
             settings=settings_from(config.upgrade),
             config_path=config_path,
+            download_rule=self.plugins.download_rule,
+            health=self.health,
         )
         self.dispatcher = Dispatcher(
             self, self.plugins, self.upgrader, self.emit, health=self.health
@@ -193,7 +195,8 @@ class Agent:
         link = self.transfer.state
         connection = [] if link.connected else [f"connection: {e}" for e in link.dial_errors]
         return [
-            *connection, *self.errors.values(), *self.health.details(), *self.plugins.errors()
+            *connection, *self.errors.values(), *self.upgrader.waiting(), *self.health.details(),
+            *self.plugins.errors(),
         ]
 
     def counters(self) -> dict[str, int | float]:
