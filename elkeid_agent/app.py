@@ -5,7 +5,7 @@ Task ownership (all children of `Agent.run`'s TaskGroup):
   heartbeat  every interval (and on each new stream, via TransferLoop.on_open), watchdog
              ticks in turn; owns the work dir's usage walk (a worker thread, once a minute)
   uploads    Uploader.run: one 1050 at a time
-  configs    Dispatcher.run_configs: Configs applied one sync at a time, latest wins
+  configs    Dispatcher.run_configs: each Config set in a task, the newest supersedes
   plugins    PluginSupervisor.run (its own TaskGroup per plugin)
   upgrade    UpgradeManager.run: one self-upgrade attempt at a time; the confirmation bound
   spool      Spool.run: the spool's disk writer (segments, checkpoint, fsync, bounds)
