@@ -316,8 +316,9 @@ class Dispatcher:
         self._configs_ready = asyncio.Event()
         #: Counts the sets handed on: the newest is the one in effect.
         self._generation = 0
-        #: The newest set's application (tests wait for it).
+        #: The newest set's application (tests wait for it), and the one before it.
         self.applying: asyncio.Task[None] | None = None
+        self._before_newest: asyncio.Task[None] | None = None
         #: The plugin set applied last by a previous process, started before any server set.
         self.offline_configs: Sequence[ConfigSpec] = ()
         #: Called with each plugin set once applied (persisted for the next start).
@@ -402,12 +403,19 @@ class Dispatcher:
                 self._start(tg, offline, offline=True)
             while True:
                 await self._configs_ready.wait()
+                # The set before the newest is superseded and ends soon (once past the
+                # supervisor's lock): waiting for it keeps at most two sets in their tasks and
+                # one waiting here, however fast a server sends them.
+                before = self._before_newest
+                if before is not None and not before.done():
+                    await asyncio.wait([before])
                 self._configs_ready.clear()
                 configs, self._configs = self._configs, None
                 if configs is not None:
                     self._start(tg, configs, offline=False)
 
     def _start(self, tg: asyncio.TaskGroup, configs: list[ConfigSpec], *, offline: bool) -> None:
+        self._before_newest = self.applying
         self._generation += 1
         self.applying = tg.create_task(self._apply(configs, self._generation, offline),
                                        name=f"configs-{self._generation}")

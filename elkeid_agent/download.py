@@ -228,7 +228,7 @@ async def _fetch(
     scope = asyncio.timeout_at(on_loop(watch.due))
 
     async def counted(data: bytes) -> None:
-        if watch.feed(len(data), time.monotonic()):
+        if watch.feed(len(data), time.monotonic()) and not scope.expired():
             scope.reschedule(on_loop(watch.due))
         await sink(data)
 

@@ -590,6 +590,28 @@ class Broken:
         raise RuntimeError("upgrade defect")
 
 
+def test_sets_sent_faster_than_applied_are_held_to_three() -> None:
+    """A server pushing sets faster than the supervisor takes them: at most two in their
+    tasks and one waiting, the rest replaced by the newest (not a task each)."""
+    h = Harness()
+    h.plugins.gate = asyncio.Event()  # no sync returns: the lock of a stopping plugin
+
+    async def body() -> None:
+        assert h.plugins.gate is not None
+        for i in range(50):
+            entry = {**PLUGIN_B, "version": str(i)}
+            await h.dispatcher.handle(configs(entry))
+            await settle()
+        tasks = [t for t in asyncio.all_tasks() if t.get_name().startswith("configs-")]
+        assert len(tasks) == 2
+        assert [[c.version for c in s] for s in h.plugins.syncs] == [["0"], ["1"]]
+        h.plugins.gate.set()
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert [[c.version for c in s] for s in h.plugins.syncs] == [["0"], ["1"], ["49"]]
+
+
 def test_a_defect_in_a_task_handler_ends_only_that_task() -> None:
     broken = Broken()
     h = Harness(agent=broken, plugins=broken)  # type: ignore[arg-type]

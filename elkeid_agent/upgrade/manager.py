@@ -269,7 +269,7 @@ class UpgradeManager:
     async def consider(self, config: ConfigSpec) -> None:
         """Note the wish; `run()` acts on it. Never blocks the Dispatcher."""
         scope = self._download_scope
-        if scope is not None and config != self._attempting:
+        if scope is not None and not scope.expired() and config != self._attempting:
             # The attempt's entry changed while its artifact downloads: end the download.
             scope.reschedule(asyncio.get_running_loop().time())
         if not config.version or config.version == self.version:
