@@ -145,6 +145,10 @@ class Upgrader(Protocol):
         """Upgrade the agent itself if the entry names another version."""
         ...
 
+    async def withdraw(self) -> None:
+        """The newest set has no entry for the agent: no upgrade is wanted any more."""
+        ...
+
 
 def task_result(token: str, ok: bool, msg: str) -> bytes:
     """The 5100 record reporting a task's outcome."""
@@ -442,11 +446,14 @@ class Dispatcher:
         The set is saved for the next start only if no newer one came meanwhile."""
         check = check_configs(configs)
         self._report_refused(check)
-        for config in check.upgrade:
+        for config in check.upgrade or (None,):
             if not self._newest(generation):
                 return
             try:
-                await self.upgrader.consider(config)
+                if config is None:
+                    await self.upgrader.withdraw()
+                else:
+                    await self.upgrader.consider(config)
             except Exception as exc:  # the boundary of one config entry
                 log.exception("self-upgrade entry not applied")
                 self.health.fault("upgrade config", repr(exc), "config_errors")

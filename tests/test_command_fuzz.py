@@ -261,3 +261,6 @@ def test_no_command_bytes_escape_the_dispatcher(tmp_path: Path) -> None:
 class _NoUpgrade:
     async def consider(self, config: ConfigSpec) -> None:
         pass
+
+    async def withdraw(self) -> None:
+        pass

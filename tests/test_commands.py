@@ -84,9 +84,13 @@ class Plugins:
 class Upgrader:
     def __init__(self) -> None:
         self.considered: list[ConfigSpec] = []
+        self.withdrawn = 0
 
     async def consider(self, config: ConfigSpec) -> None:
         self.considered.append(config)
+
+    async def withdraw(self) -> None:
+        self.withdrawn += 1
 
 
 class Harness:
@@ -381,6 +385,7 @@ def test_configs_routed_to_upgrader_and_plugins() -> None:
 
     asyncio.run(configs_run(h, body))
     assert [c.name for c in h.upgrader.considered] == [PRODUCT]
+    assert h.upgrader.withdrawn == 0
     assert h.upgrader.considered[0].version == "9.9.9"
     assert h.upgrader.considered[0].download_urls == ("http://u/a",)
     assert h.plugins.syncs == [
@@ -423,9 +428,12 @@ def test_configs_latest_wins() -> None:
         # Only the newest set is saved for the next start.
         assert [[c.name for c in s] for s in applied] == [["a", "b"]]
         assert [c.version for c in h.upgrader.considered] == ["9.9.9"]
+        assert h.upgrader.withdrawn == 1  # the first set had no entry for the agent
         # A Command with an empty Configs list encodes to nothing: the empty desired set.
+        # It has no entry for the agent either: an upgrade under way is no longer wanted.
         await h.dispatcher.handle(grpc_pb2.Command(configs=[]).SerializeToString())
         await settle()
+        assert h.upgrader.withdrawn == 2
 
     asyncio.run(configs_run(h, body))
     assert [[c.name for c in s] for s in h.plugins.syncs] == [["a"], ["a", "b"], []]
@@ -587,6 +595,9 @@ class Broken:
         raise RuntimeError("sync defect")
 
     async def consider(self, config: ConfigSpec) -> None:
+        raise RuntimeError("upgrade defect")
+
+    async def withdraw(self) -> None:
         raise RuntimeError("upgrade defect")
 
 

@@ -268,10 +268,8 @@ class UpgradeManager:
 
     async def consider(self, config: ConfigSpec) -> None:
         """Note the wish; `run()` acts on it. Never blocks the Dispatcher."""
-        scope = self._download_scope
-        if scope is not None and not scope.expired() and config != self._attempting:
-            # The attempt's entry changed while its artifact downloads: end the download.
-            scope.reschedule(asyncio.get_running_loop().time())
+        if config != self._attempting:
+            self._end_download()
         if not config.version or config.version == self.version:
             # The server wants what runs: any earlier failure is no longer news.
             self._pending = None
@@ -284,6 +282,18 @@ class UpgradeManager:
             return
         self._pending = config
         self._wake.set()
+
+    async def withdraw(self) -> None:
+        """No entry for the agent in the newest set: the wish not yet tried is dropped and a
+        download under way ends (an attempt past its download runs to its end)."""
+        self._pending = None
+        self._end_download()
+
+    def _end_download(self) -> None:
+        """A newer set changed or removed the entry whose artifact downloads: end it now."""
+        scope = self._download_scope
+        if scope is not None and not scope.expired():
+            scope.reschedule(asyncio.get_running_loop().time())
 
     def _refusal(self, config: ConfigSpec) -> tuple[str, str] | None:
         """Why `config` is not tried now: (a key for logging it once, the message); None:

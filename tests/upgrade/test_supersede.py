@@ -13,6 +13,7 @@ from upgradetools import answering, http_files
 
 from elkeid_agent.progress import Rule
 
+A = answering("A")
 C = answering("C")
 
 
@@ -78,4 +79,29 @@ def test_a_changed_entry_ends_a_dripping_download_at_once(tmp_path: Path) -> Non
     # B was not a failure: no error reported, no 5100 for it.
     assert not any(b"failed" in r for r in h.records)
     assert h.manager.health.counters["downloads_abandoned"] == 0
+    assert not list((work / "tmp").glob("upgrade-*"))
+
+
+def test_a_set_without_the_agent_entry_ends_the_download(tmp_path: Path) -> None:
+    work = setup_work(tmp_path)
+    h = Harness(work)
+    h.manager.download_rule = Rule(min_bytes=16, window=4.0)
+
+    async def scenario() -> None:
+        drip = Drip()
+        server = await asyncio.start_server(drip.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, asyncio.TaskGroup() as tg:
+            runner = tg.create_task(h.manager.run())
+            await h.manager.consider(spec("B", b"b" * 1000, f"http://127.0.0.1:{port}/b"))
+            await until(lambda: drip.requests)
+            await h.manager.withdraw()
+            await asyncio.wait_for(drip.hung_up.wait(), 2)
+            await until(lambda: h.manager.state == "idle")
+            runner.cancel()
+
+    asyncio.run(scenario())
+    assert (work / "elkeid-agent").read_bytes() == A
+    assert h.records == []
+    assert h.errors == {}
     assert not list((work / "tmp").glob("upgrade-*"))
