@@ -290,6 +290,10 @@ class PluginSupervisor:
             plan = plan_sync(running, self._installed(), configs, hold, installing)
             await self._cancel_installs(plan.cancel)
             errors = list(plan.rejected)
+            # All told at once: each may take its 10 s to stop, and the newer set waits.
+            for name in plan.remove:
+                if (slot := self._slots.get(name)) is not None:
+                    slot.request_stop()
             for name in plan.remove:
                 try:
                     await self._remove(name)

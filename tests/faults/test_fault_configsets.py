@@ -8,6 +8,7 @@ seconds; the drips send 1 byte a second, as the issue's host did. Every case end
 
 from __future__ import annotations
 
+import itertools
 import select
 import socket
 import time
@@ -16,12 +17,15 @@ from pathlib import Path
 
 import pytest
 from agentproc import patch_config
-from faultrig import BASE, BASE_EXE, Rig, case, sh_plugin, sha
+from faultrig import BASE, BASE_EXE, MIB, Rig, RssSampler, case, sh_plugin, sha
 from hostile import Behaviour, Hostile, Progress, body
 
 GOOD_EXE = sh_plugin("exec cat <&3 >/dev/null")
 MIN_BYTES = 16
 MIN_SECONDS = 4.0
+RSS_LIMIT = 100 * MIB
+#: The longest silence between two heartbeats (sent every 0.5 s) a loaded test host may show.
+MAX_BEAT_GAP = 3.0
 
 
 def drip(data: bytes, progress: Progress, interval: float = 1.0) -> Behaviour:
@@ -73,6 +77,23 @@ def _no_partial_files(directory: Path) -> None:
     assert not list(directory.glob(".download-*")) + list(directory.glob(".staging-*"))
 
 
+def _beats_on_time(rig: Rig, since: float) -> None:
+    stamps = [b.recv_time for b in rig.beats(since)]
+    assert len(stamps) >= 2
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert max(gaps) < MAX_BEAT_GAP, f"heartbeats {max(gaps):.1f} s apart"
+
+
+def _logged(rig: Rig, since: float, *needles: str) -> None:
+    """A 1010 (an error line of the agent's log) naming all of `needles`."""
+    rig.wait(
+        lambda: [r for r in rig.center.records(1010)
+                 if r.recv_time > since and all(n in r.fields.get("msg", "") for n in needles)],
+        5,
+        f"a 1010 naming {needles}",
+    )
+
+
 def test_a_newer_set_takes_effect_while_a_download_of_the_older_drips(rig: Rig) -> None:
     # 16 URLs, each dripping a byte a second (the issue's host): under the old code the set,
     # and every set after it, waited up to 16 x 600 s.
@@ -84,41 +105,44 @@ def test_a_newer_set_takes_effect_while_a_download_of_the_older_drips(rig: Rig) 
     steady = Progress()
     rig.hostile.routes["/steady"] = drip(GOOD_EXE, steady, interval=0.15)
     since = time.time()
-    rig.center.send_configs([
-        rig.publish(BASE, BASE_EXE),
-        _entry("slow", [rig.hostile.url(f"/slow{i}") for i in range(16)]),
-        _entry("steady", [rig.hostile.url("/steady")]),
-    ])
-    # While it waits, state_detail names the entry and the slow URL.
-    detail = rig.detail_after(since, "plugin slow", timeout=10)
-    assert rig.hostile.url("/slow0") in detail["state_detail"]
-    assert detail["state"] == "abnormal"
-    assert not steady.done.is_set(), "the steady download ended before the newer set came"
+    with RssSampler(rig.pid) as rss:
+        rig.center.send_configs([
+            rig.publish(BASE, BASE_EXE),
+            _entry("slow", [rig.hostile.url(f"/slow{i}") for i in range(16)]),
+            _entry("steady", [rig.hostile.url("/steady")]),
+        ])
+        # While it waits, state_detail names the entry and the slow URL.
+        detail = rig.detail_after(since, "plugin slow", timeout=10)
+        assert rig.hostile.url("/slow0") in detail["state_detail"]
+        assert detail["state"] == "abnormal"
+        assert not steady.done.is_set(), "the steady download ended before the newer set came"
 
-    pushed = time.time()
-    rig.center.send_configs([
-        rig.publish(BASE, BASE_EXE),
-        _entry("steady", [rig.hostile.url("/steady")]),
-        rig.publish("fresh", GOOD_EXE),
-    ])
-    rig.plugin_beat_after(pushed, "fresh", timeout=5)
-    assert time.time() - pushed < 5
-    # The removed entry's download was cancelled (the agent hung up), its directory removed.
-    rig.wait(lambda: drips[0].broken, 5, "the agent hanging up on the removed entry's URL")
-    rig.wait(lambda: "slow" not in rig.plugin_dirs(), 5, "plugin/slow removed")
-    # The unchanged entry's download went on: one request, completed, and the plugin runs.
-    rig.plugin_beat_after(pushed, "steady", timeout=10)
-    assert rig.hostile.paths().count(b"/steady") == 1
-    assert steady.sent == len(GOOD_EXE)
-    assert not steady.broken
-    assert rig.hostile.paths().count(b"/slow1") == 0
-    _no_partial_files(rig.plugin_root / "steady")
-    # Back to `running` with no detail once the newer set is in effect.
-    rig.wait(
-        lambda: (b := rig.beats(time.time() - 0.6)) and b[-1].fields["state"] == "running",
-        10,
-        "a heartbeat saying running",
-    )
+        pushed = time.time()
+        rig.center.send_configs([
+            rig.publish(BASE, BASE_EXE),
+            _entry("steady", [rig.hostile.url("/steady")]),
+            rig.publish("fresh", GOOD_EXE),
+        ])
+        rig.plugin_beat_after(pushed, "fresh", timeout=5)
+        assert time.time() - pushed < 5
+        # The removed entry's download was cancelled (the agent hung up), its directory gone.
+        rig.wait(lambda: drips[0].broken, 5, "the agent hanging up on the removed entry's URL")
+        rig.wait(lambda: "slow" not in rig.plugin_dirs(), 5, "plugin/slow removed")
+        # The unchanged entry's download went on: one request, completed, and the plugin runs.
+        rig.plugin_beat_after(pushed, "steady", timeout=10)
+        assert rig.hostile.paths().count(b"/steady") == 1
+        assert steady.sent == len(GOOD_EXE)
+        assert not steady.broken
+        assert rig.hostile.paths().count(b"/slow1") == 0
+        _no_partial_files(rig.plugin_root / "steady")
+        # Back to `running` with no detail once the newer set is in effect.
+        rig.wait(
+            lambda: (b := rig.beats(time.time() - 0.6)) and b[-1].fields["state"] == "running",
+            10,
+            "a heartbeat saying running",
+        )
+    assert rss.peak < RSS_LIMIT, f"agent RSS peaked at {rss.peak / MIB:.1f} MiB"
+    _beats_on_time(rig, since)
     rig.survived()
 
 
@@ -129,18 +153,23 @@ def test_a_dripping_url_is_abandoned_for_the_next(rig: Rig) -> None:
     before = rig.beat_after(time.time())
     abandoned = int(before.get("downloads_abandoned", "0"))
     since = time.time()
-    rig.center.send_configs([
-        rig.publish(BASE, BASE_EXE),
-        _entry("mirror", [rig.hostile.url("/mirror-slow"), rig.hostile.url("/mirror-good")]),
-    ])
-    detail = rig.detail_after(since, "plugin mirror", timeout=10)["state_detail"]
-    assert rig.hostile.url("/mirror-slow") in detail
-    # Abandoned at the end of its first window (4 s, plus a heartbeat's slack), not at 600 s.
-    rig.plugin_beat_after(since, "mirror", timeout=MIN_SECONDS + 6)
+    with RssSampler(rig.pid) as rss:
+        rig.center.send_configs([
+            rig.publish(BASE, BASE_EXE),
+            _entry("mirror", [rig.hostile.url("/mirror-slow"), rig.hostile.url("/mirror-good")]),
+        ])
+        detail = rig.detail_after(since, "plugin mirror", timeout=10)["state_detail"]
+        assert rig.hostile.url("/mirror-slow") in detail
+        # Abandoned at the end of its first window (4 s, plus a heartbeat's slack), not 600 s.
+        rig.plugin_beat_after(since, "mirror", timeout=MIN_SECONDS + 6)
     assert dripping.broken
     assert dripping.sent < MIN_BYTES
     assert rig.hostile.paths().count(b"/mirror-good") == 1
     beat = rig.beat_after(time.time())
     assert int(beat["downloads_abandoned"]) == abandoned + 1
+    # Named: the abandonment's log line reached the server, with the entry and the URL.
+    _logged(rig, since, "mirror", "download abandoned", rig.hostile.url("/mirror-slow"))
+    assert rss.peak < RSS_LIMIT, f"agent RSS peaked at {rss.peak / MIB:.1f} MiB"
+    _beats_on_time(rig, since)
     _no_partial_files(rig.plugin_root / "mirror")
     rig.survived()
