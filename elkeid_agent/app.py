@@ -5,7 +5,7 @@ Task ownership (all children of `Agent.run`'s TaskGroup):
   heartbeat  every interval (and on each new stream, via TransferLoop.on_open), watchdog
              ticks in turn; owns the work dir's usage walk (a worker thread, once a minute)
   uploads    Uploader.run: one 1050 at a time
-  configs    Dispatcher.run_configs: Configs applied one sync at a time, latest wins
+  configs    Dispatcher.run_configs: each Config set in a task, the newest supersedes
   plugins    PluginSupervisor.run (its own TaskGroup per plugin)
   upgrade    UpgradeManager.run: one self-upgrade attempt at a time; the confirmation bound
   spool      Spool.run: the spool's disk writer (segments, checkpoint, fsync, bounds)
@@ -152,6 +152,8 @@ class Agent:
             config_path=config_path,
             verifier=verifier,
             count=self.health.count,
+            download_rule=self.plugins.download_rule,
+            health=self.health,
         )
         self.dispatcher = Dispatcher(
             self, self.plugins, self.upgrader, self.emit, health=self.health
@@ -212,8 +214,8 @@ class Agent:
         tls = [f"tls: {self.transfer.tls_problem}"] if self.transfer.tls_problem else []
         return [
             redact(d) for d in (
-                *connection, *tls, *self.errors.values(), *self.health.details(),
-                *self.plugins.errors(),
+                *connection, *tls, *self.errors.values(), *self.upgrader.waiting(),
+                *self.health.details(), *self.plugins.errors(),
             )
         ]
 

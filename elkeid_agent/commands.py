@@ -135,13 +135,18 @@ class PluginHost(Protocol):
 
     async def sync(self, configs: Sequence[ConfigSpec], hold: Collection[str] = ()) -> None:
         """Make the running plugins equal the desired set; leave the plugins in `hold`
-        (their entries were refused) exactly as they are."""
+        (their entries were refused) exactly as they are. A call made while an earlier one
+        is still waiting supersedes it: the earlier one returns early."""
         ...
 
 
 class Upgrader(Protocol):
     async def consider(self, config: ConfigSpec) -> None:
         """Upgrade the agent itself if the entry names another version."""
+        ...
+
+    async def withdraw(self) -> None:
+        """The newest set has no entry for the agent: no upgrade is wanted any more."""
         ...
 
 
@@ -313,6 +318,11 @@ class Dispatcher:
         self.failures = 0
         self._configs: list[ConfigSpec] | None = None
         self._configs_ready = asyncio.Event()
+        #: Counts the sets handed on: the newest is the one in effect.
+        self._generation = 0
+        #: The newest set's application (tests wait for it), and the one before it.
+        self.applying: asyncio.Task[None] | None = None
+        self._before_newest: asyncio.Task[None] | None = None
         #: The plugin set applied last by a previous process, started before any server set.
         self.offline_configs: Sequence[ConfigSpec] = ()
         #: Called with each plugin set once applied (persisted for the next start).
@@ -382,51 +392,83 @@ class Dispatcher:
         raise TaskFailed(f"unknown data_type {task.data_type} for {PRODUCT}")
 
     async def handle_configs(self, configs: list[ConfigSpec]) -> None:
-        """Hand the set to `run_configs`; a newer set replaces one not yet applied."""
+        """Hand the set to `run_configs`; a newer set replaces one not yet taken."""
         self._configs = configs
         self._configs_ready.set()
 
     async def run_configs(self) -> None:
-        """Apply Configs one set at a time, so a long plugin download never blocks tasks."""
-        if self.offline_configs and self._configs is None:
-            try:
+        """Apply each Config set as it comes, in a task of its own, so neither a long plugin
+        download nor the set before holds it up: the newer set supersedes the older one
+        (the supervisor keeps the installs of entries it leaves unchanged going)."""
+        async with asyncio.TaskGroup() as tg:
+            if self.offline_configs and self._configs is None:
                 # Read from the disk: validated like any set, and plugins only.
-                check = check_configs([c for c in self.offline_configs if c.name != PRODUCT])
+                offline = [c for c in self.offline_configs if c.name != PRODUCT]
+                self._start(tg, offline, offline=True)
+            while True:
+                await self._configs_ready.wait()
+                # The set before the newest is superseded and ends soon (once past the
+                # supervisor's lock): waiting for it keeps at most two sets in their tasks and
+                # one waiting here, however fast a server sends them.
+                before = self._before_newest
+                if before is not None and not before.done():
+                    await asyncio.wait([before])
+                self._configs_ready.clear()
+                configs, self._configs = self._configs, None
+                if configs is not None:
+                    self._start(tg, configs, offline=False)
+
+    def _start(self, tg: asyncio.TaskGroup, configs: list[ConfigSpec], *, offline: bool) -> None:
+        self._before_newest = self.applying
+        self._generation += 1
+        self.applying = tg.create_task(self._apply(configs, self._generation, offline),
+                                       name=f"configs-{self._generation}")
+
+    async def _apply(self, configs: list[ConfigSpec], generation: int, offline: bool) -> None:
+        try:
+            if offline:
+                check = check_configs(configs)
                 self._report_refused(check)
-                await self.plugins.sync(check.plugins, check.hold)
-            except Exception as exc:  # the boundary of the start-up set (read from the disk)
-                log.exception("last plugin set not started")
-                self.health.fault("configs", f"last plugin set not started: {exc!r}",
-                                  "config_errors")
-        while True:
-            await self._configs_ready.wait()
-            self._configs_ready.clear()
-            configs, self._configs = self._configs, None
-            if configs is None:
-                continue
-            try:
-                await self.apply_configs(configs)
-            except Exception as exc:  # the boundary of one config set
-                log.exception("config set not applied")
-                self.health.fault("configs", f"config set not applied: {exc!r}", "config_errors")
+                if self._newest(generation):
+                    await self.plugins.sync(check.plugins, check.hold)
             else:
+                await self.apply_configs(configs, generation)
+        except Exception as exc:  # the boundary of one config set
+            what = "last plugin set not started" if offline else "config set not applied"
+            log.exception("%s", what)
+            self.health.fault("configs", f"{what}: {exc!r}", "config_errors")
+        else:
+            if self._newest(generation):
                 self.health.clear("configs")
 
-    async def apply_configs(self, configs: Sequence[ConfigSpec]) -> None:
-        """Validate the set, then hand each part on; one entry's failure stops no other."""
+    async def apply_configs(self, configs: Sequence[ConfigSpec], generation: int = 0) -> None:
+        """Validate the set, then hand each part on; one entry's failure stops no other.
+        The set is saved for the next start only if no newer one came meanwhile."""
         check = check_configs(configs)
         self._report_refused(check)
-        for config in check.upgrade:
+        for config in check.upgrade or (None,):
+            if not self._newest(generation):
+                return
             try:
-                await self.upgrader.consider(config)
+                if config is None:
+                    await self.upgrader.withdraw()
+                else:
+                    await self.upgrader.consider(config)
             except Exception as exc:  # the boundary of one config entry
                 log.exception("self-upgrade entry not applied")
                 self.health.fault("upgrade config", repr(exc), "config_errors")
             else:
                 self.health.clear("upgrade config")
+        # Checked with no await before the call: the supervisor sees the sets in order.
+        if not self._newest(generation):
+            return
         await self.plugins.sync(check.plugins, check.hold)
-        if self.on_applied is not None:
+        if self.on_applied is not None and self._newest(generation):
             await self.on_applied(check.plugins)
+
+    def _newest(self, generation: int) -> bool:
+        """Whether no set came after this one (0: a direct call, outside run_configs)."""
+        return generation in (0, self._generation)
 
     def _report_refused(self, check: ConfigCheck) -> None:
         if not check.refused:

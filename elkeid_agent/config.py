@@ -88,6 +88,12 @@ class PluginsConfig(_Strict):
     max_frame_bytes: int = 8 * 1024 * 1024 - 64 * 1024 - 16
     task_queue: int = 64
     download_max_bytes: int = 512 * 1024 * 1024
+    # A download URL that brings less than download_min_bytes in any download_min_seconds
+    # (from its request on) is abandoned for the next one; a Config entry's downloads, over
+    # all its URLs, end after download_deadline seconds.
+    download_min_bytes: Annotated[int, msgspec.Meta(ge=1)] = 64 * 1024
+    download_min_seconds: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    download_deadline: Annotated[float, msgspec.Meta(gt=0)] = 1800.0
 
 
 class LogConfig(_Strict):

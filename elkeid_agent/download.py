@@ -7,6 +7,8 @@ Rules:
   loop (and every plugin pipe it serves) never waits on the disk.
 * Nothing unverified is ever renamed into place: a wrong sha256 deletes the temporary file and
   the next URL is tried; the caller only ever sees a verified file.
+* A URL that makes less than the minimum progress (`progress.Rule`: 64 KiB in 60 s by default)
+  is abandoned and the next one tried; no URL runs past the entry's deadline.
 * A local write failure (a full disk) ends the download at once, other URLs would fill the same
   disk; the partial file is removed and the reason names the OSError.
 * Archives are checked member by member (`check_member`, pure) in a first streaming pass before
@@ -25,11 +27,13 @@ import ssl
 import stat
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from elkeid_agent import http
+from elkeid_agent.progress import Progress, Watch
 from elkeid_agent.redact import redact
 
 #: The issue's cap for a plugin or agent artifact, and for what an archive unpacks to.
@@ -140,30 +144,42 @@ async def download_verified(
     max_bytes: int = DEFAULT_MAX_BYTES,
     timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - per URL, so the next one gets its own
     ssl_context: ssl.SSLContext | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Fetch the first URL whose body hashes to `sha256` into a temp file in `directory`.
 
     Returns the temporary file's path (named `.download-*`); the caller renames or unpacks it
     and removes it. Raises DownloadError naming each URL's failure (WriteFailed, at once, when
-    the local disk refuses the bytes).
+    the local disk refuses the bytes). `progress` (the caller's) holds the time budget: a URL
+    under its minimum progress is abandoned (noted in `progress.abandoned`) and the next one
+    tried; no URL is started after the entry's deadline, and none runs past it.
     """
     if not urls:
         raise DownloadError("no download URL")
     if not sha256:
         raise DownloadError("no sha256 to verify against")
+    progress = progress if progress is not None else Progress()
+    rule = progress.rule
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + rule.deadline
     expected = sha256.lower()
     failures: list[str] = []
     for url in urls:
         shown = redact(url)
+        left = deadline - loop.time()
+        if left <= 0:
+            failures.append(f"{shown}: not tried, the entry's deadline of {rule.deadline:g} s "
+                            "has passed")
+            continue
         try:
             sink = await asyncio.to_thread(_HashingFile, directory)
         except OSError as exc:
             raise WriteFailed(f"cannot create a file in {directory}: {exc}") from exc
+        watch = progress.watch = Watch(url, rule, time.monotonic())
         try:
-            await http.get(
-                url, sink, timeout=timeout, max_bytes=max_bytes, ssl_context=ssl_context
-            )
-            actual = await sink.finish()
+            done = await _fetch(url, sink, watch, timeout=min(timeout, left),
+                                max_bytes=max_bytes, ssl_context=ssl_context)
+            actual = await sink.finish() if done else None
         except http.HttpError as exc:
             await asyncio.to_thread(sink.discard)
             failures.append(f"{shown}: {exc}")
@@ -175,12 +191,58 @@ async def download_verified(
             # Cancelled (or a bug): no await here, the file must go all the same.
             sink.discard()
             raise
+        finally:
+            progress.watch = None
+        if actual is None:
+            await asyncio.to_thread(sink.discard)
+            reason = f"{shown}: {watch.shortfall(time.monotonic())}"
+            progress.abandon(reason)
+            failures.append(reason)
+            continue
         if actual != expected:
             await asyncio.to_thread(sink.discard)
             failures.append(f"{shown}: sha256 {actual} != {expected}")
             continue
         return sink.path
     raise DownloadError("; ".join(failures))
+
+
+async def _fetch(
+    url: str,
+    sink: _HashingFile,
+    watch: Watch,
+    *,
+    timeout: float,  # noqa: ASYNC109 - the URL's share of the entry's deadline, for http.get
+    max_bytes: int,
+    ssl_context: ssl.SSLContext | None,
+) -> bool:
+    """Stream `url` into `sink`; False when it fell under the minimum progress (abandoned).
+
+    The minimum is a timeout scope moved on each time a window's bytes are in: no timer per
+    read, and a host that sends nothing at all is caught as surely as one that drips.
+    """
+    loop = asyncio.get_running_loop()
+
+    def on_loop(when: float) -> float:
+        # The watch keeps time.monotonic(), which a heartbeat can read outside the loop.
+        return loop.time() + when - time.monotonic()
+
+    scope = asyncio.timeout_at(on_loop(watch.due))
+
+    async def counted(data: bytes) -> None:
+        if watch.feed(len(data), time.monotonic()) and not scope.expired():
+            scope.reschedule(on_loop(watch.due))
+        await sink(data)
+
+    try:
+        async with scope:
+            await http.get(url, counted, timeout=timeout, max_bytes=max_bytes,
+                           ssl_context=ssl_context)
+    except TimeoutError:
+        if scope.expired():
+            return False
+        raise
+    return True
 
 
 def check_member(name: str, kind: str, size: int) -> PurePosixPath | None:

@@ -183,11 +183,12 @@ class Rig:
     async def feed(self, raw: bytes) -> None:
         await self.dispatcher.handle(raw)
         d = self.dispatcher
-        # run_configs takes the set and enters the sync's lock without yielding in between.
         while d._configs_ready.is_set() or d._configs is not None:  # noqa: ASYNC110 - private
             await asyncio.sleep(0.005)
-        async with self.sup._sync_lock:
-            pass
+        # The newest set's application ends once its installs have (older ones are
+        # superseded and end before it).
+        if d.applying is not None:
+            await asyncio.wait([d.applying])
 
     def check(self) -> None:
         root = self.work / "plugin"
@@ -259,4 +260,7 @@ def test_no_command_bytes_escape_the_dispatcher(tmp_path: Path) -> None:
 
 class _NoUpgrade:
     async def consider(self, config: ConfigSpec) -> None:
+        pass
+
+    async def withdraw(self) -> None:
         pass

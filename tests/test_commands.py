@@ -84,9 +84,13 @@ class Plugins:
 class Upgrader:
     def __init__(self) -> None:
         self.considered: list[ConfigSpec] = []
+        self.withdrawn = 0
 
     async def consider(self, config: ConfigSpec) -> None:
         self.considered.append(config)
+
+    async def withdraw(self) -> None:
+        self.withdrawn += 1
 
 
 class Harness:
@@ -381,6 +385,7 @@ def test_configs_routed_to_upgrader_and_plugins() -> None:
 
     asyncio.run(configs_run(h, body))
     assert [c.name for c in h.upgrader.considered] == [PRODUCT]
+    assert h.upgrader.withdrawn == 0
     assert h.upgrader.considered[0].version == "9.9.9"
     assert h.upgrader.considered[0].download_urls == ("http://u/a",)
     assert h.plugins.syncs == [
@@ -396,25 +401,39 @@ def test_configs_routed_to_upgrader_and_plugins() -> None:
 def test_configs_latest_wins() -> None:
     h = Harness()
     h.plugins.gate = asyncio.Event()  # hold the first sync, as a long download would
+    applied: list[Sequence[ConfigSpec]] = []
+
+    async def on_applied(plugins: Sequence[ConfigSpec]) -> None:
+        applied.append(plugins)
+
+    h.dispatcher.on_applied = on_applied
 
     async def body() -> None:
         assert h.plugins.gate is not None
         await h.dispatcher.handle(configs(PLUGIN_A))
         await settle()
         assert [[c.name for c in s] for s in h.plugins.syncs] == [["a"]]
-        # While the first set is being applied, two more arrive: only the last is applied.
+        # While the first set is being applied, two more arrive: only the last is applied,
+        # and at once, not after the first (the supervisor supersedes the first).
         await h.dispatcher.handle(configs(PLUGIN_B))
         await h.dispatcher.handle(configs(PLUGIN_A, PLUGIN_B, SELF))
+        await settle()
+        assert [[c.name for c in s] for s in h.plugins.syncs] == [["a"], ["a", "b"]]
         # Tasks are not blocked by the sync in progress.
         await h.dispatcher.handle(task(SHUTDOWN, "", "s"))
         assert h.agent.shutdowns == 1
         h.plugins.gate.set()
         await settle()
         assert [[c.name for c in s] for s in h.plugins.syncs] == [["a"], ["a", "b"]]
+        # Only the newest set is saved for the next start.
+        assert [[c.name for c in s] for s in applied] == [["a", "b"]]
         assert [c.version for c in h.upgrader.considered] == ["9.9.9"]
+        assert h.upgrader.withdrawn == 1  # the first set had no entry for the agent
         # A Command with an empty Configs list encodes to nothing: the empty desired set.
+        # It has no entry for the agent either: an upgrade under way is no longer wanted.
         await h.dispatcher.handle(grpc_pb2.Command(configs=[]).SerializeToString())
         await settle()
+        assert h.upgrader.withdrawn == 2
 
     asyncio.run(configs_run(h, body))
     assert [[c.name for c in s] for s in h.plugins.syncs] == [["a"], ["a", "b"], []]
@@ -577,6 +596,31 @@ class Broken:
 
     async def consider(self, config: ConfigSpec) -> None:
         raise RuntimeError("upgrade defect")
+
+    async def withdraw(self) -> None:
+        raise RuntimeError("upgrade defect")
+
+
+def test_sets_sent_faster_than_applied_are_held_to_three() -> None:
+    """A server pushing sets faster than the supervisor takes them: at most two in their
+    tasks and one waiting, the rest replaced by the newest (not a task each)."""
+    h = Harness()
+    h.plugins.gate = asyncio.Event()  # no sync returns: the lock of a stopping plugin
+
+    async def body() -> None:
+        assert h.plugins.gate is not None
+        for i in range(50):
+            entry = {**PLUGIN_B, "version": str(i)}
+            await h.dispatcher.handle(configs(entry))
+            await settle()
+        tasks = [t for t in asyncio.all_tasks() if t.get_name().startswith("configs-")]
+        assert len(tasks) == 2
+        assert [[c.version for c in s] for s in h.plugins.syncs] == [["0"], ["1"]]
+        h.plugins.gate.set()
+        await settle()
+
+    asyncio.run(configs_run(h, body))
+    assert [[c.version for c in s] for s in h.plugins.syncs] == [["0"], ["1"], ["49"]]
 
 
 def test_a_defect_in_a_task_handler_ends_only_that_task() -> None:

@@ -31,6 +31,7 @@ from elkeid_agent.download import (
     sha256_file,
 )
 from elkeid_agent.fsutil import remove_tree
+from elkeid_agent.progress import Progress
 from elkeid_agent.signing.check import Verdict, Verifier, strip
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ async def prepare(
     ssl_context: ssl.SSLContext | None,
     timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - per URL, see download_verified
     verifier: Verifier | None = None,
+    progress: Progress | None = None,
 ) -> Staged | None:
     """Stage the plugin's files; None when the executable on disk is already the right one."""
     executable = directory / spec.name
@@ -91,6 +93,7 @@ async def prepare(
         max_bytes=max_bytes,
         timeout=timeout,
         ssl_context=ssl_context,
+        progress=progress,
     )
     staged = Staged(directory, download, None)
     try:

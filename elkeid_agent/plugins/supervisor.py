@@ -6,13 +6,20 @@ watcher). Nothing is started outside these groups: cancelling `run()` tears ever
 down (SIGKILL and reap), and `stop()` is the orderly way (pipes closed, 10 s, SIGKILL).
 
 Sync. A Configs command is the whole desired set. `plan_sync` (pure) compares it with the
-slots and the directories on disk; `sync` carries the plan out under a lock (syncs are
-serialized): removals first, then starts and upgrades in the order given. A failure of one
+slots, the installs in flight and the directories on disk; `sync` carries the plan out: under
+a lock (held for seconds, never for a download) it cancels the installs the set changed or
+removed, removes what the set removed, and starts one install task per new or changed entry
+(in the supervisor's TaskGroup); then it waits for the set's installs outside the lock. A
+newer sync supersedes it at once: the older one returns, the installs of entries the newer
+set leaves unchanged go on, the others are cancelled. So a slow download holds only its own
+entry, and the newest set is in effect within seconds. An install downloads and verifies
+while the old version still runs (so a bad artifact leaves it running), then takes the lock
+to stop the old version and swap the files in, which no cancel interrupts. A failure of one
 plugin (a bad URL, a download error, a spawn error, any exception) is recorded and the others
 go on; the recorded failures are the agent's abnormal reasons until the next sync replaces
-them. An upgrade downloads and verifies the new version while the old one still runs, so a
-bad artifact leaves the old version running. The names in `hold` (entries the dispatcher
-refused) are neither removed nor started: a bad push leaves a healthy plugin as it is.
+them, and an entry whose download is behind the minimum progress is named with its URL while
+it waits. The names in `hold` (entries the dispatcher refused) are neither removed nor
+started: a bad push leaves a healthy plugin as it is.
 
 Slots. A slot runs its plugin until told to stop, restarting it after every exit with the
 backoff of `lifecycle.backoff_delay`; its state changes only through its `Lifecycle`. A slot is
@@ -29,6 +36,7 @@ import ssl
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -57,6 +65,7 @@ from elkeid_agent.plugins.lifecycle import (
     failures_after_run,
 )
 from elkeid_agent.plugins.process import HIGH_PRIORITY_ENV, Counters, Outcome, PluginProcess
+from elkeid_agent.progress import Progress, Rule
 from elkeid_agent.signing.check import REFUSED_COUNTER, WARNED_COUNTER, Verifier
 from elkeid_agent.wire import encode_record, task_frame
 
@@ -67,12 +76,15 @@ PLUGIN_DIR = "plugin"
 
 @dataclass(frozen=True)
 class SyncPlan:
-    """What a sync does: names to stop and delete, configs to (re)start, names left alone."""
+    """What a sync does: names to stop and delete, configs to (re)start, names left alone,
+    installs in flight to cancel and to let go on."""
 
     remove: tuple[str, ...]
     start: tuple[ConfigSpec, ...]
     keep: tuple[str, ...]
     rejected: tuple[str, ...]  # reasons, one per refused entry
+    cancel: tuple[str, ...] = ()
+    going_on: tuple[str, ...] = ()
 
 
 def plan_sync(
@@ -80,10 +92,16 @@ def plan_sync(
     installed: Iterable[str],
     desired: Sequence[ConfigSpec],
     hold: Collection[str] = (),
+    installing: Mapping[str, ConfigSpec] | None = None,
 ) -> SyncPlan:
-    """Pure: from running {name: version}, plugin dirs on disk and the desired set, the plan.
+    """Pure: from running {name: version}, plugin dirs on disk, the installs in flight
+    {name: the entry being installed} and the desired set, the plan.
 
-    Plugins named in `hold` and not in the desired set are left alone (not removed)."""
+    An install in flight whose entry the set leaves exactly as it was goes on (it is not
+    started again); one whose entry changed in any field, was removed, or was refused this
+    time (a name in `hold`) is cancelled: the newest set is the one in effect. Plugins named
+    in `hold` and not in the desired set are left alone (not removed)."""
+    installing = installing or {}
     rejected: list[str] = []
     wanted: dict[str, ConfigSpec] = {}
     for spec in desired:
@@ -94,11 +112,17 @@ def plan_sync(
             rejected.append(f"plugin {spec.name}: listed twice, the first entry is used")
         else:
             wanted[spec.name] = spec
+    going_on = tuple(sorted(n for n, s in installing.items() if wanted.get(n) == s))
+    cancel = tuple(sorted(n for n in installing if n not in going_on))
     present = set(running) | set(installed)
     remove = tuple(sorted(n for n in present if n not in wanted and n not in hold))
-    start = tuple(s for n, s in wanted.items() if running.get(n) != s.version)
-    keep = tuple(n for n, s in wanted.items() if running.get(n) == s.version)
-    return SyncPlan(remove, start, keep, tuple(rejected))
+    start = tuple(
+        s for n, s in wanted.items() if n not in going_on and running.get(n) != s.version
+    )
+    keep = tuple(
+        n for n, s in wanted.items() if n not in going_on and running.get(n) == s.version
+    )
+    return SyncPlan(remove, start, keep, tuple(rejected), cancel, going_on)
 
 
 _EXPECTED = (install.InstallError, DownloadError, UnsafeArchive, OSError)
@@ -110,6 +134,12 @@ def _reason(exc: Exception) -> str:
         log.error("plugin sync step failed", exc_info=exc)
         return repr(exc)
     return str(exc)
+
+
+def _cut(reason: str) -> str:
+    # Each is a line of state_detail in every heartbeat: cut as Health cuts its reasons
+    # (a DownloadError quotes all its URLs, up to 16 of 4 KiB each).
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
 
 
 def _usage_of(directories: Mapping[str, Path]) -> dict[str, int]:
@@ -140,6 +170,17 @@ class _Slot:
         self.stop_requested.set()
 
 
+@dataclass
+class _Install:
+    """One entry's install in flight: download, verify, unpack, then swap in and start."""
+
+    spec: ConfigSpec
+    progress: Progress
+    task: asyncio.Task[None] | None = None
+    #: Stopping the old version and swapping the files in: not to be cancelled.
+    committing: bool = False
+
+
 class PluginSupervisor:
     """Implements commands.PluginHost; the lead's app wires run()/stop() into its TaskGroup."""
 
@@ -157,7 +198,12 @@ class PluginSupervisor:
         self.config = config
         self.on_state = on_state
         self._slots: dict[str, _Slot] = {}
+        self._installs: dict[str, _Install] = {}
         self._sync_errors: list[str] = []
+        #: The last failure of each entry whose install failed since the last sync.
+        self._entry_errors: dict[str, str] = {}
+        #: Done when a newer sync has begun: the older one stops waiting for its installs.
+        self._superseded: asyncio.Future[None] | None = None
         self._sync_lock = asyncio.Lock()
         self._ready = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -169,6 +215,8 @@ class PluginSupervisor:
         #: Checks each download's signature (docs/signing.md); the policy says what a
         #: problem does.
         self.verifier = Verifier()
+        self.download_rule = Rule(config.download_min_bytes, config.download_min_seconds,
+                                  config.download_deadline)
         #: Seconds between walks of the plugin directories for the 1001s' `du`.
         self.usage_max_age = 60.0
         #: Bytes under each plugin's directory at the last walk (a worker thread's).
@@ -205,6 +253,13 @@ class PluginSupervisor:
     async def stop(self) -> None:
         """Stop every plugin (at most ~10 s, in parallel); later syncs and tasks are refused."""
         self._closing = True
+        self._supersede()
+        installs = [job.task for job in self._installs.values() if job.task is not None]
+        for job in self._installs.values():
+            if job.task is not None and not job.committing:
+                job.task.cancel()
+        if installs:
+            await asyncio.wait(installs)
         slots = list(self._slots.values())
         for slot in slots:
             slot.request_stop()
@@ -226,44 +281,63 @@ class PluginSupervisor:
         slot.process.send(task_frame(task.data_type, task.object_name, task.data, task.token))
 
     async def sync(self, configs: Sequence[ConfigSpec], hold: Collection[str] = ()) -> None:
+        """Apply the desired set; return once its installs have ended, or at once when a
+        newer sync supersedes it (that one then owns every entry)."""
+        superseded = self._supersede()
         async with self._sync_lock:
             await self._ready.wait()
-            if self._closing:
+            if self._closing or superseded.done():
                 return
             await self._forget_stopped()
             running = {name: slot.spec.version for name, slot in self._slots.items()}
-            plan = plan_sync(running, self._installed(), configs, hold)
+            installing = {name: job.spec for name, job in self._installs.items()}
+            plan = plan_sync(running, self._installed(), configs, hold, installing)
+            await self._cancel_installs(plan.cancel)
             errors = list(plan.rejected)
+            # All told at once: each may take its 10 s to stop, and the newer set waits.
+            for name in plan.remove:
+                if (slot := self._slots.get(name)) is not None:
+                    slot.request_stop()
             for name in plan.remove:
                 try:
                     await self._remove(name)
                 except Exception as exc:  # noqa: BLE001 - the boundary of one plugin's removal
                     errors.append(f"plugin {name}: cannot remove: {_reason(exc)}")
+            self._entry_errors.clear()
             for spec in plan.start:
                 try:
-                    await self._install_and_start(spec)
-                except Exception as exc:  # noqa: BLE001 - the boundary of one entry
-                    errors.append(f"plugin {spec.name}: {_reason(exc)}")
-                    if isinstance(exc, UnsafeArchive) and exc.counter is not None:
-                        self.health.count(exc.counter)
-                    if isinstance(exc, install.SignatureRefused):
-                        self.health.count(REFUSED_COUNTER)
+                    self._launch(spec)
+                except install.InstallError as exc:
+                    errors.append(f"plugin {spec.name}: {exc}")
             for reason in errors:
                 log.error("sync: %s", reason)
             if errors:
                 self.health.count("plugin_sync_failures", len(errors))
-            # Each is a line of state_detail in every heartbeat: cut as Health cuts its reasons
-            # (a DownloadError quotes all its URLs, up to 16 of 4 KiB each).
-            self._sync_errors = [
-                e if len(e) <= MAX_REASON else e[: MAX_REASON - 3] + "..." for e in errors
-            ]
+            self._sync_errors = [_cut(e) for e in errors]
             self._notify()
+            pending = {job.task for job in self._installs.values() if job.task is not None}
+        while pending and not superseded.done():
+            await asyncio.wait([*pending, superseded], return_when=asyncio.FIRST_COMPLETED)
+            pending = {task for task in pending if not task.done()}
+
+    def _supersede(self) -> asyncio.Future[None]:
+        """End the wait of the sync before this one; the future a newer one will end."""
+        if self._superseded is not None and not self._superseded.done():
+            self._superseded.set_result(None)
+        self._superseded = asyncio.get_running_loop().create_future()
+        return self._superseded
 
     # -- state for the heartbeat ----------------------------------------------------------------
 
     def errors(self) -> list[str]:
         """Why the agent is abnormal: failed sync items, plugins not running."""
-        out = list(self._sync_errors)
+        out = [*self._sync_errors, *self._entry_errors.values()]
+        now = time.monotonic()
+        for name, job in self._installs.items():
+            waiting = job.progress.waiting(now)
+            if waiting is not None:
+                out.append(_cut(f"plugin {name} {job.spec.version}: waiting for {waiting}, "
+                                f"under {job.progress.rule.describe()}"))
         for name, slot in self._slots.items():
             if slot.lifecycle.live and slot.lifecycle.state is not State.RUNNING:
                 out.append(f"plugin {name} is down ({slot.last_exit or 'starting'})")
@@ -368,7 +442,53 @@ class PluginSupervisor:
             await asyncio.to_thread(remove_tree, directory)
         log.info("plugin %s removed", name)
 
-    async def _install_and_start(self, spec: ConfigSpec) -> None:
+    def _launch(self, spec: ConfigSpec) -> None:
+        if self._tg is None:
+            raise install.InstallError("the supervisor is not running")
+        progress = Progress(self.download_rule, on_abandon=partial(self._abandoned, spec.name))
+        job = _Install(spec, progress)
+        self._installs[spec.name] = job
+        job.task = self._tg.create_task(self._install(job), name=f"install-{spec.name}")
+
+    def _abandoned(self, name: str, reason: str) -> None:
+        log.error("plugin %s: download abandoned: %s", name, reason)
+        self.health.count("downloads_abandoned")
+        self._notify()
+
+    async def _cancel_installs(self, names: Iterable[str]) -> None:
+        """Cancel installs a newer set changed or removed, and wait until they have ended
+        (their partial files removed) before anything else touches their directories."""
+        jobs = [self._installs.pop(name) for name in names]
+        tasks = [job.task for job in jobs if job.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        for job in jobs:
+            log.info("plugin %s: install of %s cancelled, a newer set changed or removed it",
+                     job.spec.name, job.spec.version)
+
+    async def _install(self, job: _Install) -> None:
+        """One entry's install: the unit of failure of one Config entry."""
+        spec = job.spec
+        try:
+            await self._install_and_start(job)
+        except Exception as exc:  # noqa: BLE001 - the boundary of one entry
+            reason = f"plugin {spec.name}: {_reason(exc)}"
+            log.error("sync: %s", reason)
+            self.health.count("plugin_sync_failures")
+            if isinstance(exc, UnsafeArchive) and exc.counter is not None:
+                self.health.count(exc.counter)
+            if isinstance(exc, install.SignatureRefused):
+                self.health.count(REFUSED_COUNTER)
+            self._entry_errors[spec.name] = _cut(reason)
+        finally:
+            if self._installs.get(spec.name) is job:
+                del self._installs[spec.name]
+            self._notify()
+
+    async def _install_and_start(self, job: _Install) -> None:
+        spec = job.spec
         directory = self.root / spec.name
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         await asyncio.to_thread(install.clean_leftovers, directory)
@@ -383,24 +503,28 @@ class PluginSupervisor:
             ssl_context=context,
             timeout=self.download_timeout,
             verifier=self.verifier,
+            progress=job.progress,
         )
         if staged is not None and staged.signature_warning is not None:
             self.health.count(WARNED_COUNTER)
         try:
-            old = self._slots.get(spec.name)
-            if old is not None:
-                await self._stop_slot(old)
-                del self._slots[spec.name]
-            if self._closing:
-                return
-            if staged is not None:
-                # Renames and, for an archive replacing a directory, rmtree: off the loop.
-                await asyncio.to_thread(install.commit, staged, spec.name)
-                staged = None
+            # Under the sync lock: a sync never sees a plugin half swapped.
+            async with self._sync_lock:
+                job.committing = True
+                old = self._slots.get(spec.name)
+                if old is not None:
+                    await self._stop_slot(old)
+                    del self._slots[spec.name]
+                if self._closing:
+                    return
+                if staged is not None:
+                    # Renames and, for an archive replacing a directory, rmtree: off the loop.
+                    await asyncio.to_thread(install.commit, staged, spec.name)
+                    staged = None
+                self._start_slot(spec, directory)
         finally:
             if staged is not None:
                 await asyncio.to_thread(install.discard, staged)
-        self._start_slot(spec, directory)
         log.info("plugin %s %s started", spec.name, spec.version)
 
     def _start_slot(self, spec: ConfigSpec, directory: Path) -> None:

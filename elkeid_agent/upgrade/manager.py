@@ -16,6 +16,9 @@ Two entry points, two processes:
   `--version` and then `selftest` (its whole run path against the live config), swap, ask
   the agent to exit. In the new process it also waits for `confirm()`
   (the first heartbeat went out on a stream) and rolls back when the bound passes first.
+  The download keeps the plugins' time budget (`progress.Rule`), and an entry that changes
+  while its artifact is still downloading ends that download at once (a newer set
+  supersedes the older); once downloaded, an attempt runs to its end.
 
 Every state change goes through `state.UpgradeMachine`; the heartbeat reports `state` and
 `last_error`, and a failure also marks the agent abnormal through `errors["upgrade"]`.
@@ -37,6 +40,8 @@ from elkeid_agent.childenv import child_env
 from elkeid_agent.commands import ConfigSpec, task_result
 from elkeid_agent.config import UpgradeConfig
 from elkeid_agent.download import DownloadError, download_verified, sha256_file
+from elkeid_agent.health import Health
+from elkeid_agent.progress import Progress, Rule
 from elkeid_agent.signing.check import REFUSED_COUNTER, WARNED_COUNTER, Verifier, strip
 from elkeid_agent.upgrade import swap
 from elkeid_agent.upgrade.artifact import (
@@ -113,6 +118,10 @@ class StartupResult:
 
 class UpgradeFailed(Exception):
     """One step of an attempt failed; the message is the reason reported."""
+
+
+class Superseded(Exception):
+    """A newer entry came while the attempt's artifact was downloading."""
 
 
 def _target(work_dir: Path) -> Path:
@@ -196,6 +205,8 @@ class UpgradeManager:
         config_path: str | None = None,
         verifier: Verifier | None = None,
         count: Callable[[str], None] | None = None,
+        download_rule: Rule | None = None,
+        health: Health | None = None,
     ) -> None:
         self.work_dir = work_dir
         self.verifier = verifier or Verifier()
@@ -217,6 +228,12 @@ class UpgradeManager:
         self._wake = asyncio.Event()
         self._retry_at: dict[tuple[str, str], float] = {}
         self._said: set[str] = set()  # refusals already logged (log once)
+        self.download_rule = download_rule or Rule()
+        self.health = health if health is not None else Health()
+        #: The attempt under way and, while its artifact downloads, the scope that ends it.
+        self._attempting: ConfigSpec | None = None
+        self._download_scope: asyncio.Timeout | None = None
+        self._progress: Progress | None = None
         if startup.state is UpgradeState.SWAPPED:
             self.machine.handle(Event.RESUMED)
             self._record = startup.record
@@ -268,6 +285,17 @@ class UpgradeManager:
         self.last_error = ""
         self.errors.pop(ERROR_KEY, None)
 
+    def waiting(self) -> list[str]:
+        """The artifact's slow URL while its download is behind the minimum (state_detail)."""
+        progress, config = self._progress, self._attempting
+        if progress is None or config is None:
+            return []
+        waiting = progress.waiting(time.monotonic())
+        if waiting is None:
+            return []
+        return [f"upgrade to {config.version}: waiting for {waiting}, "
+                f"under {progress.rule.describe()}"]
+
     def _say_once(self, key: str, message: str) -> None:
         if key not in self._said:
             self._said.add(key)
@@ -277,6 +305,8 @@ class UpgradeManager:
 
     async def consider(self, config: ConfigSpec) -> None:
         """Note the wish; `run()` acts on it. Never blocks the Dispatcher."""
+        if config != self._attempting:
+            self._end_download()
         if not config.version or config.version == self.version:
             # The server wants what runs: any earlier failure is no longer news.
             self._pending = self._held = None
@@ -292,6 +322,18 @@ class UpgradeManager:
             return
         self._pending = config
         self._wake.set()
+
+    async def withdraw(self) -> None:
+        """No entry for the agent in the newest set: the wish not yet tried is dropped and a
+        download under way ends (an attempt past its download runs to its end)."""
+        self._pending = None
+        self._end_download()
+
+    def _end_download(self) -> None:
+        """A newer set changed or removed the entry whose artifact downloads: end it now."""
+        scope = self._download_scope
+        if scope is not None and not scope.expired():
+            scope.reschedule(asyncio.get_running_loop().time())
 
     def _refusal(self, config: ConfigSpec) -> tuple[str, str] | None:
         """Why `config` is not tried now: (a key for logging it once, the message); None:
@@ -383,12 +425,22 @@ class UpgradeManager:
         tmp = self.work_dir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         attempt_dir = Path(tempfile.mkdtemp(prefix=ATTEMPT_PREFIX, dir=tmp))
+        self._attempting = config
         try:
             await self._fetch_probe_swap(config, attempt_dir)
         except UpgradeFailed as exc:
             self._failed(config, str(exc))
+        except Superseded:
+            # Not a failure of this version: no error, no retry delay, no 5100.
+            self.machine.handle(Event.FAILED)
+            log.info("upgrade to %s: download ended, a newer entry came", config.version)
         finally:
+            self._attempting = None
             await asyncio.to_thread(shutil.rmtree, attempt_dir, ignore_errors=True)
+
+    def _abandoned(self, reason: str) -> None:
+        log.error("upgrade: download abandoned: %s", reason)
+        self.health.count("downloads_abandoned")
 
     def _failed(self, config: ConfigSpec, reason: str) -> None:
         event = Event.SWAP_FAILED if self.machine.state is UpgradeState.SWAPPED else Event.FAILED
@@ -403,14 +455,24 @@ class UpgradeManager:
 
     async def _fetch_probe_swap(self, config: ConfigSpec, attempt_dir: Path) -> None:
         s = self.settings
+        progress = self._progress = Progress(self.download_rule, on_abandon=self._abandoned)
+        scope = self._download_scope = asyncio.timeout(None)
         try:
-            artifact = await download_verified(
-                config.download_urls, config.sha256, attempt_dir,
-                max_bytes=s.max_artifact_bytes, timeout=s.download_timeout,
-                ssl_context=self.ssl_context,
-            )
+            async with scope:
+                artifact = await download_verified(
+                    config.download_urls, config.sha256, attempt_dir,
+                    max_bytes=s.max_artifact_bytes, timeout=s.download_timeout,
+                    ssl_context=self.ssl_context, progress=progress,
+                )
         except DownloadError as exc:
             raise UpgradeFailed(f"download: {exc}") from exc
+        except TimeoutError:
+            if scope.expired():
+                raise Superseded from None
+            raise
+        finally:
+            self._download_scope = None
+            self._progress = None
         await self._check_signature(config, artifact)
         candidate = attempt_dir / EXECUTABLE
         kind = await asyncio.to_thread(_extract, artifact, candidate, s.max_candidate_bytes)

@@ -210,6 +210,9 @@ class _NoUpgrade:
     async def consider(self, config: ConfigSpec) -> None:
         pass
 
+    async def withdraw(self) -> None:
+        pass
+
 
 @pytest.mark.parametrize("kind", ["not utf-8", "a directory", "wrong types"])
 def test_a_bad_pgids_file_does_not_stop_the_supervisor(tmp_path: Path, kind: str) -> None:

@@ -91,8 +91,10 @@ def test_add_upgrade_noop_remove(tmp_path: Path) -> None:
                 assert pid2 != pid1
                 await until(lambda: not alive(pid1), what="old version gone")
                 assert (directory / "p").read_bytes() == v2
-                await until((directory / "ran").exists)
-                assert (directory / "ran").read_text() == "v1\nv2\n"
+                # `ran` exists since v1 ran: wait for v2's line, which its process writes first.
+                ran = directory / "ran"
+                await until(lambda: ran.read_text() != "v1\n", what="v2 ran")
+                assert ran.read_text() == "v1\nv2\n"
                 assert not list(directory.glob(".download-*"))
                 # removal: process and directory gone
                 await sup.sync([])
