@@ -5,17 +5,18 @@
 (a read-only work dir) or whose recorded pid now belongs to another program. An agent is
 recognised by its command line: the executable `elkeid-agent` (packaged, frozen or a venv's
 script) or `python -m elkeid_agent`, running the agent itself (no subcommand, or `run`); its
-work dir is the one its `--config` names (relative to its cwd), read as `work_dir_hint` reads it.
+work dir is the one its `--config` names (relative to its cwd), read leniently.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from elkeid_agent.config import work_dir_hint
+from elkeid_agent.config import DEFAULT_CONFIG_PATH, Config
 
 PROGRAM = "elkeid-agent"
 MODULE = "elkeid_agent"
@@ -90,16 +91,32 @@ def config_arg(args: list[str]) -> str | None:
 
 
 def _work_dir_of(config: str | None) -> Path | None:
-    """The work dir a config names; None when it is not a small regular file (any user may
-    start a process whose command line names /dev/zero)."""
-    if config is not None:
-        try:
-            st = os.stat(config)
-        except OSError:
-            return None
+    """The work dir a config names, read leniently; None when the file is not a
+    small regular file. Any user may start a process whose command line names a FIFO or
+    /dev/zero: opened without blocking, checked on the open file, read bounded."""
+    path = str(DEFAULT_CONFIG_PATH) if config is None else config
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # No config file: `run` uses its defaults, or refuses a --config that is missing.
+        return Path(os.path.realpath(Config().work_dir)) if config is None else None
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CONFIG_BYTES:
             return None
-    return Path(os.path.realpath(work_dir_hint(config)))
+        data = os.read(fd, MAX_CONFIG_BYTES)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        value = tomllib.loads(data.decode()).get("work_dir")
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        value = None
+    work_dir = value if isinstance(value, str) and value else Config().work_dir
+    return Path(os.path.realpath(work_dir))
 
 
 def running_agents() -> list[AgentProc]:

@@ -31,7 +31,7 @@ from elkeid_agent.doctor import (
     Verdict,
     checks,
 )
-from elkeid_agent.procscan import agent_run_args, config_arg
+from elkeid_agent.procscan import _work_dir_of, agent_run_args, config_arg
 from elkeid_agent.status import AgentStatus, write_status
 from elkeid_center.testing import CenterThread
 
@@ -200,6 +200,17 @@ def test_agent_command_lines_are_recognised() -> None:
         assert agent_run_args(cmdline) is None, cmdline
     assert config_arg(["run", "--config=/x.toml"]) == "/x.toml"
     assert config_arg(["run"]) is None
+
+
+def test_a_config_named_by_any_process_is_read_safely(tmp_path: Path) -> None:
+    good = tmp_path / "a.toml"
+    good.write_text(f'work_dir = "{tmp_path / "w"}"\n')
+    assert _work_dir_of(str(good)) == tmp_path / "w"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert _work_dir_of(str(fifo)) is None  # at once: no writer is waited for
+    assert _work_dir_of("/dev/zero") is None
+    assert _work_dir_of(str(tmp_path / "missing.toml")) is None
 
 
 # --- doctor -----------------------------------------------------------------------------------
