@@ -47,9 +47,11 @@ demo: setup
 # Interactive: `make center` in one terminal, `make agent` in another. The center prints every
 # record to its terminal and serves examples/plugins.json (the SDK's demo plugin); the agent
 # logs to its terminal and to .work/center/agent-work/log/elkeid-agent.log.
+# CENTER_PORT: the gRPC port; when it is taken the center picks a free one and says so.
 CENTER_DIR := .work/center
+CENTER_PORT ?= 6751
 center: setup
-	$(BIN)/elkeid-center serve --dir $(CENTER_DIR) --files examples/files \
+	$(BIN)/elkeid-center serve --dir $(CENTER_DIR) --port $(CENTER_PORT) --files examples/files \
 		--configs examples/plugins.json --sign
 
 agent: setup

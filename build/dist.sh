@@ -4,7 +4,8 @@
 #   build/dist.sh [ARCH]        (amd64 by default)
 #
 # Inputs (environment), each with a test default:
-#   BUILD_VERSION   default: VERSION in elkeid_agent/version.py
+#   BUILD_VERSION   default: VERSION in elkeid_agent/version.py with the test marker "~test"
+#                   (1.9.0.0~test: visible, and below the release in dpkg's and rpm's order)
 #   CERTS_DIR       ca.crt, client.crt, client.key; default: a test PKI made once in
 #                   build/out/test-certs (elkeid_center.certs)
 #   PRODUCT_CONFIG  TOML baked in as the agent's defaults; default build/product.default.toml
@@ -27,7 +28,8 @@ arch=${1:-amd64}
 here=$(cd "$(dirname "$0")" && pwd)
 project=$(dirname "$here")
 cd "$project"
-version=${BUILD_VERSION:-$(sed -n 's/^VERSION = "\(.*\)"$/\1/p' elkeid_agent/version.py)}
+# The version, and the inputs left to their test defaults (build/inputs.sh).
+. "$here/inputs.sh"
 product=$(realpath "${PRODUCT_CONFIG:-build/product.default.toml}")
 dist=${DIST_DIR:-dist}
 out=build/out/$arch
@@ -99,3 +101,4 @@ if [ -n "${SIGNING_KEY:-}" ]; then
 fi
 say "done: $(du -h "$exe" | cut -f1) executable"
 (cd "$dist" && sha256sum "${artifacts[@]}" ${SIGNING_KEY:+"${artifacts[@]/#/signed/}"})
+not_a_release >&2

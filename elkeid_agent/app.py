@@ -182,6 +182,8 @@ class Agent:
         self.last_heartbeat = 0.0
         self.exit_reason = ""
         self._started = psutil.Process().create_time()
+        # A plugin's start, exit or restart shows in `ctl status` at once, not a heartbeat later.
+        self.plugins.on_state = self._write_status
 
     # -- records --------------------------------------------------------------------------------
 

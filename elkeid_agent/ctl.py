@@ -21,6 +21,7 @@ from typing import Any
 
 from elkeid_agent import specified_env
 from elkeid_agent.childenv import child_env
+from elkeid_agent.procscan import AgentProc, agents_of, describe_pid, running_agents
 from elkeid_agent.runtime_dir import UNPACK_PREFIXES, clean_stale_unpack_dirs
 from elkeid_agent.status import STATUS_FILE, AgentStatus, read_status
 
@@ -31,6 +32,14 @@ CLEANUP_DIRS = ("plugin", "log", "tmp")
 # A live agent whose record is older than this is not heartbeating (it writes one every
 # 60 s heartbeat).
 STALE_AFTER_S = 180.0
+# An agent writes its status file within its first second; longer without one is a fault.
+STARTING_GRACE_S = 30.0
+# Exit codes of `ctl status`, for monitoring (README, Operations): ok, degraded, down (LSB's
+# "not running"); a --config that cannot be read is a usage error.
+EXIT_OK = 0
+EXIT_DEGRADED = 1
+EXIT_USAGE = 2
+EXIT_DOWN = 3
 # How the agent's command line begins: the executable `elkeid-agent`, or `-m elkeid_agent`.
 AGENT_MARK = "elkeid"
 
@@ -43,15 +52,26 @@ _SIMPLE = {
 }
 
 
+def _add_location(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """`--config` (and `--work-dir`) before or after the subcommand, as for `run`."""
+    # After the subcommand, SUPPRESS keeps an absent option from hiding the one given before.
+    parser.add_argument(
+        "--config",
+        default=None if top else argparse.SUPPRESS,
+        help="read the work dir from this config, as run does",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=DEFAULT_WORK_DIR if top else argparse.SUPPRESS,
+        help=f"the agent's working directory (default {DEFAULT_WORK_DIR})",
+    )
+
+
 def add_ctl_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `ctl` and its subcommands to the top-level parser's subparsers."""
     ctl = subparsers.add_parser("ctl", help="control the installed agent service")
-    ctl.add_argument(
-        "--work-dir",
-        type=Path,
-        default=DEFAULT_WORK_DIR,
-        help=f"the agent's working directory (default {DEFAULT_WORK_DIR})",
-    )
+    _add_location(ctl, top=True)
     sub = ctl.add_subparsers(dest="ctl_command", metavar="{set,status,cleanup,...}")
     sub.required = True
     set_p = sub.add_parser(
@@ -60,29 +80,35 @@ def add_ctl_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     set_p.add_argument("--idc", help="specified_idc (empty string removes it)")
     set_p.add_argument("--region", help="specified_region (empty string removes it)")
     set_p.add_argument("--id", dest="agent_id", help="agent id (empty string removes it)")
+    _add_location(set_p, top=False)
     for name, text in _SIMPLE.items():
         sub.add_parser(name, help=text)
     status = sub.add_parser(
         "status", help="whether the agent runs, its connection, why it stopped"
     )
-    status.add_argument("--config", help="read the work dir from this config, as run does")
+    _add_location(status, top=False)
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    sub.add_parser(
-        "cleanup", help="remove plugins, logs and temporary files (service must be stopped)"
+    cleanup = sub.add_parser(
+        "cleanup", help="remove plugins, logs and temporary files (the agent must be stopped)"
     )
+    _add_location(cleanup, top=False)
     hold = sub.add_parser(
         "hold", help="keep the running agent version whatever the server pushes (no restart)"
     )
-    hold.add_argument("--config", help="read the work dir from this config, as run does")
+    _add_location(hold, top=False)
     hold.add_argument("--reason", default="", help="why, for whoever reads ctl status")
     release = sub.add_parser("release", help="lift `ctl hold`: upgrades pushed are applied")
-    release.add_argument("--config", help="read the work dir from this config, as run does")
+    _add_location(release, top=False)
 
 
 def run_ctl(args: argparse.Namespace) -> int:
     """Run the parsed `ctl` subcommand; return the process exit code."""
-    work_dir = _work_dir(args)
     cmd: str = args.ctl_command
+    if cmd in _SIMPLE:
+        return _systemctl(cmd, SERVICE)
+    work_dir = _work_dir(args)
+    if work_dir is None:
+        return EXIT_USAGE
     if cmd == "set":
         return _set(work_dir, idc=args.idc, region=args.region, agent_id=args.agent_id)
     if cmd == "status":
@@ -91,7 +117,7 @@ def run_ctl(args: argparse.Namespace) -> int:
         return _cleanup(work_dir)
     if cmd in ("hold", "release"):
         return _hold(work_dir, cmd == "hold", getattr(args, "reason", ""))
-    return _systemctl(cmd, SERVICE)
+    raise AssertionError(cmd)
 
 
 # --- set -------------------------------------------------------------------------
@@ -238,7 +264,13 @@ def status_report(
         },
     )
     if state == "dead":
-        report["exit_reason"] = f"process {st.pid} is gone; its last record said {st.state}"
+        now_is = describe_pid(st.pid)
+        report["exit_reason"] = (
+            f"process {st.pid} is gone; its last record said {st.state}"
+            if now_is == "no process"
+            else f"the agent's process {st.pid} is gone (its last record said {st.state}); "
+            f"pid {st.pid} is now another program: {now_is}"
+        )
     elif stale:
         report["detail"] = [*st.detail, f"no status update for {now - st.updated:.0f} s: hung?"]
     return report
@@ -280,12 +312,118 @@ def format_report(report: dict[str, Any], now: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def exit_code(report: dict[str, Any]) -> int:
+    """ok: running, connected, nothing wrong; degraded: running but abnormal, disconnected,
+    starting or silent; down: not running."""
+    if not report["running"]:
+        return EXIT_DOWN
+    healthy = report["state"] == "running" and report["connected"] and not report["stale"]
+    return EXIT_OK if healthy else EXIT_DEGRADED
+
+
+def _owner(work_dir: Path) -> int | None:
+    try:
+        return work_dir.stat().st_uid
+    except OSError:
+        return None
+
+
+def _unrecorded_agent(work_dir: Path) -> AgentProc | None:
+    """A running agent of `work_dir` that its status file does not describe.
+
+    Only a process of the work dir's owner counts: any user may start a process whose
+    command line looks like the agent's.
+    """
+    owner = _owner(work_dir)
+    found = [
+        a for a in agents_of(work_dir, running_agents())
+        if a.work_dir is not None and (owner is None or a.uid == owner)
+    ]
+    return found[0] if found else None
+
+
+def _status_file_problem(work_dir: Path, st: AgentStatus | None, started: float) -> str | None:
+    """Why the status file does not describe the running agent; None when nothing is known
+    to stop it from doing so (the agent has not written it yet)."""
+    path = work_dir / STATUS_FILE
+    try:
+        if os.statvfs(work_dir).f_flag & os.ST_RDONLY:
+            return f"{work_dir} is on a read-only filesystem: the agent cannot write {path}"
+    except OSError:
+        return None  # the agent makes its work dir as it starts
+    if st is None or st.updated < started:
+        return None  # none yet, or a previous run's
+    return f"{path} was written by process {st.pid}, not by this one"
+
+
+def _address(ip: str, port: int) -> str:
+    """`ip:port` as the config writes it (an IPv4 peer of a dual-stack socket is IPv4)."""
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+def process_report(
+    work_dir: Path,
+    agent: AgentProc,
+    st: AgentStatus | None,
+    props: dict[str, str],
+    now: float,
+) -> dict[str, Any]:
+    """What the kernel tells of an agent whose status file says nothing true about it."""
+    import psutil
+
+    report = status_report(work_dir, None, False, props, now)
+    problem = _status_file_problem(work_dir, st, agent.started)
+    age = now - agent.started
+    starting = problem is None and age < STARTING_GRACE_S
+    if problem is None:
+        problem = (f"none yet, {age:.0f} s after the process started" if starting
+                   else f"{work_dir / STATUS_FILE} is missing or unreadable")
+    try:
+        links = [
+            c for c in psutil.Process(agent.pid).net_connections(kind="tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.raddr
+        ]
+    except psutil.Error:
+        links = []
+    # The gRPC stream is the agent's one lasting TCP connection.
+    server = _address(links[0].raddr.ip, links[0].raddr.port) if links else ""
+    report.update(
+        state="starting" if starting else "abnormal",
+        running=True,
+        stale=False,
+        pid=agent.pid,
+        version="unknown",
+        connected=bool(links),
+        server=server,
+        net_mode="unknown",
+        connected_since=0.0,
+        last_heartbeat=0.0,
+        updated=0.0,
+        upgrade_state="unknown",
+        detail=[f"status file: {problem}; this report comes from process {agent.pid} itself"],
+        exit_reason="",
+        spool={"state": "unknown", "records": 0, "bytes": 0, "oldest_seconds": 0.0,
+               "dropped_records": 0},
+    )
+    return report
+
+
 def _status(work_dir: Path, as_json: bool) -> int:
-    """Print the agent's state; exit 0 while the agent runs, 3 when it does not (LSB)."""
+    """Print the agent's state; exit as `exit_code` says."""
     st = read_status(work_dir)
     alive = st is not None and is_agent_process(st.pid, st.started)
     now = time.time()
-    report = status_report(work_dir, st, alive, _service_props(SERVICE), now)
+    props = _service_props(SERVICE)
+    agent = None if alive else _unrecorded_agent(work_dir)
+    if agent is not None:
+        report = process_report(work_dir, agent, st, props, now)
+    else:
+        report = status_report(work_dir, st, alive, props, now)
     # Here, not at the top: `--version` imports this module and must stay lean.
     from elkeid_agent.upgrade.report import upgrade_lines
 
@@ -295,22 +433,31 @@ def _status(work_dir: Path, as_json: bool) -> int:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
         sys.stdout.write(format_report(report, now) + format_hold_and_warnings(report))
-    return 0 if report["running"] else 3
+    return exit_code(report)
 
 
-def _work_dir(args: argparse.Namespace) -> Path:
-    """`--config` names the work dir as `run` reads it; else `--work-dir`."""
+def _work_dir(args: argparse.Namespace) -> Path | None:
+    """`--config` names the work dir as `run` reads it; else `--work-dir`.
+
+    None (after saying why) when the config given cannot be read at all: a mistyped path
+    must not turn into a report on the default work dir.
+    """
     from elkeid_agent.config import ConfigError, load_run_config, work_dir_hint
 
     config_path: str | None = getattr(args, "config", None)
     if config_path is None:
         work_dir: Path = args.work_dir
         return work_dir
+    if not os.path.isfile(config_path) or not os.access(config_path, os.R_OK):
+        why = "no such file" if not os.path.exists(config_path) else "not a readable file"
+        sys.stderr.write(f"ctl: --config {config_path}: {why}\n")
+        return None
     try:
         config, _ = load_run_config(config_path, os.environ)
     except ConfigError as exc:
-        sys.stderr.write(f"ctl: {exc}; reading work_dir from it leniently\n")
-        return work_dir_hint(config_path)
+        hint = work_dir_hint(config_path)
+        sys.stderr.write(f"ctl: the agent refuses this config ({exc}); using its work_dir {hint}\n")
+        return hint
     return config.work_path
 
 
@@ -320,6 +467,13 @@ def _work_dir(args: argparse.Namespace) -> Path:
 def _cleanup(work_dir: Path) -> int:
     if _service_props(SERVICE).get("ActiveState") in ("active", "activating", "reloading"):
         sys.stderr.write("ctl cleanup: the service is running; `ctl stop` it first\n")
+        return 1
+    # Run by hand or by another supervisor, an agent is just as much in use of its files.
+    running = agents_of(work_dir, running_agents())
+    if running:
+        pids = ", ".join(str(a.pid) for a in running)
+        sys.stderr.write(f"ctl cleanup: an agent process uses {work_dir} or may "
+                         f"(pid {pids}); stop it first\n")
         return 1
     failed = False
     for name in CLEANUP_DIRS:

@@ -5,21 +5,28 @@ each: the certificates (readable, dates with days left, the client certificate's
 chain as the AgentCenter will check them, the key), every address of the connection ladder in
 order (service discovery, its nodes, private, public) dialed with the real TLS settings and name
 pin, and the work dir (exists, writable, free space, exec allowed where the executable unpacks).
-Exit status 0 when every check passed, 1 otherwise.
+Exit status, for monitoring: 0 every check ok, 1 degraded (warnings only: the agent works, e.g.
+service discovery down but the private address answering), 3 down (a check failed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import ipaddress
 import os
 import shutil
+import socket
+import ssl
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TextIO
+
+import msgspec
 
 from elkeid_agent.config import (
     DEFAULT_CONFIG_PATH,
@@ -40,6 +47,16 @@ from elkeid_agent.version import VERSION
 WARN_DAYS = EXPIRY_WARN_DAYS
 # Plugins, their downloads and the unpacked executable live in the work dir.
 MIN_FREE_BYTES = 200 * 1024 * 1024
+# Exit status for monitoring (README, Operations).
+EXIT_OK = 0
+EXIT_DEGRADED = 1
+EXIT_DOWN = 3
+# Where the packages install the executable: an install of a build, not a checkout.
+PACKAGED_EXECUTABLE = "/etc/elkeid/elkeid-agent"
+# The organisation in every certificate of elkeid_center's test PKI, which `make dist` ships
+# when CERTS_DIR is not set; and the marker build/inputs.sh puts in a default version.
+TEST_PKI_MARK = b"elkeid-center test PKI"
+TEST_VERSION_MARK = "~test"
 
 
 class Verdict(StrEnum):
@@ -64,6 +81,10 @@ def _ok(name: str, detail: str) -> Check:
 
 def _fail(name: str, detail: str) -> Check:
     return Check(Verdict.FAIL, name, detail)
+
+
+def _warn(name: str, detail: str) -> Check:
+    return Check(Verdict.WARN, name, detail)
 
 
 def _date(when: datetime.datetime) -> str:
@@ -104,6 +125,11 @@ def check_certificates(config: Config, now: datetime.datetime) -> Iterator[Check
     try:
         material = TlsMaterial.load(tls)
     except TlsError as exc:
+        if not str(exc).startswith("key tls.key: "):
+            # The CA (or the certificate) failed above: the key is checked against the
+            # certificate alone, so that its line does not take the blame.
+            yield _key_alone(config)
+            return
         yield _fail("tls.key", str(exc).removeprefix("key tls.key: "))
         return
     yield _ok("tls.key", f"{tls.key} is the unencrypted key of tls.cert")
@@ -114,12 +140,86 @@ def check_certificates(config: Config, now: datetime.datetime) -> Iterator[Check
         yield _ok("tls chain", "tls.cert chains to tls.ca and is accepted for clientAuth")
 
 
+def _key_alone(config: Config) -> Check:
+    key = config.tls.key
+    try:
+        # The certificate stands in for the CA, which only has to be a certificate here.
+        TlsMaterial.load(msgspec.structs.replace(config.tls, ca=config.tls.cert))
+    except TlsError as exc:
+        text = str(exc)
+        if text.startswith("key tls.key: "):
+            return _fail("tls.key", text.removeprefix("key tls.key: "))
+        return _warn("tls.key", f"{key} not checked: tls.cert is not usable (above)")
+    return _ok("tls.key", f"{key} is the unencrypted key of tls.cert")
+
+
+def _is_test_ca(pem: bytes) -> bool:
+    try:
+        der = ssl.PEM_cert_to_DER_cert(pem.decode("ascii", "replace"))
+    except ValueError:
+        return False
+    return TEST_PKI_MARK in der
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_test_build(config: Config, program: str) -> Iterator[Check]:
+    """On a packaged install, what `make dist` put in without a release's inputs."""
+    if os.path.realpath(program) != PACKAGED_EXECUTABLE:
+        return
+    try:
+        ca = Path(config.tls.ca).read_bytes()
+    except OSError:
+        ca = b""  # said by the tls.ca check
+    if _is_test_ca(ca):
+        yield _warn("test build", f"tls.ca {config.tls.ca} is the test CA of `make dist` "
+                    "without CERTS_DIR: no real AgentCenter accepts this agent")
+    region = config.regions.get(config.region)
+    loopback = [a for a in (region.private, region.public) if a and _is_loopback(a)] if region \
+        else []
+    for address in loopback:
+        yield _warn("test build", f"server {address} is this host (loopback): the built-in "
+                    "server of `make dist` without PRODUCT_CONFIG, or a config to fix")
+
+
+def _program() -> str:
+    """The executable this process runs from: staticx names it; PyInstaller's is argv's."""
+    if not getattr(sys, "frozen", False):
+        return ""
+    return os.environ.get("STATICX_PROG_PATH") or sys.executable
+
+
 # --- connections ---------------------------------------------------------------------------------
 
 
 async def _sd_nodes(host: str, within: float) -> list[str]:
     async with asyncio.timeout(within):
         return await fetch_sd_nodes(host)
+
+
+def sd_reason(exc: DiscoveryError, host: str) -> str:
+    """Why discovery failed, in the words of the dial lines, once (the check names the host)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError):
+            return f"connection refused by {host}"
+        if isinstance(cause, socket.gaierror):
+            return f"cannot resolve {host.rpartition(':')[0] or host}"
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror[:1].lower() + cause.strerror[1:]
+        cause = cause.__cause__
+    text = str(exc)
+    for prefix in (f"service discovery {host}: ", f"cannot connect to {host}: "):
+        text = text.removeprefix(prefix)
+    return text
 
 
 def check_connections(config: Config) -> Iterator[Check]:
@@ -136,18 +236,25 @@ def check_connections(config: Config) -> Iterator[Check]:
     timeout = config.transport.dial_timeout
     nodes: list[str] = []
     if region.service_discovery:
-        name = f"service discovery {region.service_discovery}"
+        host = region.service_discovery
+        name = f"service discovery {host}"
+        # The agent falls back to the private and public addresses: without SD it still
+        # connects when one of those answers (their own lines say whether they do).
+        missed = Verdict.WARN if region.private or region.public else Verdict.FAIL
+        fallback = " (the agent goes on to the private and public addresses)" \
+            if missed is Verdict.WARN else ""
         try:
-            nodes = asyncio.run(_sd_nodes(region.service_discovery, timeout))
+            nodes = asyncio.run(_sd_nodes(host, timeout))
         except DiscoveryError as exc:
-            yield _fail(name, str(exc))
+            yield Check(missed, name, sd_reason(exc, host) + fallback)
         except TimeoutError:
-            yield _fail(name, f"no answer within {timeout:g} s")
+            yield Check(missed, name, f"no answer within {timeout:g} s{fallback}")
         else:
             yield Check(
-                Verdict.OK if nodes else Verdict.FAIL,
+                Verdict.OK if nodes else missed,
                 name,
-                f"{len(nodes)} node(s): {', '.join(nodes)}" if nodes else "answered no nodes",
+                f"{len(nodes)} node(s): {', '.join(nodes)}" if nodes
+                else f"answered no nodes{fallback}",
             )
     ladder = candidates(region, nodes)
     if not ladder and not region.service_discovery:
@@ -194,8 +301,17 @@ def check_work_dir(work_dir: Path) -> Iterator[Check]:
 # --- the command ---------------------------------------------------------------------------------
 
 
-def checks(config_path: str | None, env: dict[str, str]) -> Iterator[Check]:
-    yield _ok("version", VERSION)
+def checks(
+    config_path: str | None, env: dict[str, str], program: str | None = None
+) -> Iterator[Check]:
+    if TEST_VERSION_MARK in VERSION:
+        yield _warn("version", f"{VERSION} is a test build (`make dist` without BUILD_VERSION)")
+    else:
+        yield _ok("version", VERSION)
+    if config_path is not None and not os.path.isfile(config_path):
+        # A mistyped path: nothing to say about the work dir of a config that is not there.
+        yield _fail("config", f"--config {config_path}: no such file")
+        return
     try:
         config, merged = load_run_config(config_path, env)
     except ConfigError as exc:
@@ -214,6 +330,7 @@ def checks(config_path: str | None, env: dict[str, str]) -> Iterator[Check]:
         yield Check(Verdict.WARN, "specified_region",
                     f"{stale!r} names no [regions.{stale}]: region {config.region!r} is used")
     yield from check_certificates(config, datetime.datetime.now(datetime.UTC))
+    yield from check_test_build(config, _program() if program is None else program)
     yield from check_connections(config)
     yield from check_work_dir(config.work_path)
     yield check_upgrade_hold(config)
@@ -231,10 +348,18 @@ def check_upgrade_hold(config: Config) -> Check:
 
 
 def run_doctor(config_path: str | None, out: TextIO) -> int:
-    failed = False
-    for check in checks(config_path, dict(os.environ)):
-        out.write(check.line() + "\n")
-        out.flush()
-        failed |= check.verdict is Verdict.FAIL
-    return 1 if failed else 0
-
+    verdicts = set()
+    try:
+        for check in checks(config_path, dict(os.environ)):
+            out.write(check.line() + "\n")
+            out.flush()
+            verdicts.add(check.verdict)
+    except BrokenPipeError:
+        # `doctor | head -1`: the reader is gone. Point the stream at /dev/null so that the
+        # interpreter's last flush does not print a traceback either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    if Verdict.FAIL in verdicts:
+        return EXIT_DOWN
+    return EXIT_DEGRADED if Verdict.WARN in verdicts else EXIT_OK

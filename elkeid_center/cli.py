@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import hashlib
 import itertools
 import json
 import re
+import shlex
 import signal
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -201,6 +204,32 @@ class Admin:
         return Response.json({"sent": sent})
 
 
+def port_or_any(host: str, port: int) -> int:
+    """`port` when nothing listens on it, else 0 (the kernel picks one).
+
+    Tried with a plain socket: gRPC sets SO_REUSEPORT, so its own bind would succeed beside
+    another center and the two would share the agents' connections.
+    """
+    if port == 0:
+        return 0
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            return 0
+    return port
+
+
+def hand_run_command(config: Path) -> str:
+    """The shell line that runs the agent against this center as `make agent` does."""
+    bin_dir = Path(sys.executable).parent  # the venv's bin (not resolved: that is /usr/bin)
+    agent = bin_dir / "elkeid-agent"
+    return (f"PATH={shlex.quote(str(bin_dir))}:\"$PATH\" ELKEID_LOG_STDERR=1 "
+            f"{shlex.quote(str(agent))} run --config {shlex.quote(str(config))}")
+
+
 async def serve(
     certs: CertFiles,
     port: int,
@@ -211,12 +240,16 @@ async def serve(
 ) -> None:
     """Run until SIGINT/SIGTERM; state goes next to the certs, in `certs.directory`."""
     directory = certs.directory
+    free = port_or_any("127.0.0.1", port)
+    if free != port:
+        print(f"port {port} is taken: the center listens on another one (below)",
+              file=out, flush=True)
     publisher = Publisher(directory) if sign else None
     if publisher is not None:
         signed = directory / "signed"
         configs = publisher.publish(configs or [], files_dir, signed)
         files_dir = signed
-    center = LocalCenter(certs, port=port, files_dir=files_dir)
+    center = LocalCenter(certs, port=free, files_dir=files_dir)
     center.store.add_listener(_printer(out))
     uploads = UploadSaver(directory / UPLOADS_DIR, out)
     center.store.add_upload_listener(uploads.save)
@@ -250,8 +283,9 @@ async def serve(
             f"files from {files_dir} at {center.file_url('')}\n"
             f"uploads (1050) saved under {directory / UPLOADS_DIR}\n"
             f"admin on 127.0.0.1:{admin_port}: elkeid-center send --dir {directory} --task JSON\n"
-            f"start the agent with:\n"
-            f"  .venv/bin/elkeid-agent run --config {config}",
+            f"start the agent with `make agent`, or by hand (its log on stderr, and this\n"
+            f"environment's python3 first on PATH for the demo plugin):\n"
+            f"  {hand_run_command(config)}",
             file=out,
             flush=True,
         )

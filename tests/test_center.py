@@ -569,7 +569,7 @@ def test_cli_serve_prints_records_and_send_pushes(tmp_path: Path) -> None:
     ) as proc:
         try:
             assert proc.stdout is not None
-            banner = [proc.stdout.readline() for _ in range(7)]
+            banner = [proc.stdout.readline() for _ in range(8)]
             assert banner[-1].strip().endswith(f"elkeid-agent run --config {directory}/agent.toml")
             config = tomllib.loads((directory / "agent.toml").read_text())
             assert config["work_dir"] == str(directory / "agent-work")

@@ -200,7 +200,7 @@ def test_six_reasons_are_six_different_lines(tmp_path: Path) -> None:
 
 
 def test_doctor_command_exit_status(tmp_path: Path) -> None:
-    for name, status in (("good", 0), ("stopped", 1)):
+    for name, status in (("good", 0), ("stopped", 3)):
         for _, config in situation(name, tmp_path / name):
             done = subprocess.run(
                 [sys.executable, "-m", "elkeid_agent", "doctor", "--config", str(config)],

@@ -89,3 +89,12 @@ def test_the_check_has_teeth() -> None:
         check([".venv/bin/elkeid-center", "send", "--no-such-option", "x"])
     with pytest.raises(AssertionError, match="unknown command"):
         check(["tools/no-such-script.sh"])
+
+
+def test_documents_the_readme_cites_are_in_the_repository() -> None:
+    readme = (REPO / "README.md").read_text()
+    cited = set(re.findall(r"(?<![\w/.])((?:docs|bench)/[\w.-]+\.md)", readme))
+    assert "docs/PROTOCOL.md" in cited
+    assert "../" not in readme.split("## Quick start")[0]
+    missing = sorted(path for path in cited if not (REPO / path).is_file())
+    assert not missing, missing

@@ -95,6 +95,11 @@ class Outcome:
     run_seconds: float
 
 
+#: Bytes read from the end of a plugin's stderr file, and the longest last line quoted.
+STDERR_TAIL = 4096
+STDERR_QUOTE = 200
+
+
 def _describe(status: int) -> str:
     code = os.waitstatus_to_exitcode(status)
     return f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
@@ -133,6 +138,43 @@ class _Pipe:
     fd: int
     lane: Lane
     decoder: FrameDecoder
+
+
+def stderr_path(directory: Path, name: str) -> Path:
+    """Where a plugin's stderr goes: `plugin/<name>/<name>.stderr`."""
+    return directory / f"{name}.stderr"
+
+
+def stderr_last_line(path: Path) -> str | None:
+    """The last non-empty line of a plugin's stderr file, cut, for its failure line.
+
+    Reads only the file's tail, never blocks (the plugin may have left a FIFO there) and
+    follows no symlink; None when there is no such line or the file cannot be read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size if stat.S_ISREG(os.fstat(fd).st_mode) else -1
+        data = os.pread(fd, STDERR_TAIL, max(size - STDERR_TAIL, 0)) if size > 0 else b""
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    lines = [line.strip() for line in data.decode("utf-8", "replace").splitlines()]
+    last = next((line for line in reversed(lines) if line), None)
+    if last is None or len(last) <= STDERR_QUOTE:
+        return last
+    return last[: STDERR_QUOTE - 3] + "..."
+
+
+def exit_with_stderr(reason: str, path: Path) -> str:
+    """A run's end, pointing at the stderr file that usually holds its cause."""
+    last = stderr_last_line(path)
+    if last is None:
+        return f"{reason}; nothing on stderr ({path})"
+    return f"{reason}; stderr {path} ends {last!r}"
 
 
 def _open_stderr(path: Path) -> int:
@@ -201,7 +243,7 @@ class PluginProcess:
                     fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             devnull = _high_fd(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
             opened.append(devnull)
-            stderr = _high_fd(_open_stderr(directory / f"{name}.stderr"))
+            stderr = _high_fd(_open_stderr(stderr_path(directory, name)))
             opened.append(stderr)
             # What a plugin writes to stderr may be sensitive; a file left by an older agent
             # keeps its mode through O_TRUNC, so set it.

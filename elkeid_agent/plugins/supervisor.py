@@ -64,7 +64,14 @@ from elkeid_agent.plugins.lifecycle import (
     backoff_delay,
     failures_after_run,
 )
-from elkeid_agent.plugins.process import HIGH_PRIORITY_ENV, Counters, Outcome, PluginProcess
+from elkeid_agent.plugins.process import (
+    HIGH_PRIORITY_ENV,
+    Counters,
+    Outcome,
+    PluginProcess,
+    exit_with_stderr,
+    stderr_path,
+)
 from elkeid_agent.progress import Progress, Rule
 from elkeid_agent.signing.check import REFUSED_COUNTER, WARNED_COUNTER, Verifier
 from elkeid_agent.wire import encode_record, task_frame
@@ -124,6 +131,10 @@ def plan_sync(
     )
     return SyncPlan(remove, start, keep, tuple(rejected), cancel, going_on)
 
+
+#: A plugin that failed is reported until its new run has lasted this long (its restarts
+#: come at 1 s, 2 s, 4 s, ...: a crash loop is never shown as simply running).
+FLAP_WINDOW = 60.0
 
 _EXPECTED = (install.InstallError, DownloadError, UnsafeArchive, OSError)
 
@@ -339,7 +350,17 @@ class PluginSupervisor:
                 out.append(_cut(f"plugin {name} {job.spec.version}: waiting for {waiting}, "
                                 f"under {job.progress.rule.describe()}"))
         for name, slot in self._slots.items():
-            if slot.lifecycle.live and slot.lifecycle.state is not State.RUNNING:
+            proc = slot.process
+            if (
+                slot.lifecycle.state is State.RUNNING
+                and slot.failures
+                and proc is not None
+                and now - proc.started < FLAP_WINDOW
+            ):
+                # Up again, but for so short a time that it is not yet a recovery.
+                out.append(f"plugin {name} restarted {slot.restarts} times; "
+                           f"its last run {slot.last_exit}")
+            elif slot.lifecycle.live and slot.lifecycle.state is not State.RUNNING:
                 out.append(f"plugin {name} is down ({slot.last_exit or 'starting'})")
             elif not slot.lifecycle.live and not slot.stop_requested.is_set():
                 # Its slot ended on a defect; the next sync starts it afresh.
@@ -600,7 +621,9 @@ class PluginSupervisor:
                     self._save_groups()
                 if not lifecycle.live:
                     break
-                slot.last_exit = outcome.reason
+                slot.last_exit = exit_with_stderr(
+                    outcome.reason, stderr_path(slot.directory, name)
+                )
                 slot.failures = failures_after_run(slot.failures, outcome.run_seconds)
                 log.error("plugin %s %s", name, outcome.reason)
                 lifecycle.fire(Event.EXITED)
