@@ -86,6 +86,12 @@ class PluginsConfig(_Strict):
     max_frame_bytes: int = 8 * 1024 * 1024 - 64 * 1024 - 16
     task_queue: int = 64
     download_max_bytes: int = 512 * 1024 * 1024
+    # Each plugin's `<name>.stderr` keeps its newest part under this (plugins/stderr.py).
+    stderr_max_bytes: int = 4 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.stderr_max_bytes < 65536:
+            raise ValueError("stderr_max_bytes must be at least 65536")
 
 
 class LogConfig(_Strict):

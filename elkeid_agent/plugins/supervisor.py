@@ -162,6 +162,7 @@ class PluginSupervisor:
         self._stopped = asyncio.Event()
         self._closing = False
         self._tg: asyncio.TaskGroup | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: The TLS context for HTTPS downloads: the host's CA store unless replaced.
         self.ssl_context_factory: Callable[[], ssl.SSLContext] = host_ssl_context
         self.download_timeout = 600.0
@@ -188,6 +189,7 @@ class PluginSupervisor:
             killed = []
         if killed:
             log.warning("killed %d plugin processes left by a previous agent", len(killed))
+        self._loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             usage = tg.create_task(self._walk_usage(), name="plugin dir usage")
@@ -297,6 +299,8 @@ class PluginSupervisor:
                     "too_large_frames": c.too_large,
                     "backpressure_seconds": c.backpressure_seconds,
                     "task_queue": proc.tasks.qsize(),
+                    "stderr_truncations": c.stderr.truncations,
+                    "stderr_dropped_bytes": c.stderr.dropped_bytes,
                 },
             )
             slot.rate_base = (now, replace(c))
@@ -426,6 +430,8 @@ class PluginSupervisor:
                     counters=slot.counters,
                     max_frame=self.config.max_frame_bytes,
                     task_queue=self.config.task_queue,
+                    stderr_max_bytes=self.config.stderr_max_bytes,
+                    on_stderr_truncate=self._stderr_truncated,
                 )
             except Exception as exc:  # noqa: BLE001 - one spawn (OSError, ValueError: NUL)
                 slot.last_exit = f"cannot start: {exc}"
@@ -462,6 +468,13 @@ class PluginSupervisor:
                 break
             slot.restarts += 1
             lifecycle.fire(Event.BACKOFF_ELAPSED)
+
+    def _stderr_truncated(self) -> None:
+        """Called from a plugin's stderr thread: counted on the loop's thread."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody to tell
+                loop.call_soon_threadsafe(self.health.count, "plugin_stderr_truncations")
 
     def _on_change(self, name: str, old: State, new: State) -> None:
         log.debug("plugin %s: %s -> %s", name, old.value, new.value)
