@@ -143,7 +143,8 @@ def _open_stderr(path: Path) -> int:
     """The plugin's stderr file, truncated. The directory is the plugin's: whatever else it
     left at the path (a FIFO, which a blocking open() would wait on with the event loop) is
     replaced by a fresh file."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    # O_RDWR: keeping the newest part under the cap reads it back (plugins/stderr.py).
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
         fd = os.open(path, flags, 0o600)
     except OSError as exc:

@@ -301,6 +301,7 @@ class PluginSupervisor:
                     "task_queue": proc.tasks.qsize(),
                     "stderr_truncations": c.stderr.truncations,
                     "stderr_dropped_bytes": c.stderr.dropped_bytes,
+                    "stderr_write_failures": c.stderr.write_failures,
                 },
             )
             slot.rate_base = (now, replace(c))
