@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from elkeid_agent import specified_env
+from elkeid_agent.readcap import CONFIG_FILE_BYTES, read_text_capped
 
 DEFAULT_CONFIG_PATH = Path("/etc/elkeid/elkeid-agent.toml")
 PRODUCT_CONFIG_PATH = Path(__file__).with_name("product.toml")
@@ -149,12 +150,15 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        return tomllib.loads(read_text_capped(path, CONFIG_FILE_BYTES))
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"not UTF-8: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(str(path), "not valid TOML: nested too deeply") from None
 
 
 def _convert(raw: Mapping[str, Any], source: str) -> Config:
@@ -238,8 +242,8 @@ def work_dir_hint(path: str | Path | None) -> Path:
     """
     candidate = Path(path) if path is not None else DEFAULT_CONFIG_PATH
     try:
-        value = tomllib.loads(candidate.read_text()).get("work_dir")
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        value = tomllib.loads(read_text_capped(candidate, CONFIG_FILE_BYTES)).get("work_dir")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
         value = None
     return Path(value) if isinstance(value, str) and value else Path(Config().work_dir)
 

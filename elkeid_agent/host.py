@@ -20,7 +20,11 @@ from pathlib import Path, PurePath
 import msgspec
 import psutil
 
+from elkeid_agent.readcap import read_text_capped
+
 ROOT = Path("/")
+#: os-release, DMI and /proc files read for the host facts.
+HOST_FILE_BYTES = 1024 * 1024
 
 
 def under_root(root: Path, path: str | PurePath) -> Path:
@@ -33,7 +37,7 @@ def under_root(root: Path, path: str | PurePath) -> Path:
 
 def _read_text(path: Path) -> str | None:
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        return read_text_capped(path, HOST_FILE_BYTES, errors="replace")
     except OSError:
         return None
 

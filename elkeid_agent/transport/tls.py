@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
-from pathlib import Path
 
 from elkeid_agent.config import TlsConfig
+from elkeid_agent.readcap import CONFIG_FILE_BYTES, read_capped
 from elkeid_agent.transport.grpc_env import grpc
 
 
@@ -66,6 +66,6 @@ class TlsMaterial:
 
 def _read(path: str, key: str) -> bytes:
     try:
-        return Path(path).read_bytes()
+        return read_capped(path, CONFIG_FILE_BYTES)
     except OSError as exc:
         raise TlsError(f"key {key}: cannot read {path}: {exc.strerror}") from exc
