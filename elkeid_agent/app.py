@@ -157,7 +157,7 @@ class Agent:
         self._own_processes = hb.agent_processes()
         self._sampler = hb.ProcessGroupSampler(self._own_processes)
         self._cpu = hb.CpuUsageSampler()
-        self._usage = hb.DirUsage(self.work_dir, "plugin")
+        self._usage = hb.DirUsage(self.work_dir, "plugin", health=self.health)
         self._last_tick = time.monotonic()
         self._last_stats = (0, 0, 0, 0)
         self.last_heartbeat = 0.0
@@ -216,6 +216,9 @@ class Agent:
             "command_failures": self.dispatcher.failures,
             "uploads_completed": self.uploader.completed,
             "uploads_failed": self.uploader.failed,
+            # Everything the agent holds under its work dir (plugins, spool, logs), as of the
+            # last walk; `du` leaves the plugins out, as the Go agent's does.
+            "work_dir_bytes": self._usage.total,
             **self.spool.counters(),
             **self.health.counters,
         }

@@ -43,9 +43,11 @@ from elkeid_agent.fsutil import remove_tree
 from elkeid_agent.health import MAX_REASON, Health
 from elkeid_agent.heartbeat import (
     PLUGIN_HEARTBEAT,
+    WALK_CAP_COUNTER,
+    DirWalk,
     ProcessGroupSampler,
     build_plugin_heartbeat,
-    dir_usage,
+    walk_usage,
 )
 from elkeid_agent.http import host_ssl_context
 from elkeid_agent.plugins import install, orphans
@@ -111,8 +113,8 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
-def _usage_of(directories: Mapping[str, Path]) -> dict[str, int]:
-    return {name: dir_usage(path) for name, path in directories.items()}
+def _usage_of(directories: Mapping[str, Path]) -> dict[str, DirWalk]:
+    return {name: walk_usage(path) for name, path in directories.items()}
 
 
 @dataclass
@@ -321,7 +323,13 @@ class PluginSupervisor:
         and walking it on the loop at each heartbeat stalled every pipe meanwhile."""
         while True:
             directories = {name: slot.directory for name, slot in self._slots.items()}
-            self._usage = await asyncio.to_thread(_usage_of, directories)
+            walks = await asyncio.to_thread(_usage_of, directories)
+            self._usage = {name: walk.total for name, walk in walks.items()}
+            stopped = [walk.stopped for walk in walks.values() if walk.stopped]
+            if stopped:
+                self.health.fault("plugin disk usage", "; ".join(stopped), WALK_CAP_COUNTER)
+            else:
+                self.health.clear("plugin disk usage")
             await asyncio.sleep(self.usage_max_age)
 
     # -- sync steps -----------------------------------------------------------------------------
