@@ -342,6 +342,7 @@ class Agent:
             ("log_write_failures", log_file.failed_writes),
             ("log_rotation_failures", log_file.rotation_failures),
             ("log_stderr_dropped", log_file.stderr_dropped),
+            ("log_lines_over_cap", log_file.over_cap),
         ):
             self.health.count(counter, value - self.health.counters[counter])
         if log_file.error is not None:
