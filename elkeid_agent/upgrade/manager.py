@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import ssl
 import tempfile
 import time
@@ -35,6 +34,7 @@ from elkeid_agent.childenv import child_env
 from elkeid_agent.commands import ConfigSpec, task_result
 from elkeid_agent.config import UpgradeConfig
 from elkeid_agent.download import DownloadError, download_verified, sha256_file
+from elkeid_agent.fsutil import remove_tree
 from elkeid_agent.upgrade import swap
 from elkeid_agent.upgrade.artifact import (
     ArtifactKind,
@@ -127,7 +127,7 @@ def check_pending_upgrade(
     # No attempt runs before this process starts one: any attempt directory (a download
     # of up to max_artifact_bytes) is a leftover of a killed process.
     for stale in (work_dir / "tmp").glob(ATTEMPT_PREFIX + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        remove_tree(stale, ignore_errors=True)
     try:
         record = swap.read_record(work_dir)
     except CorruptFile as exc:
@@ -348,7 +348,7 @@ class UpgradeManager:
         except UpgradeFailed as exc:
             self._failed(config, str(exc))
         finally:
-            await asyncio.to_thread(shutil.rmtree, attempt_dir, ignore_errors=True)
+            await asyncio.to_thread(remove_tree, attempt_dir, ignore_errors=True)
 
     def _failed(self, config: ConfigSpec, reason: str) -> None:
         event = Event.SWAP_FAILED if self.machine.state is UpgradeState.SWAPPED else Event.FAILED
