@@ -207,7 +207,10 @@ def walk_usage(
     try:
         while stack:
             entries, level, bucket = stack[-1]
-            entry = next(entries, None)
+            try:
+                entry = next(entries, None)
+            except OSError:  # the directory went bad while being read: the rest is skipped
+                entry = None
             if entry is None:
                 stack.pop()
                 entries.close()  # type: ignore[attr-defined]

@@ -27,6 +27,8 @@ CHUNK = 256 * 1024
 MIN_CAP = 64 * 1024
 #: How often the thread looks at its stop flag while the pipe is quiet.
 POLL_MS = 500
+#: Reads per wake-up at most (16 MiB at the largest reads), so a stop is seen under a flood.
+MAX_READS = 64
 
 
 @dataclass
@@ -116,18 +118,19 @@ class StderrCopier:
         poller = select.poll()
         poller.register(self.pipe_fd, select.POLLIN)
         try:
-            while True:
-                if not poller.poll(POLL_MS) and self._stop.is_set():
+            while not self._stop.is_set():
+                if poller.poll(POLL_MS) and not self._drain():
                     return
-                if not self._drain():
-                    return
+            # Stopped: what the plugin wrote before it was stopped, then no more (a process
+            # that left the plugin's group may hold the pipe and write on for ever).
+            self._drain()
         finally:
             os.close(self.pipe_fd)
             os.close(self.file.fd)
 
     def _drain(self) -> bool:
-        """Copy what the pipe holds now; False at its EOF."""
-        while True:
+        """Copy what the pipe holds now (MAX_READS reads at most); False at its EOF."""
+        for _ in range(MAX_READS):
             try:
                 data = os.read(self.pipe_fd, self.read_size)
             except BlockingIOError:
@@ -144,3 +147,4 @@ class StderrCopier:
                     self.file.size = os.fstat(self.file.fd).st_size
             if self.stats.truncations != before and self.on_truncate is not None:
                 self.on_truncate()
+        return True

@@ -65,3 +65,30 @@ def test_the_copier_drains_a_flood_and_closes_its_fds_at_eof(tmp_path: Path) -> 
     for closed in (r, fd):
         with pytest.raises(OSError, match="Bad file descriptor"):
             os.fstat(closed)
+
+
+def test_stop_ends_the_copier_while_a_stray_writer_floods(tmp_path: Path) -> None:
+    # A process that left the plugin's group may hold the pipe and write on for ever.
+    r, w = os.pipe()
+    fd = os.open(tmp_path / "p.stderr", os.O_RDWR | os.O_CREAT, 0o600)
+    copier = StderrCopier("p", r, fd, MIN_CAP, StderrStats())
+    copier.start()
+    broken = threading.Event()
+
+    def flood() -> None:
+        try:
+            while True:
+                os.write(w, b"s" * 4096)
+        except BrokenPipeError:  # the reader is gone: the writer learns it
+            broken.set()
+
+    writer = threading.Thread(target=flood, daemon=True)
+    writer.start()
+    try:
+        copier.stop()
+        copier.thread.join(5)
+        assert not copier.thread.is_alive()
+        assert broken.wait(5)
+    finally:
+        os.close(w)
+    assert (tmp_path / "p.stderr").stat().st_size <= MIN_CAP
