@@ -138,6 +138,7 @@ class Agent:
             env=env,
             settings=settings_from(config.upgrade),
             config_path=config_path,
+            count=self.health.count,
         )
         self.dispatcher = Dispatcher(
             self, self.plugins, self.upgrader, self.emit, health=self.health

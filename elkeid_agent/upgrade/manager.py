@@ -108,7 +108,12 @@ class StartupResult:
 
 
 class UpgradeFailed(Exception):
-    """One step of an attempt failed; the message is the reason reported."""
+    """One step of an attempt failed; the message is the reason reported, `counter` the
+    heartbeat counter of a breached cap."""
+
+    def __init__(self, reason: str, counter: str | None = None) -> None:
+        super().__init__(reason)
+        self.counter = counter
 
 
 def _target(work_dir: Path) -> Path:
@@ -190,8 +195,10 @@ class UpgradeManager:
         version: str = VERSION,
         ssl_context: ssl.SSLContext | None = None,
         config_path: str | None = None,
+        count: Callable[[str], None] | None = None,
     ) -> None:
         self.work_dir = work_dir
+        self.count = count  # the agent's heartbeat counters
         self.config_path = config_path  # the live config the selftest probe reads
         self.target = _target(work_dir)
         self.emit = emit
@@ -346,6 +353,8 @@ class UpgradeManager:
         try:
             await self._fetch_probe_swap(config, attempt_dir)
         except UpgradeFailed as exc:
+            if exc.counter is not None and self.count is not None:
+                self.count(exc.counter)
             self._failed(config, str(exc))
         finally:
             await asyncio.to_thread(remove_tree, attempt_dir, ignore_errors=True)
@@ -496,7 +505,7 @@ def _extract(artifact: Path, candidate: Path, max_bytes: int) -> ArtifactKind:
         with artifact.open("rb") as src, candidate.open("xb") as out:
             kind = extract_candidate(src, out, max_bytes=max_bytes)
     except BadArtifact as exc:
-        raise UpgradeFailed(f"artifact: {exc}") from exc
+        raise UpgradeFailed(f"artifact: {exc}", exc.counter) from exc
     candidate.chmod(0o700)
     return kind
 
