@@ -17,11 +17,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 
 CHUNK = 1024 * 1024
 #: Caps shared by several readers.
 SMALL_FILE_BYTES = 64 * 1024  # /proc and /sys one-liners, ids, specified_env
 CONFIG_FILE_BYTES = 1024 * 1024  # TOML configs, certificates, the agent's JSON state files
+#: A line `iter_lines` yields at most (a longer one comes in pieces).
+LINE_BYTES = 64 * 1024
 
 
 class FileTooLarge(OSError):
@@ -34,11 +37,9 @@ def read_capped(path: str | os.PathLike[str], limit: int) -> bytes:
     OSError as `open` raises it; `FileTooLarge` past the cap; EINVAL for anything but a
     regular file.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    fd = _open_regular(path)
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
         if info.st_size > limit:
             raise FileTooLarge(
                 errno.EFBIG, f"{info.st_size} bytes, over the {limit} byte cap", os.fspath(path)
@@ -55,6 +56,34 @@ def read_capped(path: str | os.PathLike[str], limit: int) -> bytes:
         return b"".join(parts)
     finally:
         os.close(fd)
+
+
+def _open_regular(path: str | os.PathLike[str]) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+    return fd
+
+
+def iter_lines(
+    path: str | os.PathLike[str], max_bytes: int, max_line: int = LINE_BYTES
+) -> Iterator[str]:
+    """The lines of a text file (split on LF, without it), for files scanned for one line
+    (`/proc/net/route` holds a line per route: a router's full table is ~100 MB).
+
+    Memory holds one line (a longer one comes in pieces of `max_line`); `FileTooLarge` once
+    `max_bytes` were read. Invalid UTF-8 is replaced.
+    """
+    with open(_open_regular(path), "rb") as fh:
+        total = 0
+        while line := fh.readline(max_line):
+            total += len(line)
+            if total > max_bytes:
+                raise FileTooLarge(
+                    errno.EFBIG, f"more than the {max_bytes} byte cap", os.fspath(path)
+                )
+            yield line.removesuffix(b"\n").decode("utf-8", "replace")
 
 
 def read_text_capped(

@@ -10,7 +10,7 @@ import pytest
 
 from elkeid_agent.config import ConfigError, load_config
 from elkeid_agent.plugins import lastset
-from elkeid_agent.readcap import CONFIG_FILE_BYTES, FileTooLarge, read_capped
+from elkeid_agent.readcap import CONFIG_FILE_BYTES, FileTooLarge, iter_lines, read_capped
 from elkeid_agent.status import read_status
 from elkeid_agent.upgrade import swap
 from elkeid_agent.upgrade.record import CorruptFile
@@ -66,3 +66,15 @@ def test_a_config_nested_too_deeply_is_a_config_error(tmp_path: Path) -> None:
     config.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(ConfigError, match="nested too deeply"):
         load_config(config, env={}, product=tmp_path / "none.toml")
+
+
+def test_lines_are_scanned_in_bounded_pieces(tmp_path: Path) -> None:
+    path = tmp_path / "route"
+    path.write_bytes(b"head\n" + b"r" * 100 + b"\nlast\xff")
+    assert list(iter_lines(path, 1000, max_line=40)) == [
+        "head", "r" * 40, "r" * 40, "r" * 20, "last\ufffd"
+    ]
+    lines = iter_lines(path, 50, max_line=40)
+    assert next(lines) == "head"
+    with pytest.raises(FileTooLarge, match="more than the 50 byte cap"):
+        list(lines)
