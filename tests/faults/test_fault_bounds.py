@@ -171,6 +171,10 @@ def test_a_plugin_writing_a_gib_to_stderr(rig: Rig) -> None:
     assert int(beat["stderr_truncations"]) > 0
     assert int(beat["stderr_dropped_bytes"]) >= GIB - STDERR_CAP
     _counted(rig, since, "plugin_stderr_truncations")
+    # The heartbeat says what the agent holds under its work dir, plugins included (as of
+    # the last walk, at most a minute old).
+    agent_beat = rig.beat_after(time.time())
+    assert int(agent_beat["work_dir_bytes"]) >= int(agent_beat["du"]) > 0
     _ticks_after(rig, time.time())
     print(f"1 GiB of stderr: agent peak RSS {rss.peak / MIB:.1f} MiB, file at most {max(sizes)}")
     assert rss.peak <= RSS_LIMIT
