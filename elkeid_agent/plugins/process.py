@@ -12,6 +12,9 @@ owns the child until it is gone, in one TaskGroup of three tasks:
 * the task writer drains a bounded queue into fd 3, one frame at a time, all of it.
 * the exit watcher (see `_wait_exit`) notices the child's exit without pidfd on old kernels.
 
+Its stderr is a pipe a thread of its own copies into `<name>.stderr`, under a cap
+(`plugins/stderr.py`); the thread ends at the pipe's EOF, or soon after the run ends.
+
 Stop (PROTOCOL 5): close the task pipe, keep reading records for a moment so what the
 plugin flushes on the way out is not lost, close the record pipes, wait for the exit up to
 10 s in all, then SIGKILL the process group and reap.
@@ -249,8 +252,16 @@ class PluginProcess:
             raise
         for fd in (task_r, rec_w, urg_w, devnull, stderr):
             os.close(fd)
-        # From here the copier's thread owns err_r and err_file, and closes them.
-        copier.start()
+        try:
+            # From here the copier's thread owns err_r and err_file, and closes them.
+            copier.start()
+        except RuntimeError as exc:  # no thread to be had (the host's limit): no plugin
+            for fd in (err_r, err_file, task_w, rec_r, urg_r):
+                os.close(fd)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise OSError(errno.EAGAIN, f"cannot start its stderr thread: {exc}") from exc
         for fd in (task_w, rec_r, urg_r):
             os.set_blocking(fd, False)
         pipes = [
