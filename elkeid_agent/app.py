@@ -173,7 +173,7 @@ class Agent:
         self._own_processes = hb.agent_processes()
         self._sampler = hb.ProcessGroupSampler(self._own_processes)
         self._cpu = hb.CpuUsageSampler()
-        self._usage = hb.DirUsage(self.work_dir, "plugin")
+        self._usage = hb.DirUsage(self.work_dir, "plugin", health=self.health)
         self._last_tick = time.monotonic()
         self._last_stats = (0, 0, 0, 0)
         self._last_beat: tuple[dict[str, str], int] | None = None
@@ -246,6 +246,9 @@ class Agent:
             "command_failures": self.dispatcher.failures,
             "uploads_completed": self.uploader.completed,
             "uploads_failed": self.uploader.failed,
+            # Everything the agent holds under its work dir (plugins, spool, logs), as of the
+            # last walk; `du` leaves the plugins out, as the Go agent's does.
+            "work_dir_bytes": self._usage.total,
             **self.spool.counters(),
             **self.health.counters,
         }
@@ -382,6 +385,7 @@ class Agent:
             ("log_write_failures", log_file.failed_writes),
             ("log_rotation_failures", log_file.rotation_failures),
             ("log_stderr_dropped", log_file.stderr_dropped),
+            ("log_lines_over_cap", log_file.over_cap),
         ):
             self.health.count(counter, value - self.health.counters[counter])
         if log_file.error is not None:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from elkeid_agent import specified_env
+from elkeid_agent.readcap import CONFIG_FILE_BYTES, read_text_capped
 from elkeid_agent.signing.keys import decode_public_key
 
 DEFAULT_CONFIG_PATH = Path("/etc/elkeid/elkeid-agent.toml")
@@ -94,6 +95,12 @@ class PluginsConfig(_Strict):
     download_min_bytes: Annotated[int, msgspec.Meta(ge=1)] = 64 * 1024
     download_min_seconds: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     download_deadline: Annotated[float, msgspec.Meta(gt=0)] = 1800.0
+    # Each plugin's `<name>.stderr` keeps its newest part under this (plugins/stderr.py).
+    stderr_max_bytes: int = 4 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.stderr_max_bytes < 65536:
+            raise ValueError("stderr_max_bytes must be at least 65536")
 
 
 class LogConfig(_Strict):
@@ -185,12 +192,15 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        return tomllib.loads(read_text_capped(path, CONFIG_FILE_BYTES))
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"not UTF-8: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(str(path), "not valid TOML: nested too deeply") from None
 
 
 def _convert(raw: Mapping[str, Any], source: str) -> Config:
@@ -290,8 +300,8 @@ def work_dir_hint(path: str | Path | None) -> Path:
     """
     candidate = Path(path) if path is not None else DEFAULT_CONFIG_PATH
     try:
-        value = tomllib.loads(candidate.read_text()).get("work_dir")
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        value = tomllib.loads(read_text_capped(candidate, CONFIG_FILE_BYTES)).get("work_dir")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
         value = None
     return Path(value) if isinstance(value, str) and value else Path(Config().work_dir)
 

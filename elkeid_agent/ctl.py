@@ -21,6 +21,7 @@ from typing import Any
 
 from elkeid_agent import specified_env
 from elkeid_agent.childenv import child_env
+from elkeid_agent.fsutil import remove_tree
 from elkeid_agent.procscan import AgentProc, agents_of, describe_pid, running_agents
 from elkeid_agent.runtime_dir import UNPACK_PREFIXES, clean_stale_unpack_dirs
 from elkeid_agent.status import STATUS_FILE, AgentStatus, read_status
@@ -487,7 +488,7 @@ def _cleanup(work_dir: Path) -> int:
                 continue
             try:
                 if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
+                    remove_tree(entry)
                 else:
                     entry.unlink()
             except OSError as exc:

@@ -36,6 +36,7 @@ from elkeid_agent.config import (
     load_run_config,
     work_dir_hint,
 )
+from elkeid_agent.readcap import CONFIG_FILE_BYTES, read_capped
 from elkeid_agent.transport.certinfo import CLIENT_AUTH, CertError, parse_pem, verify_client_cert
 from elkeid_agent.transport.discovery import DiscoveryError, candidates, fetch_sd_nodes
 from elkeid_agent.transport.probe import probe
@@ -117,7 +118,7 @@ def check_certificates(config: Config, now: datetime.datetime) -> Iterator[Check
     tls = config.tls
     for key, path in (("tls.ca", tls.ca), ("tls.cert", tls.cert)):
         try:
-            pem = Path(path).read_bytes()
+            pem = read_capped(path, CONFIG_FILE_BYTES)
         except OSError as exc:
             yield _fail(key, f"cannot read {path}: {exc.strerror}")
             continue

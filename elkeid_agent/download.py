@@ -13,21 +13,23 @@ Rules:
   disk; the partial file is removed and the reason names the OSError.
 * Archives are checked member by member (`check_member`, pure) in a first streaming pass before
   anything is written: no absolute names, no `..`, no links, devices or fifos, at most
-  MAX_ARCHIVE_MEMBERS members and a cap on the unpacked size. A breach of either cap carries
-  the name of its heartbeat counter (`UnsafeArchive.counter`).
+  MAX_ARCHIVE_MEMBERS members, a cap on the unpacked size, and `tarstream`'s caps on names,
+  pax headers and nesting depth. A breach of a cap carries the name of its heartbeat counter
+  (`UnsafeArchive.counter`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import os
 import ssl
 import stat
-import tarfile
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -35,6 +37,7 @@ from typing import BinaryIO
 from elkeid_agent import http
 from elkeid_agent.progress import Progress, Watch
 from elkeid_agent.redact import redact
+from elkeid_agent.tarstream import Member, TarReader, TarRefused, quote_name
 
 #: The issue's cap for a plugin or agent artifact, and for what an archive unpacks to.
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
@@ -248,50 +251,34 @@ async def _fetch(
 def check_member(name: str, kind: str, size: int) -> PurePosixPath | None:
     """Validate one archive member (pure); returns its relative path, None for the root itself.
 
-    `kind` is "file", "dir" or anything else (link, device, fifo...), which is refused.
+    `kind` is "file", "dir" or anything else (a link, device, fifo...), which is refused.
     """
     if kind not in ("file", "dir"):
-        raise UnsafeArchive(f"{name!r}: {kind} members are not allowed")
+        raise UnsafeArchive(f"{quote_name(name)}: {kind} members are not allowed")
     if size < 0:
-        raise UnsafeArchive(f"{name!r}: negative size")
+        raise UnsafeArchive(f"{quote_name(name)}: negative size")
     if "\x00" in name:
-        raise UnsafeArchive(f"{name!r}: NUL in name")
+        raise UnsafeArchive(f"{quote_name(name)}: NUL in name")
     path = PurePosixPath(name)
     if path.is_absolute():
-        raise UnsafeArchive(f"{name!r}: absolute path")
+        raise UnsafeArchive(f"{quote_name(name)}: absolute path")
     if ".." in path.parts:
-        raise UnsafeArchive(f"{name!r}: parent reference")
+        raise UnsafeArchive(f"{quote_name(name)}: parent reference")
     parts = [p for p in path.parts if p != "."]
     if not parts:
         if kind == "file":
-            raise UnsafeArchive(f"{name!r}: file without a name")
+            raise UnsafeArchive(f"{quote_name(name)}: file without a name")
         return None
     return PurePosixPath(*parts)
 
 
-def _kind(member: tarfile.TarInfo) -> str:
-    if member.isreg():
-        return "file"
-    if member.isdir():
-        return "dir"
-    if member.issym() or member.islnk():
-        return "link"
-    if member.ischr() or member.isblk():
-        return "device"
-    if member.isfifo():
-        return "fifo"
-    return "special"
-
-
 def _checked_members(
-    tar: tarfile.TarFile, max_bytes: int, max_members: int
-) -> Iterator[tuple[tarfile.TarInfo, PurePosixPath]]:
+    reader: TarReader, max_bytes: int
+) -> Iterator[tuple[Member, PurePosixPath]]:
     """The archive's members in order, each checked; the caps end the walk at their breach."""
     total = 0
-    for count, member in enumerate(tar, start=1):
-        if count > max_members:
-            raise UnsafeArchive(f"more than {max_members} members", MEMBER_CAP_COUNTER)
-        rel = check_member(member.name, _kind(member), member.size)
+    for member in reader:
+        rel = check_member(member.name, member.kind, member.size)
         total += member.size
         if total > max_bytes:
             raise UnsafeArchive(f"unpacks to more than {max_bytes} bytes", SIZE_CAP_COUNTER)
@@ -309,30 +296,32 @@ def extract_tar_gz(
     """Unpack `archive` into the empty directory `dest`, refusing anything unsafe.
 
     A first pass checks every member before the first byte is written, so a hostile archive
-    leaves `dest` empty; a second one writes. Both stream ("r|gz": no seeking, so no
-    re-decompression from the start per member) and stop at a cap, so neither memory (tarfile
-    keeps each member's header) nor time grows past what the caps allow. Blocking: run it in a
-    thread.
+    leaves `dest` empty; a second one writes. Both stream (no seeking, so no re-decompression
+    from the start per member) through `tarstream`, which checks each header's declared size
+    before reading it, and stop at a cap: memory stays at a chunk, time within the caps.
+    Blocking: run it in a thread.
     """
     try:
-        with tarfile.open(archive, "r|gz") as tar:
-            for _ in _checked_members(tar, max_bytes, max_members):
+        with gzip.open(archive, "rb") as gz:
+            reader = TarReader(gz, max_members=max_members, member_counter=MEMBER_CAP_COUNTER)
+            for _ in _checked_members(reader, max_bytes):
                 pass
-        with tarfile.open(archive, "r|gz") as tar:
-            for member, rel in _checked_members(tar, max_bytes, max_members):
-                _write_member(tar, member, dest.joinpath(*rel.parts))
-    except (tarfile.TarError, EOFError, OSError) as exc:
+        with gzip.open(archive, "rb") as gz:
+            reader = TarReader(gz, max_members=max_members, member_counter=MEMBER_CAP_COUNTER)
+            for member, rel in _checked_members(reader, max_bytes):
+                _write_member(reader, member, dest.joinpath(*rel.parts))
+    except TarRefused as exc:
+        raise UnsafeArchive(str(exc), exc.counter) from exc
+    except (EOFError, zlib.error, OSError) as exc:
+        # gzip.BadGzipFile is an OSError.
         raise UnsafeArchive(f"cannot unpack: {exc}") from exc
 
 
-def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
-    if member.isdir():
-        target.mkdir(mode=0o755, parents=True, exist_ok=True)
+def _write_member(reader: TarReader, member: Member, target: Path) -> None:
+    if member.kind == "dir":
+        _make_dirs(target)
         return
-    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    source = tar.extractfile(member)
-    if source is None:
-        raise UnsafeArchive(f"{member.name!r}: unreadable member")
+    _make_dirs(target.parent)
     # O_EXCL|O_NOFOLLOW: a name repeated in the archive, or anything already there, is an
     # error rather than something we write through.
     fd = os.open(
@@ -340,6 +329,16 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -
         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
         0o755 if member.mode & 0o111 else 0o644,
     )
-    with source, os.fdopen(fd, "wb") as out:
-        while block := source.read(HASH_CHUNK):
+    with os.fdopen(fd, "wb") as out:
+        for block in reader.body():
             out.write(block)
+
+
+def _make_dirs(directory: Path) -> None:
+    """`mkdir -p` without recursion (Path.mkdir(parents=True) recurses once per level)."""
+    missing: list[Path] = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o755, exist_ok=True)

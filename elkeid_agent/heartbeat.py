@@ -11,17 +11,20 @@ non-finite value becomes zero: the Go agent once sent "+Inf" when no time had el
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import msgspec
 import psutil
 
+from elkeid_agent.health import Health
 from elkeid_agent.host import ROOT, HostFacts, under_root
+from elkeid_agent.readcap import SMALL_FILE_BYTES, read_text_capped
 
 AGENT_HEARTBEAT = 1000
 PLUGIN_HEARTBEAT = 1001
@@ -150,49 +153,127 @@ def _same_program(theirs: list[str], ours: list[str]) -> bool:
     return theirs == ours or (len(ours) > 1 and theirs[1:] == ours[1:])
 
 
-def dir_usage(directory: Path, exclude: str = "") -> int:
-    """Bytes of the files under ``directory``, skipping every subdirectory named ``exclude``.
+#: A walk goes this many directories deep at most, and looks at this many entries at most:
+#: anyone who can write under a walked directory (a plugin in its own) decides its shape, and
+#: the walk's time and memory must not be theirs to decide. Deeper or further is left out,
+#: and the walk says so (`DirWalk.stopped`).
+MAX_WALK_DEPTH = 128
+MAX_WALK_ENTRIES = 2_000_000
+#: Heartbeat counter of walks that stopped at a cap.
+WALK_CAP_COUNTER = "dir_walk_capped"
+
+
+class DirWalk(msgspec.Struct, frozen=True):
+    """What one walk found: bytes outside and inside the excluded subdirectories."""
+
+    included: int
+    excluded: int
+    stopped: str = ""  # why the walk stopped short of the whole tree, "" when it did not
+
+    @property
+    def total(self) -> int:
+        return self.included + self.excluded
+
+
+def walk_usage(
+    directory: Path,
+    exclude: str = "",
+    *,
+    max_depth: int = MAX_WALK_DEPTH,
+    max_entries: int = MAX_WALK_ENTRIES,
+) -> DirWalk:
+    """Bytes of the files under ``directory``; those under any subdirectory named ``exclude``
+    counted apart.
 
     Like the Go agent's GetDirSize: symlinks count as themselves and are not followed,
-    unreadable entries are skipped. Iterative: a tree nested deeper than Python's recursion
-    limit (anyone who can write under the directory can make one) is walked all the same.
+    unreadable entries are skipped. Depth first over a stack of open directory iterators, so
+    memory grows with the depth (capped, and so are the fds it holds), not with how many
+    directories one level holds; no recursion.
     """
-    total = 0
-    pending = [os.fspath(directory)]
-    while pending:
-        try:
-            with os.scandir(pending.pop()) as entries:
-                for entry in entries:
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            if entry.name != exclude:
-                                pending.append(entry.path)
-                        else:
-                            total += entry.stat(follow_symlinks=False).st_size
-                    except OSError:
-                        continue
-        except OSError:
-            continue
-    return total
+    sums = [0, 0]  # included, excluded
+    seen = 0
+    stopped = ""
+    stack: list[tuple[Iterator[os.DirEntry[str]], int, int]] = []
+
+    def enter(path: str, level: int, bucket: int) -> None:
+        nonlocal stopped
+        if level > max_depth:
+            stopped = stopped or f"{directory}: deeper than {max_depth} levels, not counted"
+            return
+        with contextlib.suppress(OSError):  # unreadable: skipped, as in Go
+            stack.append((os.scandir(path), level, bucket))
+
+    enter(os.fspath(directory), 0, 0)
+    try:
+        while stack:
+            entries, level, bucket = stack[-1]
+            try:
+                entry = next(entries, None)
+            except OSError:  # the directory went bad while being read: the rest is skipped
+                entry = None
+            if entry is None:
+                stack.pop()
+                entries.close()  # type: ignore[attr-defined]
+                continue
+            seen += 1
+            if seen > max_entries:
+                stopped = f"{directory}: more than {max_entries} entries, the rest not counted"
+                break
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    inner = 1 if bucket or (exclude and entry.name == exclude) else 0
+                    enter(entry.path, level + 1, inner)
+                else:
+                    sums[bucket] += entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue
+    finally:
+        for entries, _, _ in stack:
+            entries.close()  # type: ignore[attr-defined]
+    return DirWalk(sums[0], sums[1], stopped)
+
+
+def dir_usage(directory: Path, exclude: str = "") -> int:
+    """Bytes of the files under ``directory``, skipping every subdirectory named ``exclude``."""
+    return walk_usage(directory, exclude).included
 
 
 class DirUsage:
-    """`dir_usage` of one directory as of its last walk, for a heartbeat that must not wait.
+    """`walk_usage` of one directory as of its last walk, for a heartbeat that must not wait.
 
     `run` walks it in a worker thread, then again every `max_age` seconds: a large directory
     (plugin data, logs) costs the event loop nothing, and the disk at most one walk a minute.
+    A walk that stops at a cap is the fault `disk usage` (and `dir_walk_capped`) until one
+    does not.
     """
 
-    def __init__(self, directory: Path, exclude: str = "", max_age: float = 60.0) -> None:
+    UNIT = "disk usage"
+
+    def __init__(
+        self,
+        directory: Path,
+        exclude: str = "",
+        max_age: float = 60.0,
+        health: Health | None = None,
+    ) -> None:
         self.directory = directory
         self.exclude = exclude
         self.max_age = max_age
-        #: Bytes at the last walk; 0 until the first one ends.
+        self.health = health
+        #: Bytes outside the excluded subdirectories at the last walk; 0 until one ends.
         self.bytes = 0
+        #: Bytes of everything under the directory at the last walk.
+        self.total = 0
 
     async def run(self) -> None:
         while True:
-            self.bytes = await asyncio.to_thread(dir_usage, self.directory, self.exclude)
+            walk = await asyncio.to_thread(walk_usage, self.directory, self.exclude)
+            self.bytes, self.total = walk.included, walk.total
+            if self.health is not None:
+                if walk.stopped:
+                    self.health.fault(self.UNIT, walk.stopped, WALK_CAP_COUNTER)
+                else:
+                    self.health.clear(self.UNIT)
             await asyncio.sleep(self.max_age)
 
 
@@ -231,10 +312,10 @@ class CpuUsageSampler:
 def _loadavg(root: Path) -> dict[str, str]:
     """load_1/5/15 and running/total procs from /proc/loadavg, as the Go agent reads it."""
     try:
-        fields = under_root(root, "/proc/loadavg").read_text().split()
+        fields = read_text_capped(under_root(root, "/proc/loadavg"), SMALL_FILE_BYTES).split()
         loads = [f"{float(v):.2f}" for v in fields[:3]]
         running, total = fields[3].split("/")
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError):  # ValueError: also text that is not UTF-8
         return {}
     return {
         "load_1": loads[0],

@@ -14,13 +14,19 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePath
 
 import msgspec
 import psutil
 
+from elkeid_agent.readcap import iter_lines, read_text_capped
+
 ROOT = Path("/")
+#: os-release, DMI and the other /etc files read whole for the host facts.
+HOST_FILE_BYTES = 1024 * 1024
+#: /proc/cpuinfo, /proc/stat, /proc/net/route: scanned a line at a time up to this.
+PROC_SCAN_BYTES = 64 * 1024 * 1024
 
 
 def under_root(root: Path, path: str | PurePath) -> Path:
@@ -33,9 +39,18 @@ def under_root(root: Path, path: str | PurePath) -> Path:
 
 def _read_text(path: Path) -> str | None:
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        return read_text_capped(path, HOST_FILE_BYTES, errors="replace")
     except OSError:
         return None
+
+
+def _scan_lines(path: Path) -> Iterator[str]:
+    """The lines of a /proc file that may be large (a CPU per block of cpuinfo, a line per
+    route), read a line at a time; an unreadable file has none, one past the cap no more."""
+    try:
+        yield from iter_lines(path, PROC_SCAN_BYTES)
+    except OSError:
+        return
 
 
 def _read_lines(path: Path) -> list[str] | None:
@@ -342,7 +357,7 @@ def dns_servers(root: Path = ROOT) -> str:
 
 def default_gateway(root: Path = ROOT) -> str:
     """The gateway of the default IPv4 route in /proc/net/route, "" if none."""
-    for line in _read_lines(under_root(root, "/proc/net/route")) or ():
+    for line in _scan_lines(under_root(root, "/proc/net/route")):
         fields = line.split()
         if len(fields) < 4 or fields[1] != "00000000":
             continue
@@ -386,7 +401,7 @@ def _cpuinfo_first_values(lines: Iterable[str]) -> dict[str, str]:
 
 def cpu_name(root: Path = ROOT) -> str:
     """The CPU model from /proc/cpuinfo; on arm64 the core name from implementer/part."""
-    values = _cpuinfo_first_values(_read_lines(under_root(root, "/proc/cpuinfo")) or ())
+    values = _cpuinfo_first_values(_scan_lines(under_root(root, "/proc/cpuinfo")))
     if values.get("model name"):
         return values["model name"]
     implementer = values.get("CPU implementer", "").lower()
@@ -401,7 +416,7 @@ def cpu_name(root: Path = ROOT) -> str:
 
 def boot_time(root: Path = ROOT) -> int:
     """btime from /proc/stat (unix seconds), 0 if unknown."""
-    for line in _read_lines(under_root(root, "/proc/stat")) or ():
+    for line in _scan_lines(under_root(root, "/proc/stat")):
         fields = line.split()
         if len(fields) == 2 and fields[0] == "btime" and fields[1].isdigit():
             return int(fields[1])

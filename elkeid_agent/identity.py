@@ -26,6 +26,7 @@ from pathlib import Path
 from elkeid_agent.fsutil import atomic_write, describe_error
 from elkeid_agent.health import Health
 from elkeid_agent.host import under_root
+from elkeid_agent.readcap import SMALL_FILE_BYTES, read_capped
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class _BadFormat(ValueError):
 
 def _read(path: Path) -> bytes | None:
     try:
-        return path.read_bytes()
+        return read_capped(path, SMALL_FILE_BYTES)
     except OSError:
         return None
 

@@ -35,6 +35,8 @@ LOG_NAME = "elkeid-agent.log"
 ROTATING_SUFFIX = ".rotating"
 # Writes of at most this size to a pipe are atomic; a longer fallback line is cut.
 _PIPE_BUF = select.PIPE_BUF
+#: The live file never grows past this many times `max_bytes`, rotation or not.
+HARD_CAP_FACTOR = 2
 
 
 class LogFileHandler(logging.Handler):
@@ -57,6 +59,9 @@ class LogFileHandler(logging.Handler):
         self.error: str | None = None
         self.failed_writes = 0
         self.stderr_dropped = 0
+        #: Lines kept out of the file because it reached HARD_CAP_FACTOR x max_bytes while
+        #: no rotation could be made (they go to stderr instead).
+        self.over_cap = 0
         self._fd: int | None = None
         self._size = 0
         self._lost = 0  # lines not written since the last successful write
@@ -125,6 +130,13 @@ class LogFileHandler(logging.Handler):
         if self._closed:
             return False
         line = 1 if data else 0  # b"" is retry()'s probe, not a line
+        if self._fd is not None and self._size + len(data) > HARD_CAP_FACTOR * self.max_bytes:
+            self._rotate()
+            if self._fd is not None:
+                # No rotation could be made (a rename refused, a compression still running):
+                # the file stops growing here rather than fill the disk the spool shares.
+                self.over_cap += line
+                return False
         try:
             if self._fd is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

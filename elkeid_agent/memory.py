@@ -24,12 +24,16 @@ import ctypes
 import gc
 import logging
 
+from elkeid_agent.readcap import read_text_capped
+
 log = logging.getLogger(__name__)
 
 MADV_PAGEOUT = 21
 #: mallopt parameter (glibc malloc.h) and the arena count the agent runs with.
 M_ARENA_MAX = -8
 ARENA_MAX = 2
+#: /proc/self/maps: the agent has a few hundred mappings, ~100 bytes each.
+MAPS_BYTES = 8 * 1024 * 1024
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -85,8 +89,9 @@ def trim_after_start() -> None:
         return
     try:
         libc.malloc_trim(0)
-        with open("/proc/self/maps") as f:
-            mappings = read_only_file_mappings(f.read())
+        mappings = read_only_file_mappings(
+            read_text_capped("/proc/self/maps", MAPS_BYTES, errors="replace")
+        )
     except (OSError, AttributeError) as exc:
         log.debug("memory trim skipped: %s", exc)
         return

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
+
+from elkeid_agent.fsutil import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,16 @@ def _paths_in_use(tmp_dir: Path, proc: Path) -> set[str]:
                 note(os.readlink(pid_dir / link))
             except OSError:
                 continue
+        # Line by line: a large process (a JVM) has tens of thousands of mappings, and each
+        # line is short (a path is at most PATH_MAX).
         try:
-            maps = (pid_dir / "maps").read_text(errors="replace")
+            with open(pid_dir / "maps", encoding="utf-8", errors="replace") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6:
+                        note(fields[5].rstrip("\n"))
         except OSError:
             continue
-        for line in maps.splitlines():
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6:
-                note(fields[5])
     return used
 
 
@@ -92,7 +95,7 @@ def clean_stale_unpack_dirs(tmp_dir: Path, *, proc: Path = Path("/proc")) -> int
         try:
             if path.name in in_use or path.resolve() in own:
                 continue
-            shutil.rmtree(path)
+            remove_tree(path)
         except OSError as exc:
             log.warning("cannot remove stale unpack dir %s: %s", path, exc)
             continue

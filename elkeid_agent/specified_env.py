@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from elkeid_agent.fsutil import atomic_write
+from elkeid_agent.readcap import SMALL_FILE_BYTES, read_text_capped
 
 FILE_NAME = "specified_env"
 
@@ -25,7 +26,7 @@ def parse(text: str) -> dict[str, str]:
 
 def read(work_dir: Path) -> dict[str, str]:
     try:
-        return parse((work_dir / FILE_NAME).read_text())
+        return parse(read_text_capped(work_dir / FILE_NAME, SMALL_FILE_BYTES))
     except (OSError, UnicodeDecodeError):
         return {}
 
@@ -56,7 +57,7 @@ def write(work_dir: Path, values: Mapping[str, str]) -> Path:
             raise ValueError(f"{key} must be a single line without NUL")
     path = work_dir / FILE_NAME
     try:
-        lines = path.read_text().splitlines()
+        lines = read_text_capped(path, SMALL_FILE_BYTES).splitlines()
     except FileNotFoundError:
         lines = []
     text = "".join(line + "\n" for line in update_lines(lines, values))

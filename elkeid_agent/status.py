@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 
 from elkeid_agent.fsutil import atomic_write
+from elkeid_agent.readcap import CONFIG_FILE_BYTES, read_capped
 
 STATUS_FILE = "status.json"
 # Owner read-write, group read (a monitoring group), others nothing: the detail names hosts,
@@ -63,6 +64,6 @@ def write_status(work_dir: Path, st: AgentStatus) -> None:
 def read_status(work_dir: Path) -> AgentStatus | None:
     """The last status the agent wrote, or None when there is none or it is unreadable."""
     try:
-        return _decoder.decode((work_dir / STATUS_FILE).read_bytes())
+        return _decoder.decode(read_capped(work_dir / STATUS_FILE, CONFIG_FILE_BYTES))
     except (OSError, msgspec.DecodeError):
         return None

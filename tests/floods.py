@@ -28,3 +28,28 @@ def member_flood_tar_gz(count: int) -> bytes:
         header[CHKSUM] = b"%06o\0 " % (base + sum(name))
         headers += header
     return gzip.compress(bytes(headers) + b"\0" * (2 * BLOCK), compresslevel=1)
+
+
+def _header(name: bytes, size: int, typeflag: bytes) -> bytes:
+    info = tarfile.TarInfo(name.decode())
+    info.size = size
+    info.type = typeflag
+    return info.tobuf(tarfile.GNU_FORMAT)
+
+
+def long_name_bomb_tar_gz(declared: int, tail: bytes = b"") -> bytes:
+    """A GNU long-name header declaring `declared` bytes, that many bytes of 'a' as its body,
+    then `tail` (more tar data, padded to a block) and the end blocks, gzipped: about
+    1 MiB per GiB declared.
+
+    Built as concatenated gzip members (one 16 MiB block compressed once and repeated), which
+    every gzip reader takes as one stream: seconds faster than compressing the GiB.
+    """
+    block = 16 * 1024 * 1024
+    assert declared % block == 0
+    head = _header(b"././@LongLink", declared, tarfile.GNUTYPE_LONGNAME)
+    padded = tail + b"\0" * (-len(tail) % BLOCK) + b"\0" * (2 * BLOCK)
+    filler = gzip.compress(b"a" * block, compresslevel=9)
+    return b"".join(
+        [gzip.compress(head), filler * (declared // block), gzip.compress(padded)]
+    )

@@ -18,7 +18,10 @@ import psutil
 import pytest
 
 from elkeid_agent.fsutil import remove_tree
+from elkeid_agent.health import Health
 from elkeid_agent.heartbeat import (
+    MAX_WALK_DEPTH,
+    WALK_CAP_COUNTER,
     CpuUsageSampler,
     DirUsage,
     ProcessGroupSampler,
@@ -29,6 +32,7 @@ from elkeid_agent.heartbeat import (
     dir_usage,
     fmt_float,
     host_stats,
+    walk_usage,
 )
 from elkeid_agent.host import HostFacts, IpLists, Platform, read_host_facts
 
@@ -273,16 +277,58 @@ def _deep_tree(root: Path, depth: int) -> None:
 
 def test_dir_usage_of_a_tree_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
     # A plugin (or anything with write access to the work dir) can nest directories deeper
-    # than Python's recursion limit: the walk must count them, not raise RecursionError
-    # (which ended the heartbeat task group, and so the agent).
+    # than Python's recursion limit: the walk must not raise RecursionError (which ended the
+    # heartbeat task group, and so the agent). It stops at its depth cap and says so.
     depth = sys.getrecursionlimit() + 100
     _deep_tree(tmp_path, depth)
+    (tmp_path / "top").write_bytes(b"x" * 10)
     try:
-        assert dir_usage(tmp_path) == 1
+        walk = walk_usage(tmp_path)
+        assert walk.included == 10
+        assert f"deeper than {MAX_WALK_DEPTH} levels, not counted" in walk.stopped
     finally:
         # pytest removes old temporary trees with shutil.rmtree, which recurses: this one
         # made a later session's clean-up fail with RecursionError.
         remove_tree(tmp_path / "d")
+
+
+def test_a_walk_counts_to_its_caps_and_names_them(tmp_path: Path) -> None:
+    _deep_tree(tmp_path, MAX_WALK_DEPTH - 1)
+    (tmp_path / "plugin").mkdir()
+    (tmp_path / "plugin" / "p").write_bytes(b"x" * 5)
+    try:
+        walk = walk_usage(tmp_path, "plugin")
+        assert (walk.included, walk.excluded, walk.stopped) == (1, 5, "")
+        assert walk.total == 6
+        flat = tmp_path / "plugin"
+        for i in range(20):
+            (flat / f"f{i}").write_bytes(b"y")
+        capped = walk_usage(flat, max_entries=10)
+        assert capped.included <= 10
+        assert "more than 10 entries, the rest not counted" in capped.stopped
+    finally:
+        remove_tree(tmp_path / "d")
+
+
+def test_a_capped_walk_is_a_named_fault_and_a_counter(tmp_path: Path) -> None:
+    health = Health()
+    _deep_tree(tmp_path, MAX_WALK_DEPTH + 5)
+    usage = DirUsage(tmp_path, max_age=60, health=health)
+
+    async def main() -> None:
+        walker = asyncio.create_task(usage.run())
+        while not health.faulty(DirUsage.UNIT):  # noqa: ASYNC110 - Health has no event
+            await asyncio.sleep(0.01)
+        walker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await walker
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 10))
+    finally:
+        remove_tree(tmp_path / "d")
+    assert any("deeper than" in d for d in health.details())
+    assert health.counters[WALK_CAP_COUNTER] == 1
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import inspect
+import io
 import logging
 import os
 import threading
@@ -18,6 +19,7 @@ from elkeid_agent._proto import grpc_pb2
 from elkeid_agent.config import LogConfig
 from elkeid_agent.logs import (
     AGENT_LOG,
+    HARD_CAP_FACTOR,
     LOG_NAME,
     LogFileHandler,
     RecordHandler,
@@ -138,6 +140,28 @@ def test_rotation_that_cannot_rename_is_counted_and_tried_again(
     handler.close()
     assert (tmp_path / "log" / f"{LOG_NAME}.1.gz").exists()
     assert handler.rotation_failures == 2
+
+
+def test_the_file_stops_at_its_hard_cap_while_no_rotation_can_be_made(
+    tmp_path: Path, logger: logging.Logger
+) -> None:
+    path = tmp_path / "log" / LOG_NAME
+    handler = LogFileHandler(path, max_bytes=200, backups=2, fallback=io.StringIO())
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.info("opened before the disk turned read-only")
+    with read_only(tmp_path / "log"):
+        for i in range(100):
+            logger.info("line %d %s", i, "r" * 40)
+        assert path.stat().st_size <= HARD_CAP_FACTOR * 200
+        assert handler.over_cap > 80
+        assert handler.rotation_failures == 1
+    handler.retry()
+    for i in range(5):  # writable again: the file rotates and takes lines
+        logger.info("writable again %d", i)
+    handler.close()
+    assert lines_of(path)[-1] == "writable again 4"
+    assert (tmp_path / "log" / f"{LOG_NAME}.1.gz").exists()
 
 
 def test_missing_log_dir_is_recreated(tmp_path: Path, logger: logging.Logger) -> None:

@@ -17,10 +17,13 @@ import msgspec
 
 from elkeid_agent.commands import ConfigSpec
 from elkeid_agent.fsutil import atomic_write
+from elkeid_agent.readcap import read_capped
 
 log = logging.getLogger(__name__)
 
 LAST_SET_FILE = "plugin-configs.json"
+#: At most 64 plugins of a 10 MiB Command: their JSON stays well under this.
+MAX_BYTES = 16 * 1024 * 1024
 
 
 def save(work_dir: Path, configs: Sequence[ConfigSpec]) -> None:
@@ -32,10 +35,10 @@ def load(work_dir: Path) -> list[ConfigSpec]:
     """The persisted set for an offline start: no download URLs; [] if none or unreadable."""
     path = Path(work_dir) / LAST_SET_FILE
     try:
-        configs = msgspec.json.decode(path.read_bytes(), type=list[ConfigSpec])
+        configs = msgspec.json.decode(read_capped(path, MAX_BYTES), type=list[ConfigSpec])
     except FileNotFoundError:
         return []
-    except (OSError, msgspec.DecodeError) as exc:
+    except (OSError, msgspec.DecodeError) as exc:  # FileTooLarge is an OSError
         log.error("%s: ignored: %s", path, exc)
         return []
     return [msgspec.structs.replace(c, download_urls=()) for c in configs]

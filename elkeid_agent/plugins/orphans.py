@@ -30,10 +30,13 @@ from pathlib import Path
 
 from elkeid_agent.fsutil import atomic_write, describe_error
 from elkeid_agent.health import Health
+from elkeid_agent.readcap import SMALL_FILE_BYTES, read_text_capped
 
 log = logging.getLogger(__name__)
 
 PGIDS_FILE = ".pgids"
+#: One line per running plugin (at most 64), ~150 bytes each.
+PGIDS_BYTES = 1024 * 1024
 #: The Health unit of a failed write of the records.
 GROUPS_UNIT = "plugin groups file"
 
@@ -79,14 +82,14 @@ def is_plugin_process(proc: ProcInfo, record: GroupRecord) -> bool:
 
 
 def boot_id(proc_root: Path = Path("/proc")) -> str:
-    return (proc_root / "sys/kernel/random/boot_id").read_text().strip()
+    return read_text_capped(proc_root / "sys/kernel/random/boot_id", SMALL_FILE_BYTES).strip()
 
 
 def read_proc(pid: int, proc_root: Path = Path("/proc")) -> ProcInfo | None:
     """ProcInfo of a live pid, or None when it is gone or unreadable."""
     base = proc_root / str(pid)
     try:
-        pgid, start = parse_stat((base / "stat").read_text())
+        pgid, start = parse_stat(read_text_capped(base / "stat", SMALL_FILE_BYTES, "replace"))
     except (OSError, ValueError, IndexError):
         return None
     exe = cwd = ""
@@ -125,7 +128,7 @@ def save(path: Path, records: Iterable[GroupRecord], health: Health | None = Non
 
 def load(path: Path) -> list[GroupRecord]:
     try:
-        lines = path.read_text().splitlines()
+        lines = read_text_capped(path, PGIDS_BYTES).splitlines()
     except FileNotFoundError:
         return []
     except (OSError, UnicodeDecodeError) as exc:  # unreadable or not text: nothing to trust
@@ -135,7 +138,7 @@ def load(path: Path) -> list[GroupRecord]:
     for line in lines:
         try:
             out.append(GroupRecord(**json.loads(line)))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):  # RecursionError: deeply nested JSON
             log.warning("ignoring a bad line in %s: %r", path, line[:200])
     return out
 

@@ -12,6 +12,9 @@ owns the child until it is gone, in one TaskGroup of three tasks:
 * the task writer drains a bounded queue into fd 3, one frame at a time, all of it.
 * the exit watcher (see `_wait_exit`) notices the child's exit without pidfd on old kernels.
 
+Its stderr is a pipe a thread of its own copies into `<name>.stderr`, under a cap
+(`plugins/stderr.py`); the thread ends at the pipe's EOF, or soon after the run ends.
+
 Stop (PROTOCOL 5): close the task pipe, keep reading records for a moment so what the
 plugin flushes on the way out is not lost, close the record pipes, wait for the exit up to
 10 s in all, then SIGKILL the process group and reap.
@@ -28,12 +31,13 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from elkeid_agent.buffer import Lane, RecordBuffer
 from elkeid_agent.errors import TaskFailed
+from elkeid_agent.plugins.stderr import StderrCopier, StderrStats
 from elkeid_agent.wire import FrameDecoder, FrameTooLarge
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,8 @@ _MIN_SOURCE_FD = 10
 #: them or a plugin would never die of a broken pipe.
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
+#: `<name>.stderr` is kept under this many bytes (`[plugins] stderr_max_bytes`).
+DEFAULT_STDERR_BYTES = 4 * 1024 * 1024
 #: Tests set this False to exercise the polling path that old kernels take.
 USE_PIDFD = hasattr(os, "pidfd_open")
 
@@ -85,6 +91,7 @@ class Counters:
     tx_tasks: int = 0
     tx_bytes: int = 0
     backpressure_seconds: float = 0.0
+    stderr: StderrStats = field(default_factory=StderrStats)
 
 
 @dataclass(frozen=True)
@@ -181,7 +188,8 @@ def _open_stderr(path: Path) -> int:
     """The plugin's stderr file, truncated. The directory is the plugin's: whatever else it
     left at the path (a FIFO, which a blocking open() would wait on with the event loop) is
     replaced by a fresh file."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    # O_RDWR: keeping the newest part under the cap reads it back (plugins/stderr.py).
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
         fd = os.open(path, flags, 0o600)
     except OSError as exc:
@@ -213,6 +221,7 @@ class PluginProcess:
     _eof: asyncio.Event = field(default_factory=asyncio.Event)
     _pidfd: int | None = None
     _queued_bytes: int = 0
+    _stderr: StderrCopier | None = None
 
     @classmethod
     def spawn(
@@ -225,6 +234,8 @@ class PluginProcess:
         counters: Counters,
         max_frame: int,
         task_queue: int,
+        stderr_max_bytes: int = DEFAULT_STDERR_BYTES,
+        on_stderr_truncate: Callable[[], None] | None = None,
     ) -> PluginProcess:
         """Start `<directory>/<name>` with the pipe layout of PROTOCOL section 5.
 
@@ -241,13 +252,18 @@ class PluginProcess:
             for fd in (rec_r, urg_r):
                 with contextlib.suppress(OSError):  # a smaller pipe only costs wake-ups
                     fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            err_r, stderr = _pipe()
+            opened += (err_r, stderr)
             devnull = _high_fd(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
             opened.append(devnull)
-            stderr = _high_fd(_open_stderr(stderr_path(directory, name)))
-            opened.append(stderr)
+            err_file = _high_fd(_open_stderr(stderr_path(directory, name)))
+            opened.append(err_file)
             # What a plugin writes to stderr may be sensitive; a file left by an older agent
             # keeps its mode through O_TRUNC, so set it.
-            os.fchmod(stderr, 0o600)
+            os.fchmod(err_file, 0o600)
+            copier = StderrCopier(
+                name, err_r, err_file, stderr_max_bytes, counters.stderr, on_stderr_truncate
+            )
             # Every fd the agent opens is close-on-exec (Python's default since PEP 446, and
             # gRPC's), but fds it inherited without the flag would pass on: close those in
             # the child, so it holds exactly fds 0-5.
@@ -278,6 +294,16 @@ class PluginProcess:
             raise
         for fd in (task_r, rec_w, urg_w, devnull, stderr):
             os.close(fd)
+        try:
+            # From here the copier's thread owns err_r and err_file, and closes them.
+            copier.start()
+        except RuntimeError as exc:  # no thread to be had (the host's limit): no plugin
+            for fd in (err_r, err_file, task_w, rec_r, urg_r):
+                os.close(fd)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise OSError(errno.EAGAIN, f"cannot start its stderr thread: {exc}") from exc
         for fd in (task_w, rec_r, urg_r):
             os.set_blocking(fd, False)
         pipes = [
@@ -285,6 +311,7 @@ class PluginProcess:
             _Pipe(rec_r, Lane.PLUGIN, FrameDecoder(max_frame)),
         ]
         proc = cls(name, pid, buffer, counters, task_w, pipes, asyncio.Queue(task_queue))
+        proc._stderr = copier
         if USE_PIDFD:
             try:
                 proc._pidfd = os.pidfd_open(pid)
@@ -502,6 +529,10 @@ class PluginProcess:
             self._reap()
         self._close_task_pipe()
         self._close_record_pipes()
+        if self._stderr is not None:
+            # It ends at the pipe's EOF, or soon after this if a stray process still holds
+            # the pipe (one that left the plugin's process group).
+            self._stderr.stop()
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None

@@ -51,9 +51,11 @@ from elkeid_agent.fsutil import remove_tree
 from elkeid_agent.health import MAX_REASON, Health
 from elkeid_agent.heartbeat import (
     PLUGIN_HEARTBEAT,
+    WALK_CAP_COUNTER,
+    DirWalk,
     ProcessGroupSampler,
     build_plugin_heartbeat,
-    dir_usage,
+    walk_usage,
 )
 from elkeid_agent.http import host_ssl_context
 from elkeid_agent.plugins import install, orphans
@@ -153,8 +155,8 @@ def _cut(reason: str) -> str:
     return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
 
 
-def _usage_of(directories: Mapping[str, Path]) -> dict[str, int]:
-    return {name: dir_usage(path) for name, path in directories.items()}
+def _usage_of(directories: Mapping[str, Path]) -> dict[str, DirWalk]:
+    return {name: walk_usage(path) for name, path in directories.items()}
 
 
 @dataclass
@@ -220,6 +222,7 @@ class PluginSupervisor:
         self._stopped = asyncio.Event()
         self._closing = False
         self._tg: asyncio.TaskGroup | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: The TLS context for HTTPS downloads: the host's CA store unless replaced.
         self.ssl_context_factory: Callable[[], ssl.SSLContext] = host_ssl_context
         self.download_timeout = 600.0
@@ -251,6 +254,7 @@ class PluginSupervisor:
             killed = []
         if killed:
             log.warning("killed %d plugin processes left by a previous agent", len(killed))
+        self._loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             usage = tg.create_task(self._walk_usage(), name="plugin dir usage")
@@ -398,6 +402,9 @@ class PluginSupervisor:
                     "too_large_frames": c.too_large,
                     "backpressure_seconds": c.backpressure_seconds,
                     "task_queue": proc.tasks.qsize(),
+                    "stderr_truncations": c.stderr.truncations,
+                    "stderr_dropped_bytes": c.stderr.dropped_bytes,
+                    "stderr_write_failures": c.stderr.write_failures,
                 },
             )
             slot.rate_base = (now, replace(c))
@@ -434,7 +441,13 @@ class PluginSupervisor:
         and walking it on the loop at each heartbeat stalled every pipe meanwhile."""
         while True:
             directories = {name: slot.directory for name, slot in self._slots.items()}
-            self._usage = await asyncio.to_thread(_usage_of, directories)
+            walks = await asyncio.to_thread(_usage_of, directories)
+            self._usage = {name: walk.total for name, walk in walks.items()}
+            stopped = [walk.stopped for walk in walks.values() if walk.stopped]
+            if stopped:
+                self.health.fault("plugin disk usage", "; ".join(stopped), WALK_CAP_COUNTER)
+            else:
+                self.health.clear("plugin disk usage")
             await asyncio.sleep(self.usage_max_age)
 
     # -- sync steps -----------------------------------------------------------------------------
@@ -597,6 +610,8 @@ class PluginSupervisor:
                     counters=slot.counters,
                     max_frame=self.config.max_frame_bytes,
                     task_queue=self.config.task_queue,
+                    stderr_max_bytes=self.config.stderr_max_bytes,
+                    on_stderr_truncate=self._stderr_truncated,
                 )
             except Exception as exc:  # noqa: BLE001 - one spawn (OSError, ValueError: NUL)
                 slot.last_exit = f"cannot start: {exc}"
@@ -635,6 +650,13 @@ class PluginSupervisor:
                 break
             slot.restarts += 1
             lifecycle.fire(Event.BACKOFF_ELAPSED)
+
+    def _stderr_truncated(self) -> None:
+        """Called from a plugin's stderr thread: counted on the loop's thread."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody to tell
+                loop.call_soon_threadsafe(self.health.count, "plugin_stderr_truncations")
 
     def _on_change(self, name: str, old: State, new: State) -> None:
         log.debug("plugin %s: %s -> %s", name, old.value, new.value)

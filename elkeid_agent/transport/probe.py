@@ -68,6 +68,9 @@ _ALERTS = {
 }
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: SETTINGS_MAX_FRAME_SIZE's default, which the probe never raises: a server may not send a
+#: longer frame, so no more than this is ever buffered for one.
+H2_MAX_FRAME = 16384
 _SETTINGS, _PING, _GOAWAY = 0x4, 0x6, 0x7
 _ACK = 0x1
 _PING_DATA = b"elkeidok"
@@ -164,6 +167,12 @@ def _h2_ping(conn: ssl.SSLSocket, tls: TlsMaterial, deadline: float) -> ProbeRes
                 return ProbeResult(Step.CLOSED, "the server closed the connection")
             return ProbeResult(Step.TLS, _refused_after_handshake(tls))
         buffer += chunk
+        if len(buffer) >= 3 and int.from_bytes(buffer[:3], "big") > H2_MAX_FRAME:
+            size = int.from_bytes(buffer[:3], "big")
+            return ProbeResult(
+                Step.CLOSED, f"the server sent an HTTP/2 frame of {size} bytes (at most "
+                f"{H2_MAX_FRAME}): it is not an HTTP/2 server"
+            )
         for frame in read_frames(buffer):
             seen = True
             if frame.type == _PING and frame.flags & _ACK:

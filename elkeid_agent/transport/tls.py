@@ -12,9 +12,9 @@ from __future__ import annotations
 import datetime
 import ssl
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from elkeid_agent.config import TlsConfig
+from elkeid_agent.readcap import CONFIG_FILE_BYTES, read_capped
 from elkeid_agent.transport.certinfo import CertError, parse_pem
 from elkeid_agent.transport.grpc_env import grpc
 
@@ -92,6 +92,6 @@ class TlsMaterial:
 
 def _read(path: str, key: str) -> bytes:
     try:
-        return Path(path).read_bytes()
+        return read_capped(path, CONFIG_FILE_BYTES)
     except OSError as exc:
         raise TlsError(f"key {key}: cannot read {path}: {exc.strerror}") from exc

@@ -25,17 +25,18 @@ import gzip
 import lzma
 import stat
 import struct
-import tarfile
 import zlib
 from pathlib import PurePosixPath
 from typing import BinaryIO, Protocol, cast
+
+from elkeid_agent.tarstream import TarReader, TarRefused, quote_name
 
 #: The executable is ~25 MB; anything near this is not ours.
 MAX_CANDIDATE_BYTES = 256 * 1024 * 1024
 #: Bytes decompressed while looking for the member (a package holds little else).
 MAX_UNPACKED_BYTES = 1024 * 1024 * 1024
-#: Members walked past (tar, cpio, ar): our packages hold a handful; tarfile keeps each
-#: member's header in memory, so an archive of countless empty members must end early.
+#: Members walked past (tar, cpio, ar): our packages hold a handful, and an archive of
+#: countless empty members must end early.
 MAX_MEMBERS = 10_000
 #: Heartbeat counters of the caps' breaches (`BadArtifact.counter`).
 MEMBER_CAP_COUNTER = "archive_member_cap"
@@ -116,7 +117,7 @@ def extract_candidate(
             _from_deb(src, out, max_bytes, max_unpacked)
         else:
             _from_rpm(src, out, max_bytes, max_unpacked)
-    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as exc:
+    except (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as exc:
         raise BadArtifact(f"{kind} artifact: {exc}") from exc
     except OSError as exc:
         # bz2 and a few gzip errors arrive as plain OSError.
@@ -209,38 +210,24 @@ def _check_count(count: int, what: str) -> None:
 # -- tar ---------------------------------------------------------------------------------------
 
 
-def _tar_kind(member: tarfile.TarInfo) -> str:
-    if member.issym():
-        return "symbolic link"
-    if member.islnk():
-        return "hard link"
-    if member.isdir():
-        return "directory"
-    if member.ischr() or member.isblk():
-        return "device"
-    if member.isfifo():
-        return "fifo"
-    return "special file"
-
-
 def _from_tar(stream: Reader, out: BinaryIO, max_bytes: int) -> None:
     found = False
-    # Stream mode ("r|"): one forward pass, no seeking, nothing buffered but the block.
-    with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
-        for count, member in enumerate(tar, start=1):
-            _check_count(count, "the tar archive")
+    # One forward pass; tarstream checks each header's declared size before reading it.
+    reader = TarReader(stream, max_members=MAX_MEMBERS, member_counter=MEMBER_CAP_COUNTER)
+    try:
+        for member in reader:
             if not is_member_path(member.name):
                 continue
             if found:
-                raise BadArtifact(f"{member.name!r} appears twice")
-            if not member.isreg():
-                raise BadArtifact(f"{member.name!r} is a {_tar_kind(member)}, not a file")
+                raise BadArtifact(f"{quote_name(member.name)} appears twice")
+            if member.kind != "file":
+                raise BadArtifact(f"{quote_name(member.name)} is a {member.kind}, not a file")
             _check_size(member.size, max_bytes)
-            body = tar.extractfile(member)
-            if body is None:
-                raise BadArtifact(f"{member.name!r}: unreadable member")
-            _copy(body, out, member.size)
+            for block in reader.body():
+                out.write(block)
             found = True
+    except TarRefused as exc:
+        raise BadArtifact(f"tar: {exc}", exc.counter) from exc
     if not found:
         raise BadArtifact("no elkeid-agent member in the archive")
 

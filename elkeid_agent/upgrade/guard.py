@@ -37,6 +37,7 @@ from elkeid_agent.config import (
     load_config,
     work_dir_hint,
 )
+from elkeid_agent.readcap import CONFIG_FILE_BYTES, read_text_capped
 from elkeid_agent.upgrade import swap
 from elkeid_agent.upgrade.record import CorruptFile, Verdict, decide_guard
 from elkeid_agent.upgrade.rollback import boot_time, roll_back
@@ -67,9 +68,12 @@ def _lenient_upgrade(config_path: str | None) -> UpgradeConfig:
     """The config file's [upgrade] section if it reads as one, else the built-in values."""
     path = Path(config_path) if config_path is not None else DEFAULT_CONFIG_PATH
     try:
-        table = tomllib.loads(path.read_text()).get("upgrade", {})
+        table = tomllib.loads(read_text_capped(path, CONFIG_FILE_BYTES)).get("upgrade", {})
         return msgspec.convert(table, UpgradeConfig)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, msgspec.ValidationError):
+    except (
+        OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, msgspec.ValidationError,
+        RecursionError,
+    ):
         return UpgradeConfig()
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import ssl
 import tempfile
 import time
@@ -40,6 +39,7 @@ from elkeid_agent.childenv import child_env
 from elkeid_agent.commands import ConfigSpec, task_result
 from elkeid_agent.config import UpgradeConfig
 from elkeid_agent.download import DownloadError, download_verified, sha256_file
+from elkeid_agent.fsutil import remove_tree
 from elkeid_agent.health import Health
 from elkeid_agent.progress import Progress, Rule
 from elkeid_agent.signing.check import REFUSED_COUNTER, WARNED_COUNTER, Verifier, strip
@@ -117,7 +117,12 @@ class StartupResult:
 
 
 class UpgradeFailed(Exception):
-    """One step of an attempt failed; the message is the reason reported."""
+    """One step of an attempt failed; the message is the reason reported, `counter` the
+    heartbeat counter of a breached cap."""
+
+    def __init__(self, reason: str, counter: str | None = None) -> None:
+        super().__init__(reason)
+        self.counter = counter
 
 
 class Superseded(Exception):
@@ -140,7 +145,7 @@ def check_pending_upgrade(
     # No attempt runs before this process starts one: any attempt directory (a download
     # of up to max_artifact_bytes) is a leftover of a killed process.
     for stale in (work_dir / "tmp").glob(ATTEMPT_PREFIX + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        remove_tree(stale, ignore_errors=True)
     try:
         record = swap.read_record(work_dir)
     except CorruptFile as exc:
@@ -429,6 +434,8 @@ class UpgradeManager:
         try:
             await self._fetch_probe_swap(config, attempt_dir)
         except UpgradeFailed as exc:
+            if exc.counter is not None:
+                self._count(exc.counter)
             self._failed(config, str(exc))
         except Superseded:
             # Not a failure of this version: no error, no retry delay, no 5100.
@@ -436,7 +443,7 @@ class UpgradeManager:
             log.info("upgrade to %s: download ended, a newer entry came", config.version)
         finally:
             self._attempting = None
-            await asyncio.to_thread(shutil.rmtree, attempt_dir, ignore_errors=True)
+            await asyncio.to_thread(remove_tree, attempt_dir, ignore_errors=True)
 
     def _abandoned(self, reason: str) -> None:
         log.error("upgrade: download abandoned: %s", reason)
@@ -620,7 +627,7 @@ def _extract(artifact: Path, candidate: Path, max_bytes: int) -> ArtifactKind:
         with artifact.open("rb") as src, candidate.open("xb") as out:
             kind = extract_candidate(src, out, max_bytes=max_bytes)
     except BadArtifact as exc:
-        raise UpgradeFailed(f"artifact: {exc}") from exc
+        raise UpgradeFailed(f"artifact: {exc}", exc.counter) from exc
     candidate.chmod(0o700)
     return kind
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from elkeid_agent.readcap import CONFIG_FILE_BYTES, read_capped
 from elkeid_agent.upgrade.record import (
     OUTCOME_FILE,
     QUARANTINE_FILE,
@@ -21,7 +22,7 @@ from elkeid_agent.upgrade.record import (
 
 def _read(work_dir: Path, name: str) -> bytes | None:
     try:
-        return (work_dir / name).read_bytes()
+        return read_capped(work_dir / name, CONFIG_FILE_BYTES)
     except OSError:
         return None
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import msgspec
 
+from elkeid_agent.readcap import SMALL_FILE_BYTES, read_text_capped
 from elkeid_agent.upgrade import swap
 from elkeid_agent.upgrade.record import BootTime, CorruptFile, Outcome, Quarantine, UpgradeRecord
 
@@ -29,8 +30,8 @@ def boot_time() -> BootTime | None:
     """This boot's id and CLOCK_BOOTTIME; None where the kernel does not say (the bound then
     falls back to the wall clock)."""
     try:
-        boot_id = BOOT_ID.read_text().strip()
-    except OSError:
+        boot_id = read_text_capped(BOOT_ID, SMALL_FILE_BYTES).strip()
+    except (OSError, UnicodeDecodeError):
         return None
     return BootTime(boot_id, time.clock_gettime(time.CLOCK_BOOTTIME)) if boot_id else None
 

@@ -20,11 +20,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from elkeid_agent.fsutil import atomic_write, fsync_dir, open_staging, publish, staging_path
+from elkeid_agent.readcap import CONFIG_FILE_BYTES, FileTooLarge, read_capped
 from elkeid_agent.upgrade.artifact import ArtifactKind
 from elkeid_agent.upgrade.record import (
     OUTCOME_FILE,
     QUARANTINE_FILE,
     RECORD_FILE,
+    CorruptFile,
     Outcome,
     Quarantine,
     UpgradeRecord,
@@ -66,10 +68,18 @@ def executable_mode(path: Path) -> int:
 # -- record and quarantine -------------------------------------------------------------------
 
 
+def _read_state(path: Path) -> bytes:
+    """One of the upgrade's JSON files; one over its cap does not decode (CorruptFile)."""
+    try:
+        return read_capped(path, CONFIG_FILE_BYTES)
+    except FileTooLarge as exc:
+        raise CorruptFile(f"{path.name}: {exc.strerror}") from exc
+
+
 def read_record(work_dir: Path) -> UpgradeRecord | None:
     """The pending record, None if there is none; record.CorruptFile if it does not decode."""
     try:
-        raw = (work_dir / RECORD_FILE).read_bytes()
+        raw = _read_state(work_dir / RECORD_FILE)
     except FileNotFoundError:
         return None
     return decode_record(raw)
@@ -88,7 +98,7 @@ def remove_record(work_dir: Path) -> None:
 def read_quarantine(work_dir: Path) -> Quarantine:
     """The quarantine list; empty if missing; record.CorruptFile if it does not decode."""
     try:
-        raw = (work_dir / QUARANTINE_FILE).read_bytes()
+        raw = _read_state(work_dir / QUARANTINE_FILE)
     except FileNotFoundError:
         return Quarantine()
     return decode_quarantine(raw)
@@ -106,7 +116,7 @@ def read_outcome(work_dir: Path) -> Outcome | None:
     """The last upgrade's outcome; None if there is none; record.CorruptFile if it does not
     decode."""
     try:
-        raw = (work_dir / OUTCOME_FILE).read_bytes()
+        raw = _read_state(work_dir / OUTCOME_FILE)
     except FileNotFoundError:
         return None
     return decode_outcome(raw)

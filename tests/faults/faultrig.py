@@ -83,8 +83,11 @@ class LoggedAgent(AgentProcess):
             return ""
 
 
-def rss_bytes(pid: int) -> int:
-    """VmRSS of `pid` and all its descendants (0 for processes already gone)."""
+def rss_bytes(pid: int, *, tree: bool = True) -> int:
+    """VmRSS of `pid` and, with `tree`, all its descendants (0 for processes already gone).
+
+    `tree=False` is the agent's own budget (issue 18: agent processes only, its plugins have
+    their own); the default counts everything the agent started."""
     total = 0
     todo = [pid]
     while todo:
@@ -93,6 +96,8 @@ def rss_bytes(pid: int) -> int:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
+            if not tree:
+                continue
             for task in os.listdir(f"/proc/{p}/task"):
                 children = Path(f"/proc/{p}/task/{task}/children").read_text().split()
                 todo.extend(int(c) for c in children)
@@ -102,10 +107,11 @@ def rss_bytes(pid: int) -> int:
 
 
 class RssSampler:
-    """Samples rss_bytes(pid) every 20 ms in a thread; `peak` is the highest seen."""
+    """Samples rss_bytes(pid, tree=tree) every 20 ms in a thread; `peak` is the highest seen."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, *, tree: bool = True) -> None:
         self.pid = pid
+        self.tree = tree
         self.peak = 0
         self.samples = 0
         self._stop = threading.Event()
@@ -113,7 +119,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes(self.pid))
+            self.peak = max(self.peak, rss_bytes(self.pid, tree=self.tree))
             self.samples += 1
             self._stop.wait(0.02)
 

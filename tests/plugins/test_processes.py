@@ -374,8 +374,8 @@ def test_what_a_plugin_inherits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     fds = info["fds"]
     assert sorted(fds, key=int) == ["0", "1", "2", "3", "4", "5"]
     assert fds["0"] == fds["1"] == "/dev/null"
-    assert fds["2"] == str(directory / "intro.stderr")
-    assert all(fds[n].startswith("pipe:") for n in "345")
+    # stderr: a pipe the agent copies into `intro.stderr`, under its cap (plugins/stderr.py).
+    assert all(fds[n].startswith("pipe:") for n in "2345")
     assert info["cwd"] == str(directory)
     assert info["pgid"] == info["pid"]
     sig = dict(line.split(":") for line in (sig_dir / "sig.txt").read_text().splitlines())

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from floods import long_name_bomb_tar_gz
 from upgradetools import answering, http_files, make_deb, make_rpm, need_dpkg_deb, sha
 
 from elkeid_agent.commands import ConfigSpec
@@ -59,6 +60,7 @@ class Harness:
                  startup: StartupResult | None = None, **settings: float) -> None:
         self.records: list[bytes] = []
         self.errors: dict[str, str] = {}
+        self.counted: list[str] = []
         self.exit_requested = asyncio.Event()
         self.manager = UpgradeManager(
             work,
@@ -69,6 +71,7 @@ class Harness:
             env=env or {"PATH": "/usr/bin:/bin"},
             settings=UpgradeSettings(**settings),  # type: ignore[arg-type]
             version="A",
+            count=self.counted.append,
         )
 
 
@@ -211,6 +214,18 @@ def test_one_attempt_at_a_time_and_the_latest_wish_wins(tmp_path: Path) -> None:
     assert max(attempt_dirs) == 1
     assert (work / "elkeid-agent").read_bytes() == c
     assert b"did not finish within 1 s" in h.records[0]
+
+
+def test_an_archive_over_a_cap_is_refused_by_name_and_counted(tmp_path: Path) -> None:
+    work = setup_work(tmp_path)
+    bomb = long_name_bomb_tar_gz(16 * 1024 * 1024)
+    h = Harness(work)
+    with http_files({"/bomb.tar.gz": bomb}) as base:
+        asyncio.run(drive(h, spec("B", bomb, f"{base}/bomb.tar.gz"),
+                          done=lambda: h.manager.last_error))
+    assert "GNU long name header declares 16777216 bytes" in h.manager.last_error
+    assert h.counted == ["archive_header_cap"]
+    assert (work / "elkeid-agent").read_bytes() == A
 
 
 def test_refusals_are_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
