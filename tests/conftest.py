@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,9 @@ def agent_config(center: CenterThread, tmp_path: Path) -> AgentConfig:
         path = center.write_agent_config(
             tmp_path / f"{name}.toml", tmp_path / f"{name}-work", via=via  # type: ignore[arg-type]
         )
-        return patch_config(path, **sections) if sections else path
+        # Plugin cgroups of their own per config: test runs may overlap on one host.
+        plugins = {"cgroup_name": f"elkeid-test-{uuid.uuid4().hex[:12]}"}
+        sections["plugins"] = {**plugins, **sections.get("plugins", {})}
+        return patch_config(path, **sections)
 
     return make

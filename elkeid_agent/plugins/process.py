@@ -34,6 +34,9 @@ from pathlib import Path
 
 from elkeid_agent.buffer import Lane, RecordBuffer
 from elkeid_agent.errors import TaskFailed
+from elkeid_agent.plugins import subreaper
+from elkeid_agent.plugins.cgroup_plan import JOIN_FAILED, trampoline_argv
+from elkeid_agent.plugins.cgroups import PluginCgroup
 from elkeid_agent.wire import FrameDecoder, FrameTooLarge
 
 log = logging.getLogger(__name__)
@@ -57,12 +60,13 @@ STOP_GRACE = 10.0
 #: EOF so everything it wrote reaches the buffer.
 EXIT_DRAIN = 5.0
 #: posix_spawn has no chdir (Python 3.11..3.13; glibc's addchdir_np is not exposed and
-#: absent from CentOS 7's glibc 2.17), and chdir in the agent would race its other threads
-#: (gRPC, the executor). So the child starts as this two-word POSIX shell, which changes
+#: absent from CentOS 7's glibc 2.17) and cannot place the child in a cgroup, and chdir in the
+#: agent would race its other threads (gRPC, the executor). So the child starts as a short
+#: POSIX shell script (`cgroup_plan.trampoline_argv`) that joins the plugin's cgroups, changes
 #: directory and execs the plugin: every supported host has /bin/sh, the plugin gets the
 #: shell's pid (so pid, process group and /proc/<pid>/exe are the plugin's after exec), and
 #: fds 0-5 pass through the exec untouched.
-TRAMPOLINE = ("/bin/sh", "-c", 'cd "$1" && exec "$2"')
+SHELL = "/bin/sh"
 HIGH_PRIORITY_ENV = "ELKEID_PLUGIN_HIGH_PRIORITY_PIPE"
 #: Child fds must not be moved onto each other by the spawn's dup2 sequence: keep sources here.
 _MIN_SOURCE_FD = 10
@@ -95,9 +99,13 @@ class Outcome:
     run_seconds: float
 
 
-def _describe(status: int) -> str:
+def _describe(status: int, in_cgroup: bool = False) -> str:
     code = os.waitstatus_to_exitcode(status)
-    return f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    if code < 0:
+        return f"killed by signal {-code}"
+    if in_cgroup and code == JOIN_FAILED:
+        return f"exited with code {code}: could not join its cgroup (see its stderr file)"
+    return f"exited with code {code}"
 
 
 def _high_fd(fd: int) -> int:
@@ -171,6 +179,10 @@ class PluginProcess:
     _eof: asyncio.Event = field(default_factory=asyncio.Event)
     _pidfd: int | None = None
     _queued_bytes: int = 0
+    #: Where every process of this run is: its cgroup, or (the fallback) the environment tag
+    #: its descendants inherit while the agent is their subreaper.
+    cgroup: PluginCgroup | None = None
+    tag: str | None = None
 
     @classmethod
     def spawn(
@@ -183,11 +195,17 @@ class PluginProcess:
         counters: Counters,
         max_frame: int,
         task_queue: int,
+        cgroup: PluginCgroup | None = None,
+        tag: str | None = None,
     ) -> PluginProcess:
-        """Start `<directory>/<name>` with the pipe layout of PROTOCOL section 5.
+        """Start `<directory>/<name>` with the pipe layout of PROTOCOL section 5, in `cgroup`
+        (joined before the plugin executes) or, without one, tagged with `tag`.
 
         Raises OSError when the child cannot be started; no fd is left open then.
         """
+        if tag is not None:
+            env = {**env, subreaper.TAG_ENV: tag}
+        procs_files = cgroup.procs_files() if cgroup is not None else []
         opened: list[int] = []
         try:
             task_r, task_w = _pipe()
@@ -220,9 +238,9 @@ class PluginProcess:
                 (os.POSIX_SPAWN_DUP2, rec_w, 4),
                 (os.POSIX_SPAWN_DUP2, urg_w, 5),
             ]
-            argv = [*TRAMPOLINE, name, str(directory), str(directory / name)]
+            argv = trampoline_argv(SHELL, name, str(directory), str(directory / name), procs_files)
             pid = os.posix_spawn(
-                TRAMPOLINE[0],
+                SHELL,
                 argv,
                 env,
                 file_actions=actions,
@@ -243,6 +261,7 @@ class PluginProcess:
             _Pipe(rec_r, Lane.PLUGIN, FrameDecoder(max_frame)),
         ]
         proc = cls(name, pid, buffer, counters, task_w, pipes, asyncio.Queue(task_queue))
+        proc.cgroup, proc.tag = cgroup, tag
         if USE_PIDFD:
             try:
                 proc._pidfd = os.pidfd_open(pid)
@@ -383,6 +402,18 @@ class PluginProcess:
                         await self._eof.wait()
 
     def _kill_group(self) -> None:
+        """SIGKILL every process of this run: its group, and its cgroup or tagged descendants
+        (a `setsid` or double-forked daemon leaves the group)."""
+        self._kill_pgrp()
+        if self.cgroup is not None:
+            try:
+                self.cgroup.kill()
+            except OSError as exc:
+                log.warning("plugin %s: cannot kill its cgroup: %s", self.name, exc)
+        elif self.tag is not None:
+            subreaper.kill_run(self.pid, self.tag)
+
+    def _kill_pgrp(self) -> None:
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -434,7 +465,7 @@ class PluginProcess:
         finally:
             self._release()
         if reason is None:
-            reason = "stopped" if stopped else _describe(status)
+            reason = "stopped" if stopped else _describe(status, self.cgroup is not None)
         return Outcome(reason, time.monotonic() - self.started)
 
     async def _stop_child(self, pump: asyncio.Task[None], exited: asyncio.Task[None]) -> None:
