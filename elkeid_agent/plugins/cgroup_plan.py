@@ -37,6 +37,8 @@ CPU_PERIOD_US = 100_000
 MIN_QUOTA_US = 1000
 #: Names of the cgroup directories the agent makes (a plugin name obeys the same rule).
 NAME_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
+#: Limit files a kernel may lack (swap accounting off, no swap): their absence is no fault.
+OPTIONAL_FILES = frozenset({"memory.memsw.limit_in_bytes", "memory.swap.max"})
 #: The exit status of the trampoline when it could not join the plugin's cgroup.
 JOIN_FAILED = 125
 
@@ -195,9 +197,10 @@ def limit_writes(
 ) -> list[tuple[str, str, str]]:
     """(controller, file, value) to write in a plugin cgroup, for the controllers `available`.
 
-    On v2 the OOM killer is told to take the whole cgroup (memory.oom.group) and swap is
-    closed, so the limit is a limit; on v1 memory.memsw (swap accounting) is often off, so
-    only the memory limit itself is written."""
+    Swap is closed (v2 memory.swap.max, v1 memory.memsw.limit_in_bytes, written after the
+    memory limit it must not be below), so the limit is a limit and not a slow swap storm;
+    v1 has memsw only with swap accounting on (OPTIONAL_FILES). On v2 the OOM killer takes
+    the whole cgroup (memory.oom.group)."""
     have = set(available)
     out: list[tuple[str, str, str]] = []
     quota = 0
@@ -206,6 +209,7 @@ def limit_writes(
     if layout.version is Version.V1:
         if "memory" in have and limits.memory_bytes:
             out.append(("memory", "memory.limit_in_bytes", str(limits.memory_bytes)))
+            out.append(("memory", "memory.memsw.limit_in_bytes", str(limits.memory_bytes)))
         if "cpu" in have and quota:
             out.append(("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US)))
             out.append(("cpu", "cpu.cfs_quota_us", str(quota)))

@@ -62,12 +62,13 @@ def _signal_all(pids: Iterable[int]) -> int:
     return sent
 
 
-def kill_cgroup(version: Version, dirs: dict[str, str]) -> int:
+def kill_cgroup(version: Version, dirs: dict[str, str], use_kill_file: bool = True) -> int:
     """SIGKILL every process in one plugin cgroup (`dirs`: controller or "" -> directory)
     by `cgroup_plan.kill_plan`; returns the number of signals sent (cgroup.kill: members seen).
-    Waits up to EMPTY_WAIT for the members to be gone."""
+    Waits up to EMPTY_WAIT for the members to be gone. `use_kill_file` False takes the path
+    of kernels before 5.14 (tests)."""
     main = dirs.get("freezer") or next(iter(dirs.values()))
-    has_kill = version is Version.V2 and os.path.exists(f"{main}/cgroup.kill")
+    has_kill = use_kill_file and version is Version.V2 and os.path.exists(f"{main}/cgroup.kill")
     freezer = dirs.get("freezer") if version is Version.V1 else main
     sent = 0
     for step in plan.kill_plan(version, has_kill, freezer is not None):
@@ -130,8 +131,8 @@ class PluginCgroup:
     def members(self) -> set[int]:
         return {pid for d in self.directories() for pid in _members(d)}
 
-    def kill(self) -> int:
-        return kill_cgroup(self.version, self.dirs)
+    def kill(self, use_kill_file: bool = True) -> int:
+        return kill_cgroup(self.version, self.dirs, use_kill_file)
 
     def usage(self) -> Usage:
         files: dict[str, str] = {}
@@ -221,6 +222,9 @@ class Cgroups:
             directory = cgroup.dirs.get(controller) or cgroup.directories()[0]
             try:
                 _write(f"{directory}/{filename}", value)
+            except FileNotFoundError:
+                if filename not in plan.OPTIONAL_FILES:
+                    failures.append(f"{filename}: missing")
             except OSError as exc:
                 failures.append(f"{filename}={value}: {exc.strerror}")
         if failures:
@@ -270,6 +274,41 @@ def sweep(cgroups: Cgroups) -> list[int]:
             )
         cgroup.remove()
     return found
+
+
+@dataclass(frozen=True)
+class Probe:
+    usable: bool
+    line: str
+
+
+def probe(proc_root: Path = Path("/proc")) -> Probe:
+    """Whether this process could put plugins in cgroups, and which limits, without changing
+    anything (for `doctor`, which runs outside the agent's cgroup)."""
+    try:
+        layout = plan.plan_layout(
+            (proc_root / "self/cgroup").read_text(), (proc_root / "self/mountinfo").read_text()
+        )
+    except OSError as exc:
+        return Probe(False, f"cannot read this process's cgroups: {exc.strerror}")
+    if isinstance(layout, str):
+        return Probe(False, layout)
+    writable = [h for h in layout.hierarchies if os.access(h.agent_dir, os.W_OK)]
+    if not writable:
+        return Probe(False, f"no write access to {layout.hierarchies[0].agent_dir}")
+    version = f"cgroup v{layout.version.value}"
+    if layout.version is Version.V1:
+        have = {c for h in writable for c in h.controllers} & set(plan.LIMIT_CONTROLLERS)
+    else:
+        try:
+            offered = set(_read(f"{writable[0].agent_dir}/cgroup.controllers").split())
+        except OSError:
+            offered = set()
+        have = offered & set(plan.LIMIT_CONTROLLERS)
+    missing = [c for c in plan.LIMIT_CONTROLLERS if c not in have]
+    if missing:
+        return Probe(True, f"{version}, without {', '.join(missing)}")
+    return Probe(True, f"{version}: memory, cpu, pids")
 
 
 def discover(group: str, proc_root: Path = Path("/proc")) -> Cgroups:
