@@ -220,6 +220,7 @@ def status_report(
         upgrade_state=st.upgrade_state,
         detail=list(st.detail),
         exit_reason=st.exit_reason,
+        plugin_limits=st.plugin_limits,
         spool={
             "state": st.spool_state,
             "records": st.spool_records,
@@ -265,6 +266,7 @@ def format_report(report: dict[str, Any], now: float) -> str:
         *report.get("upgrade_history", []),
         "spool: {state}, {records} records, {bytes} bytes, oldest {oldest_seconds:.0f} s, "
         "{dropped_records} dropped".format(**report["spool"]),
+        *([report["plugin_limits"]] if report.get("plugin_limits") else []),
         f"updated: {_fmt_time(report['updated'], now)}",
         f"work dir: {report['work_dir']}",
     ]

@@ -29,6 +29,8 @@ from elkeid_agent.config import (
     load_run_config,
     work_dir_hint,
 )
+from elkeid_agent.plugins import cgroups
+from elkeid_agent.status import read_status
 from elkeid_agent.transport.certinfo import CLIENT_AUTH, CertError, parse_pem, verify_client_cert
 from elkeid_agent.transport.discovery import DiscoveryError, candidates, fetch_sd_nodes
 from elkeid_agent.transport.probe import probe
@@ -190,6 +192,24 @@ def check_work_dir(work_dir: Path) -> Iterator[Check]:
         yield _ok("exec", f"{where} allows executables (the unpack dir tmp/)")
 
 
+# --- plugin limits -------------------------------------------------------------------------------
+
+
+def check_plugin_limits(config: Config) -> Check:
+    """What the running agent found (its status file), else what this process could do."""
+    if not config.plugins.cgroups:
+        return Check(Verdict.WARN, "plugin limits", "off (plugins.cgroups = false)")
+    st = read_status(config.work_path)
+    if st is not None and st.plugin_limits and st.state != "stopped":
+        line, who = st.plugin_limits, f"agent pid {st.pid}"
+    else:
+        found = cgroups.probe()
+        line = f"plugin limits {'can apply' if found.usable else 'cannot apply'}: {found.line}"
+        who = "checked from this process"
+    complete = " in effect (" in line or line.endswith(": memory, cpu, pids")
+    return Check(Verdict.OK if complete else Verdict.WARN, "plugin limits", f"{line} ({who})")
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 
@@ -215,6 +235,7 @@ def checks(config_path: str | None, env: dict[str, str]) -> Iterator[Check]:
     yield from check_certificates(config, datetime.datetime.now(datetime.UTC))
     yield from check_connections(config)
     yield from check_work_dir(config.work_path)
+    yield check_plugin_limits(config)
 
 
 def run_doctor(config_path: str | None, out: TextIO) -> int:

@@ -38,6 +38,7 @@ class AgentStatus(msgspec.Struct, kw_only=True):
     spool_bytes: int = 0
     spool_oldest_seconds: float = 0.0
     spool_dropped_records: int = 0
+    plugin_limits: str = ""  # whether per-plugin cgroup limits apply, and why not
 
 
 _encoder = msgspec.json.Encoder()
