@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import signal
 import time
@@ -67,7 +66,11 @@ def parse_environ_tag(data: bytes) -> str | None:
 
 def enable() -> str:
     """Make this process a child subreaper; "" on success, else why not."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    try:
+        # By soname, not find_library: that runs ldconfig or gcc, in the bundle's environment.
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError as exc:
+        return f"PR_SET_CHILD_SUBREAPER: no libc: {exc}"
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         return f"PR_SET_CHILD_SUBREAPER: {os.strerror(ctypes.get_errno())}"
     return ""
