@@ -53,6 +53,19 @@ def _members(directory: str) -> list[int]:
         return []
 
 
+def _subtree(directory: str) -> list[str]:
+    """`directory` and the cgroups below it, deepest first (a root plugin may make its own:
+    v1's cgroup.procs lists a cgroup's direct members only)."""
+    out = []
+    for parent, children, _ in os.walk(directory):
+        out += [os.path.join(parent, c) for c in children]
+    return [*sorted(out, key=lambda d: -d.count("/")), directory]
+
+
+def _all_members(directory: str) -> list[int]:
+    return [pid for d in _subtree(directory) for pid in _members(d)]
+
+
 def _signal_all(pids: Iterable[int]) -> int:
     sent = 0
     for pid in pids:
@@ -73,19 +86,19 @@ def kill_cgroup(version: Version, dirs: dict[str, str], use_kill_file: bool = Tr
     sent = 0
     for step in plan.kill_plan(version, has_kill, freezer is not None):
         if step is KillStep.CGROUP_KILL:
-            sent += len(_members(main))
+            sent += len(_all_members(main))
             _write(f"{main}/cgroup.kill", "1")
         elif step is KillStep.FREEZE and freezer is not None:
             _freeze(version, freezer)
         elif step is KillStep.SIGNAL_ALL:
-            sent += _signal_all(_members(main))
+            sent += _signal_all(_all_members(main))
         elif step is KillStep.THAW and freezer is not None:
             name, _, thawed = plan.freeze_values(version)
             _write(f"{freezer}/{name}", thawed)
         elif step is KillStep.SIGNAL_UNTIL_EMPTY:
             sent += _signal_until_empty(list(dirs.values()))
     deadline = time.monotonic() + EMPTY_WAIT
-    while any(_members(d) for d in dirs.values()) and time.monotonic() < deadline:
+    while any(_all_members(d) for d in dirs.values()) and time.monotonic() < deadline:
         time.sleep(_POLL)
     return sent
 
@@ -104,7 +117,7 @@ def _signal_until_empty(directories: list[str]) -> int:
     sent = 0
     deadline = time.monotonic() + EMPTY_WAIT
     while time.monotonic() < deadline:
-        pids = {pid for d in directories for pid in _members(d)}
+        pids = {pid for d in directories for pid in _all_members(d)}
         if not pids:
             break
         sent += _signal_all(pids)
@@ -129,7 +142,7 @@ class PluginCgroup:
         return [f"{d}/cgroup.procs" for d in self.directories()]
 
     def members(self) -> set[int]:
-        return {pid for d in self.directories() for pid in _members(d)}
+        return {pid for d in self.directories() for pid in _all_members(d)}
 
     def kill(self, use_kill_file: bool = True) -> int:
         return kill_cgroup(self.version, self.dirs, use_kill_file)
@@ -151,13 +164,14 @@ class PluginCgroup:
         """Remove the (empty) cgroup; False when a directory stays (busy or gone wrong)."""
         ok = True
         for directory in self.directories():
-            try:
-                os.rmdir(directory)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                log.warning("cannot remove cgroup %s: %s", directory, exc.strerror)
-                ok = False
+            for path in _subtree(directory):
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    log.warning("cannot remove cgroup %s: %s", path, exc.strerror)
+                    ok = False
         return ok
 
 

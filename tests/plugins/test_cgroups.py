@@ -93,6 +93,37 @@ def test_removal_ends_setsid_and_double_forked_descendants(tmp_path: Path) -> No
     run(main())
 
 
+def test_a_plugin_that_moves_into_a_cgroup_of_its_own_below_is_stopped_all_the_same(
+    tmp_path: Path,
+) -> None:
+    # Plugins run as root: one may nest cgroups (v1 lists a cgroup's direct members only).
+    mark = uuid.uuid4().hex
+    nest = sh_plugin(
+        f"export TEST_MARK={mark}\n"
+        "for line in $(cat /proc/self/cgroup); do\n"
+        "  rest=${line#*:}; ctl=${rest%%:*}; path=${rest#*:}\n"
+        "  for m in $(awk '$3 == \"cgroup\" {print $2}' /proc/mounts); do\n"
+        "    case \",$(grep \" $m \" /proc/mounts | cut -d' ' -f4),\" in\n"
+        "      *,$ctl,*) mkdir -p $m$path/sub && echo $$ > $m$path/sub/cgroup.procs ;;\n"
+        "    esac\n"
+        "  done\n"
+        "done\n"
+        "setsid sh -c 'while :; do sleep 1; done' &\nwhile :; do sleep 1; done"
+    )
+    install_plugin(tmp_path, "nest", nest)
+
+    async def main() -> None:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync([local_spec("nest", nest)])
+            await until(lambda: len(marked(mark)) >= 3, what="descendants")
+            pid = marked(mark)[0]
+            await until(lambda: "/nest/sub" in Path(f"/proc/{pid}/cgroup").read_text())
+            await h.sup.sync([])
+            assert marked(mark) == []
+
+    run(main())
+
+
 def test_a_restart_after_sigkill_ends_what_the_previous_agent_left(tmp_path: Path) -> None:
     mark = uuid.uuid4().hex
     group = unique_cgroup_name()
