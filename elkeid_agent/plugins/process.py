@@ -14,7 +14,8 @@ owns the child until it is gone, in one TaskGroup of three tasks:
 
 Stop (PROTOCOL 5): close the task pipe, keep reading records for a moment so what the
 plugin flushes on the way out is not lost, close the record pipes, wait for the exit up to
-10 s in all, then SIGKILL the process group and reap.
+10 s in all, then SIGKILL the process group and every process of the plugin's cgroup (or, as
+the fallback without one, its tagged descendants: `subreaper`), and reap.
 """
 
 from __future__ import annotations
