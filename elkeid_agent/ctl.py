@@ -220,7 +220,6 @@ def status_report(
         upgrade_state=st.upgrade_state,
         detail=list(st.detail),
         exit_reason=st.exit_reason,
-        plugin_limits=st.plugin_limits,
         spool={
             "state": st.spool_state,
             "records": st.spool_records,
@@ -229,6 +228,7 @@ def status_report(
             "dropped_records": st.spool_dropped_records,
         },
     )
+    report["plugin_limits"] = st.plugin_limits
     if state == "dead":
         report["exit_reason"] = f"process {st.pid} is gone; its last record said {st.state}"
     elif stale:
