@@ -134,17 +134,18 @@ def _join(mount: Mount, path: str) -> str | None:
     return mount.mount_point.rstrip("/") + ("/" + rel if rel else "")
 
 
-def plan_layout(proc_cgroup: str, mountinfo: str) -> Layout | str:
+def plan_layout(proc_cgroup: str, mountinfo: str, v1: bool = True) -> Layout | str:
     """Which hierarchies the plugin cgroups go in, or why none can be used.
 
     v1 wins when any v1 hierarchy of ours is mounted (a hybrid host keeps its controllers
-    there; its cgroup2 mount has none of them)."""
+    there; its cgroup2 mount has none of them); `v1=False` asks for the v2 hierarchy alone (a
+    hybrid host whose v1 controllers cannot be written: membership and kill without limits)."""
     membership = parse_proc_cgroup(proc_cgroup)
     mounts = parse_mountinfo(mountinfo)
     hierarchies: list[Hierarchy] = []
     seen: set[str] = set()
     for mount in mounts:
-        if mount.fstype != "cgroup":
+        if mount.fstype != "cgroup" or not v1:
             continue
         ours = frozenset(c for c in V1_CONTROLLERS if c in mount.options)
         taken = {c for h in hierarchies for c in h.controllers}

@@ -82,7 +82,10 @@ def kill_cgroup(version: Version, dirs: dict[str, str], use_kill_file: bool = Tr
     of kernels before 5.14 (tests)."""
     main = dirs.get("freezer") or next(iter(dirs.values()))
     has_kill = use_kill_file and version is Version.V2 and os.path.exists(f"{main}/cgroup.kill")
-    freezer = dirs.get("freezer") if version is Version.V1 else main
+    if version is Version.V1:
+        freezer = dirs.get("freezer")
+    else:  # cgroup.freeze: Linux 5.2
+        freezer = main if os.path.exists(f"{main}/cgroup.freeze") else None
     sent = 0
     for step in plan.kill_plan(version, has_kill, freezer is not None):
         if step is KillStep.CGROUP_KILL:
@@ -326,20 +329,37 @@ def probe(proc_root: Path = Path("/proc")) -> Probe:
 
 
 def discover(group: str, proc_root: Path = Path("/proc")) -> Cgroups:
-    """Find the agent's cgroups and make `<agent cgroup>/<group>` in each usable hierarchy."""
+    """Find the agent's cgroups and make `<agent cgroup>/<group>` in each usable hierarchy.
+
+    On a hybrid host whose v1 controllers cannot be written (a container that mounts them
+    read-only, as systemd-nspawn does), the v2 hierarchy still places and kills plugins."""
     out = Cgroups(group)
     try:
-        layout = plan.plan_layout(
-            (proc_root / "self/cgroup").read_text(), (proc_root / "self/mountinfo").read_text()
-        )
+        texts = (proc_root / "self/cgroup").read_text(), (proc_root / "self/mountinfo").read_text()
     except OSError as exc:
         out.reason = f"cannot read this process's cgroups: {exc.strerror}"
         return out
+    layout = plan.plan_layout(*texts)
     if isinstance(layout, str):
         out.reason = layout
         return out
     if layout.version is Version.V2:
         return _discover_v2(out, layout)
+    out = _discover_v1(out, layout)
+    if out.usable:
+        return out
+    v2 = plan.plan_layout(*texts, v1=False)
+    if isinstance(v2, str):
+        return out
+    hybrid = _discover_v2(Cgroups(group), v2)
+    if not hybrid.usable:
+        return out
+    hybrid.reason = "; ".join(r for r in (out.reason, hybrid.reason) if r)
+    return hybrid
+
+
+def _discover_v1(out: Cgroups, layout: Layout) -> Cgroups:
+    group = out.group
     usable: list[Hierarchy] = []
     problems: list[str] = []
     for h in layout.hierarchies:
@@ -352,7 +372,8 @@ def discover(group: str, proc_root: Path = Path("/proc")) -> Cgroups:
             continue
         usable.append(h)
     if not usable:
-        out.reason = "; ".join(problems)
+        more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+        out.reason = f"no cgroup v1 hierarchy writable ({problems[0]}{more})"
         return out
     out.layout = Layout(Version.V1, tuple(usable))
     have = {c for h in usable for c in h.controllers}

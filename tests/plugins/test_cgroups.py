@@ -248,3 +248,43 @@ def test_a_failed_join_ends_the_start(tmp_path: Path) -> None:
     assert status.returncode == 125
 
 
+
+
+def test_a_hybrid_host_whose_v1_controllers_are_read_only_places_plugins_on_v2(
+    cgroup2: str, tmp_path: Path
+) -> None:
+    # What systemd-nspawn gives a container on a v1 host: controllers mounted read-only, a
+    # writable cgroup2 mount with no controller. /proc texts of such a host, the real mount.
+    mount, base = os.path.dirname(cgroup2), os.path.basename(cgroup2)
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self/cgroup").write_text(f"4:memory:/\n1:cpu:/\n0::/{base}\n")
+    (proc / "self/mountinfo").write_text(
+        f"48 45 0:32 / {tmp_path}/ro/memory ro - cgroup cgroup rw,memory\n"
+        f"51 45 0:29 / {tmp_path}/ro/cpu ro - cgroup cgroup rw,cpu\n"
+        f"55 45 0:38 / {mount} rw - cgroup2 cgroup rw\n"
+    )
+    found = cgroupfs.discover("group", proc)
+    assert found.layout == Layout(Version.V2, (Hierarchy(frozenset(), cgroup2),))
+    line = found.describe()
+    assert line.startswith("plugin limits partly in effect (cgroup v2, controllers: none)"), line
+    assert "no cgroup v1 hierarchy writable" in line
+    cgroup = found.create("p", Limits(memory_bytes=64 << 20))
+    sleeper = tmp_path / "sleeper"
+    sleeper.write_bytes(sh_plugin("exec sleep 100"))
+    sleeper.chmod(0o755)
+    argv = trampoline_argv("/bin/sh", "p", str(tmp_path), str(sleeper), cgroup.procs_files())
+    pid = os.posix_spawn("/bin/sh", argv, os.environ)
+    try:
+        deadline = time.monotonic() + 5
+        while not cgroup.members() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cgroup.members() == {pid}
+        cgroup.kill()
+        assert cgroup.members() == set()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert cgroup.remove()
+    found.remove_group()
