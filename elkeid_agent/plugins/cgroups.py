@@ -69,7 +69,8 @@ def _all_members(directory: str) -> list[int]:
 def _signal_all(pids: Iterable[int]) -> int:
     sent = 0
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
+        # EPERM: a member we may not signal (another user namespace's); the rest go on.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
             sent += 1
     return sent
@@ -87,19 +88,27 @@ def kill_cgroup(version: Version, dirs: dict[str, str], use_kill_file: bool = Tr
     else:  # cgroup.freeze: Linux 5.2
         freezer = main if os.path.exists(f"{main}/cgroup.freeze") else None
     sent = 0
-    for step in plan.kill_plan(version, has_kill, freezer is not None):
-        if step is KillStep.CGROUP_KILL:
-            sent += len(_all_members(main))
-            _write(f"{main}/cgroup.kill", "1")
-        elif step is KillStep.FREEZE and freezer is not None:
-            _freeze(version, freezer)
-        elif step is KillStep.SIGNAL_ALL:
-            sent += _signal_all(_all_members(main))
-        elif step is KillStep.THAW and freezer is not None:
-            name, _, thawed = plan.freeze_values(version)
-            _write(f"{freezer}/{name}", thawed)
-        elif step is KillStep.SIGNAL_UNTIL_EMPTY:
-            sent += _signal_until_empty(list(dirs.values()))
+    frozen = False
+    try:
+        for step in plan.kill_plan(version, has_kill, freezer is not None):
+            if step is KillStep.CGROUP_KILL:
+                sent += len(_all_members(main))
+                _write(f"{main}/cgroup.kill", "1")
+            elif step is KillStep.FREEZE and freezer is not None:
+                frozen = True
+                _freeze(version, freezer)
+            elif step is KillStep.SIGNAL_ALL:
+                sent += _signal_all(_all_members(main))
+            elif step is KillStep.THAW and freezer is not None:
+                frozen = False
+                _thaw(version, freezer)
+            elif step is KillStep.SIGNAL_UNTIL_EMPTY:
+                sent += _signal_until_empty(list(dirs.values()))
+    finally:
+        if frozen and freezer is not None:
+            # A failure between freeze and thaw must not leave the plugin frozen for good.
+            with contextlib.suppress(OSError):
+                _thaw(version, freezer)
     deadline = time.monotonic() + EMPTY_WAIT
     while any(_all_members(d) for d in dirs.values()) and time.monotonic() < deadline:
         time.sleep(_POLL)
@@ -114,6 +123,11 @@ def _freeze(version: Version, directory: str) -> None:
     deadline = time.monotonic() + FREEZE_WAIT
     while not plan.is_frozen(version, _read(state_file)) and time.monotonic() < deadline:
         time.sleep(_POLL)
+
+
+def _thaw(version: Version, directory: str) -> None:
+    name, _, thawed = plan.freeze_values(version)
+    _write(f"{directory}/{name}", thawed)
 
 
 def _signal_until_empty(directories: list[str]) -> int:
