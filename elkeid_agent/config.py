@@ -86,17 +86,21 @@ _MIN_MEMORY = 16 * 1024 * 1024
 
 
 class PluginLimits(_Strict):
-    """Each plugin's cgroup limits (docs/plugins.md); 0 means no limit on that resource.
+    """Each plugin's cgroup limits (docs/plugins.md); 0 means none for that resource.
 
-    Memory 200 MiB and CPU 10 % of one core are osquery's watchdog figures for its worker,
-    and stay below the unit's own cap on the agent and its plugins together (MemoryMax=250M):
-    a runaway plugin meets its own limit before the agent's, so the kernel kills the plugin,
-    not the agent. 512 processes stop a fork bomb well before the host's pid space runs out;
-    Elkeid's plugins run a handful.
+    Memory 200 MiB is osquery's watchdog figure for its worker, below the unit's cap on the
+    agent and its plugins together (MemoryMax=250M): a runaway plugin meets its own limit
+    first, so the kernel kills the plugin, not the agent. CPU: a weight of 50 (the kernel's
+    default is 100, the agent's own) gives the agent two thirds of the CPU it shares with a
+    spinning plugin, so heartbeats stay on time, and costs an idle host nothing; no quota by
+    default, as the unit's CPUQuota=10% already caps the agent and its plugins together (a
+    quota is for a plugin that must never take more). 512 processes stop a fork bomb well
+    before the host's pid space runs out; Elkeid's plugins run a handful.
     """
 
     memory_bytes: Annotated[int, msgspec.Meta(ge=0)] = 200 * 1024 * 1024
-    cpu_percent: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    cpu_percent: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    cpu_weight: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 50
     pids: Annotated[int, msgspec.Meta(ge=0)] = 512
 
     def __post_init__(self) -> None:
@@ -108,6 +112,7 @@ class PluginLimitsOverride(_Strict):
 
     memory_bytes: Annotated[int, msgspec.Meta(ge=0)] | None = None
     cpu_percent: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    cpu_weight: Annotated[int, msgspec.Meta(ge=0, le=10000)] | None = None
     pids: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
     def __post_init__(self) -> None:
@@ -141,12 +146,14 @@ class PluginsConfig(_Strict):
         if self.cgroup_name == "agent":
             raise ValueError("cgroup_name must not be 'agent'")
 
-    def limits_of(self, name: str) -> tuple[int, float, int]:
-        """(memory_bytes, cpu_percent, pids) for one plugin: its override, else the default."""
+    def limits_of(self, name: str) -> tuple[int, float, int, int]:
+        """(memory_bytes, cpu_percent, cpu_weight, pids) for one plugin: its override, else
+        the default."""
         base, over = self.limits, self.limits_for.get(name, PluginLimitsOverride())
         return (
             base.memory_bytes if over.memory_bytes is None else over.memory_bytes,
             base.cpu_percent if over.cpu_percent is None else over.cpu_percent,
+            base.cpu_weight if over.cpu_weight is None else over.cpu_weight,
             base.pids if over.pids is None else over.pids,
         )
 

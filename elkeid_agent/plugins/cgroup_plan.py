@@ -54,6 +54,7 @@ class Limits:
 
     memory_bytes: int = 0
     cpu_percent: float = 0.0  # of one core
+    cpu_weight: int = 0  # v2 cpu.weight scale (1..10000, kernel default 100)
     pids: int = 0
 
 
@@ -211,6 +212,10 @@ def limit_writes(
         if "memory" in have and limits.memory_bytes:
             out.append(("memory", "memory.limit_in_bytes", str(limits.memory_bytes)))
             out.append(("memory", "memory.memsw.limit_in_bytes", str(limits.memory_bytes)))
+        if "cpu" in have and limits.cpu_weight:
+            # v1 shares: 1024 is the default, as 100 is cpu.weight's.
+            shares = max(2, limits.cpu_weight * 1024 // 100)
+            out.append(("cpu", "cpu.shares", str(shares)))
         if "cpu" in have and quota:
             out.append(("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US)))
             out.append(("cpu", "cpu.cfs_quota_us", str(quota)))
@@ -222,6 +227,8 @@ def limit_writes(
             out.append(("memory", "memory.max", str(limits.memory_bytes)))
             out.append(("memory", "memory.swap.max", "0"))
         out.append(("memory", "memory.oom.group", "1"))
+    if "cpu" in have and limits.cpu_weight:
+        out.append(("cpu", "cpu.weight", str(limits.cpu_weight)))
     if "cpu" in have and quota:
         out.append(("cpu", "cpu.max", f"{quota} {CPU_PERIOD_US}"))
     if "pids" in have and limits.pids:

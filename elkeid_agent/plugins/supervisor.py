@@ -491,8 +491,9 @@ class PluginSupervisor:
             try:
                 tag = None
                 if self.cgroups is not None:
-                    memory, cpu, pids = self.config.limits_of(name)
-                    slot.cgroup = self.cgroups.create(name, Limits(memory, cpu, pids))
+                    memory, cpu, weight, pids = self.config.limits_of(name)
+                    limits = Limits(memory, cpu, weight, pids)
+                    slot.cgroup = self.cgroups.create(name, limits)
                     oom_before = slot.cgroup.usage().oom_kills or 0
                 else:
                     tag = f"{name}.{secrets.token_hex(8)}"

@@ -77,10 +77,11 @@ def test_v2_layout_and_what_cannot_be_used() -> None:
 
 def test_limit_files() -> None:
     v1 = Layout(Version.V1, ())
-    limits = Limits(memory_bytes=64 << 20, cpu_percent=25.0, pids=100)
+    limits = Limits(memory_bytes=64 << 20, cpu_percent=25.0, cpu_weight=50, pids=100)
     assert limit_writes(v1, limits, {"memory", "cpu", "pids"}) == [
         ("memory", "memory.limit_in_bytes", str(64 << 20)),
         ("memory", "memory.memsw.limit_in_bytes", str(64 << 20)),
+        ("cpu", "cpu.shares", "512"),
         ("cpu", "cpu.cfs_period_us", "100000"),
         ("cpu", "cpu.cfs_quota_us", "25000"),
         ("pids", "pids.max", "100"),
@@ -90,6 +91,7 @@ def test_limit_files() -> None:
         ("memory", "memory.max", str(64 << 20)),
         ("memory", "memory.swap.max", "0"),
         ("memory", "memory.oom.group", "1"),
+        ("cpu", "cpu.weight", "50"),
         ("cpu", "cpu.max", "25000 100000"),
         ("pids", "pids.max", "100"),
     ]
@@ -162,11 +164,11 @@ def test_the_subreaper_picks_the_run_and_what_it_left_with_the_agent() -> None:
 
 def test_limits_in_the_config() -> None:
     config = PluginsConfig()
-    assert config.limits_of("any") == (200 << 20, 10.0, 512)
+    assert config.limits_of("any") == (200 << 20, 0.0, 50, 512)
     raw = {"plugins": {"limits_for": {"driver": {"memory_bytes": 0, "cpu_percent": 50}}}}
     tuned = _convert(raw, "t.toml").plugins
-    assert tuned.limits_of("driver") == (0, 50.0, 512)
-    assert tuned.limits_of("collector") == (200 << 20, 10.0, 512)
+    assert tuned.limits_of("driver") == (0, 50.0, 50, 512)
+    assert tuned.limits_of("collector") == (200 << 20, 0.0, 50, 512)
     for bad, key in (
         ({"limits": {"memory_bytes": 1000}}, "plugins.limits"),
         ({"limits_for": {"x": {"cpu_percent": 0.5}}}, r"plugins.limits_for\[...\]"),

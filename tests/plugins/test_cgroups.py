@@ -87,6 +87,19 @@ def test_removal_ends_setsid_and_double_forked_descendants(tmp_path: Path) -> No
             await until(lambda: len(marked(mark)) >= 6, what="descendants")
             assert len(sessions(marked(mark))) >= 2  # the setsid one left the session
             assert "plugin limits in effect" in h.sup.limits_state
+            # The defaults, read back from the plugin's cgroup files.
+            cgroup = h.sup._slots["setsid"].cgroup
+            assert cgroup is not None
+            files = {
+                "memory": ("memory.limit_in_bytes", str(200 << 20)),
+                "cpu": ("cpu.shares", "512"),
+                "pids": ("pids.max", "512"),
+            }
+            for controller, (name, value) in files.items():
+                directory = cgroup.dirs.get(controller)
+                if directory is not None:
+                    with open(f"{directory}/{name}") as fh:  # noqa: ASYNC230 - a cgroup file
+                        assert fh.read().strip() == value
             await h.sup.sync([])
             assert marked(mark) == []
 
