@@ -362,6 +362,7 @@ class Agent:
                     spool_bytes=self.spool.held_bytes,
                     spool_oldest_seconds=round(self.spool.oldest_seconds(), 1),
                     spool_dropped_records=self.spool.stats.dropped_records,
+                    plugin_limits=self.plugins.limits_state,
                 ),
             )
         except OSError as exc:

@@ -85,6 +85,50 @@ class SpoolConfig(_Strict):
             raise ValueError("fsync_interval must be between 0.01 and 60")
 
 
+_MIN_MEMORY = 16 * 1024 * 1024
+
+
+class PluginLimits(_Strict):
+    """Each plugin's cgroup limits (docs/plugins.md); 0 means none for that resource.
+
+    Memory 200 MiB is osquery's watchdog figure for its worker, below the unit's cap on the
+    agent and its plugins together (MemoryMax=250M): a runaway plugin meets its own limit
+    first, so the kernel kills the plugin, not the agent. CPU: a weight of 50 (the kernel's
+    default is 100, the agent's own) gives the agent two thirds of the CPU it shares with a
+    spinning plugin, so heartbeats stay on time, and costs an idle host nothing; no quota by
+    default, as the unit's CPUQuota=10% already caps the agent and its plugins together (a
+    quota is for a plugin that must never take more). 512 processes stop a fork bomb well
+    before the host's pid space runs out; Elkeid's plugins run a handful.
+    """
+
+    memory_bytes: Annotated[int, msgspec.Meta(ge=0)] = 200 * 1024 * 1024
+    cpu_percent: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    cpu_weight: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 50
+    pids: Annotated[int, msgspec.Meta(ge=0)] = 512
+
+    def __post_init__(self) -> None:
+        _check_limits(self.memory_bytes, self.cpu_percent)
+
+
+class PluginLimitsOverride(_Strict):
+    """One plugin's limits where they differ from `plugins.limits`; unset keys inherit."""
+
+    memory_bytes: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    cpu_percent: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    cpu_weight: Annotated[int, msgspec.Meta(ge=0, le=10000)] | None = None
+    pids: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+    def __post_init__(self) -> None:
+        _check_limits(self.memory_bytes, self.cpu_percent)
+
+
+def _check_limits(memory: int | None, cpu: float | None) -> None:
+    if memory and memory < _MIN_MEMORY:
+        raise ValueError(f"memory_bytes must be 0 (no limit) or at least {_MIN_MEMORY}")
+    if cpu and cpu < 1:
+        raise ValueError("cpu_percent must be 0 (no limit) or at least 1")
+
+
 class PluginsConfig(_Strict):
     max_frame_bytes: int = 8 * 1024 * 1024 - 64 * 1024 - 16
     task_queue: int = 64
@@ -97,10 +141,34 @@ class PluginsConfig(_Strict):
     download_deadline: Annotated[float, msgspec.Meta(gt=0)] = 1800.0
     # Each plugin's `<name>.stderr` keeps its newest part under this (plugins/stderr.py).
     stderr_max_bytes: int = 4 * 1024 * 1024
+    #: Put each plugin in a cgroup of its own (limits, stop kills every descendant).
+    cgroups: bool = True
+    #: The cgroup under the agent's own that holds the plugin cgroups.
+    #: No dot: no "..", and nothing that could be a cgroup's own file; not "agent", the leaf
+    #: a v2 agent moves itself to.
+    cgroup_name: Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Za-z_-]{1,64}$")] = (
+        "elkeid-plugins"
+    )
+    limits: PluginLimits = msgspec.field(default_factory=PluginLimits)
+    #: Per plugin name: `[plugins.limits_for.<name>]`.
+    limits_for: dict[str, PluginLimitsOverride] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.stderr_max_bytes < 65536:
             raise ValueError("stderr_max_bytes must be at least 65536")
+        if self.cgroup_name == "agent":
+            raise ValueError("cgroup_name must not be 'agent'")
+
+    def limits_of(self, name: str) -> tuple[int, float, int, int]:
+        """(memory_bytes, cpu_percent, cpu_weight, pids) for one plugin: its override, else
+        the default."""
+        base, over = self.limits, self.limits_for.get(name, PluginLimitsOverride())
+        return (
+            base.memory_bytes if over.memory_bytes is None else over.memory_bytes,
+            base.cpu_percent if over.cpu_percent is None else over.cpu_percent,
+            base.cpu_weight if over.cpu_weight is None else over.cpu_weight,
+            base.pids if over.pids is None else over.pids,
+        )
 
 
 class LogConfig(_Strict):

@@ -264,6 +264,7 @@ def status_report(
             "dropped_records": st.spool_dropped_records,
         },
     )
+    report["plugin_limits"] = st.plugin_limits
     if state == "dead":
         now_is = describe_pid(st.pid)
         report["exit_reason"] = (
@@ -307,6 +308,7 @@ def format_report(report: dict[str, Any], now: float) -> str:
         *report.get("upgrade_history", []),
         "spool: {state}, {records} records, {bytes} bytes, oldest {oldest_seconds:.0f} s, "
         "{dropped_records} dropped".format(**report["spool"]),
+        *([report["plugin_limits"]] if report.get("plugin_limits") else []),
         f"updated: {_fmt_time(report['updated'], now)}",
         f"work dir: {report['work_dir']}",
     ]

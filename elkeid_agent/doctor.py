@@ -36,7 +36,9 @@ from elkeid_agent.config import (
     load_run_config,
     work_dir_hint,
 )
+from elkeid_agent.plugins import cgroups
 from elkeid_agent.readcap import CONFIG_FILE_BYTES, read_capped
+from elkeid_agent.status import read_status
 from elkeid_agent.transport.certinfo import CLIENT_AUTH, CertError, parse_pem, verify_client_cert
 from elkeid_agent.transport.discovery import DiscoveryError, candidates, fetch_sd_nodes
 from elkeid_agent.transport.probe import probe
@@ -299,6 +301,24 @@ def check_work_dir(work_dir: Path) -> Iterator[Check]:
         yield _ok("exec", f"{where} allows executables (the unpack dir tmp/)")
 
 
+# --- plugin limits -------------------------------------------------------------------------------
+
+
+def check_plugin_limits(config: Config) -> Check:
+    """What the running agent found (its status file), else what this process could do."""
+    if not config.plugins.cgroups:
+        return Check(Verdict.WARN, "plugin limits", "off (plugins.cgroups = false)")
+    st = read_status(config.work_path)
+    if st is not None and st.plugin_limits and st.state != "stopped":
+        line, who = st.plugin_limits, f"agent pid {st.pid}"
+    else:
+        found = cgroups.probe()
+        line = f"plugin limits {'can apply' if found.usable else 'cannot apply'}: {found.line}"
+        who = "checked from this process"
+    complete = " in effect (" in line or line.endswith(": memory, cpu, pids")
+    return Check(Verdict.OK if complete else Verdict.WARN, "plugin limits", f"{line} ({who})")
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 
@@ -334,6 +354,7 @@ def checks(
     yield from check_test_build(config, _program() if program is None else program)
     yield from check_connections(config)
     yield from check_work_dir(config.work_path)
+    yield check_plugin_limits(config)
     yield check_upgrade_hold(config)
 
 

@@ -45,6 +45,7 @@ class AgentStatus(msgspec.Struct, kw_only=True):
     upgrade_hold: str = ""  # config, ctl, or "" (upgrade/hold.py)
     upgrade_held_version: str = ""  # pushed while held, not installed
     warnings: list[str] = msgspec.field(default_factory=list)  # e.g. a certificate expiring
+    plugin_limits: str = ""  # whether per-plugin cgroup limits apply, and why not
 
 
 _encoder = msgspec.json.Encoder()

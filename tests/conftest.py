@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -97,14 +99,38 @@ def center(tmp_path: Path) -> Iterator[CenterThread]:
 AgentConfig = Callable[..., Path]
 
 
+def _remove_cgroup_groups(names: list[str]) -> None:
+    """Remove the (empty) plugin cgroup groups of agents that ended without an orderly stop."""
+    from elkeid_agent.plugins.cgroup_plan import plan_layout
+
+    layout = plan_layout(
+        Path("/proc/self/cgroup").read_text(), Path("/proc/self/mountinfo").read_text()
+    )
+    if isinstance(layout, str):
+        return
+    for hierarchy in layout.hierarchies:
+        for name in names:
+            group = Path(hierarchy.agent_dir) / name
+            for path in [*group.glob("*/"), group]:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+
+
 @pytest.fixture
-def agent_config(center: CenterThread, tmp_path: Path) -> AgentConfig:
-    """Write an agent config for `center`; keyword sections are merged into the TOML."""
+def agent_config(center: CenterThread, tmp_path: Path) -> Iterator[AgentConfig]:
+    """Write an agent config for `center`; keyword sections are merged into the TOML.
+
+    Each config gets a plugin cgroup group of its own, removed after the test."""
+    groups: list[str] = []
 
     def make(name: str = "agent", via: str = "private", **sections: dict[str, Any]) -> Path:
         path = center.write_agent_config(
             tmp_path / f"{name}.toml", tmp_path / f"{name}-work", via=via  # type: ignore[arg-type]
         )
-        return patch_config(path, **sections) if sections else path
+        # Plugin cgroups of their own per config: test runs may overlap on one host.
+        groups.append(f"elkeid-test-{uuid.uuid4().hex[:12]}")
+        sections["plugins"] = {"cgroup_name": groups[-1], **sections.get("plugins", {})}
+        return patch_config(path, **sections)
 
-    return make
+    yield make
+    _remove_cgroup_groups(groups)

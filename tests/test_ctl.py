@@ -138,7 +138,7 @@ def test_report_is_stable(tmp_path: Path) -> None:
     assert list(report) == [
         "work_dir", "service", "state", "running", "stale", "pid", "version", "connected",
         "server", "net_mode", "connected_since", "last_heartbeat", "updated", "upgrade_state",
-        "detail", "exit_reason", "spool",
+        "detail", "exit_reason", "spool", "plugin_limits",
     ]
     text = format_report(report, now)
     assert text.splitlines()[:4] == [

@@ -30,6 +30,24 @@ for pair in "idc:${SPECIFIED_IDC:-}" "region:${SPECIFIED_REGION:-}" "id:${SPECIF
     fi
 done
 
+# The unit's MemoryMax= arrived in systemd 231: older ones (CentOS 7's 219) ignore it as
+# an unknown key and would run the agent without a memory limit. MemoryLimit=, the old name,
+# goes in a drop-in there only: in the unit itself newer systemds warn about it
+# (docs/packaging.md). Written again at each upgrade, so a host whose systemd was upgraded
+# loses it.
+dropin=/etc/systemd/system/$unit.d/elkeid-memory-limit.conf
+systemd_version=$(systemctl --version 2>/dev/null | sed -n '1s/^systemd \([0-9][0-9]*\).*/\1/p')
+if [ -n "$systemd_version" ] && [ "$systemd_version" -lt 231 ]; then
+    # The same figure as the unit's MemoryMax= (merged /usr: one file under two names).
+    limit=$(sed -n 's/^MemoryMax=//p' /lib/systemd/system/$unit /usr/lib/systemd/system/$unit \
+        2>/dev/null | head -n 1)
+    mkdir -p "${dropin%/*}"
+    printf '# Written by the elkeid-agent package: systemd %s has no MemoryMax=.\n[Service]\nMemoryLimit=%s\n' \
+        "$systemd_version" "${limit:-250M}" >"$dropin"
+else
+    rm -f "$dropin"
+    rmdir "${dropin%/*}" 2>/dev/null || true
+fi
 if command -v systemctl >/dev/null 2>&1; then
     # Works offline too: enabling only writes symlinks.
     systemctl enable "$unit" >/dev/null 2>&1 || echo "elkeid-agent: could not enable $unit" >&2

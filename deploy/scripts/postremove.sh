@@ -9,6 +9,10 @@ case "${1:-}" in
     remove) rm -rf /etc/elkeid/tmp /etc/elkeid/status.json ;;
     *) exit 0 ;;
 esac
+# The drop-in postinstall wrote on systemd < 231 goes with the unit.
+dropins=/etc/systemd/system/elkeid-agent.service.d
+rm -f "$dropins/elkeid-memory-limit.conf"
+rmdir "$dropins" 2>/dev/null || true
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload || true
 fi

@@ -17,7 +17,8 @@ Its stderr is a pipe a thread of its own copies into `<name>.stderr`, under a ca
 
 Stop (PROTOCOL 5): close the task pipe, keep reading records for a moment so what the
 plugin flushes on the way out is not lost, close the record pipes, wait for the exit up to
-10 s in all, then SIGKILL the process group and reap.
+10 s in all, then SIGKILL the process group and every process of the plugin's cgroup (or, as
+the fallback without one, its tagged descendants: `subreaper`), and reap.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from pathlib import Path
 
 from elkeid_agent.buffer import Lane, RecordBuffer
 from elkeid_agent.errors import TaskFailed
+from elkeid_agent.plugins import subreaper
+from elkeid_agent.plugins.cgroup_plan import JOIN_FAILED, trampoline_argv
+from elkeid_agent.plugins.cgroups import PluginCgroup
 from elkeid_agent.plugins.stderr import StderrCopier, StderrStats
 from elkeid_agent.wire import FrameDecoder, FrameTooLarge
 
@@ -61,12 +65,13 @@ STOP_GRACE = 10.0
 #: EOF so everything it wrote reaches the buffer.
 EXIT_DRAIN = 5.0
 #: posix_spawn has no chdir (Python 3.11..3.13; glibc's addchdir_np is not exposed and
-#: absent from CentOS 7's glibc 2.17), and chdir in the agent would race its other threads
-#: (gRPC, the executor). So the child starts as this two-word POSIX shell, which changes
+#: absent from CentOS 7's glibc 2.17) and cannot place the child in a cgroup, and chdir in the
+#: agent would race its other threads (gRPC, the executor). So the child starts as a short
+#: POSIX shell script (`cgroup_plan.trampoline_argv`) that joins the plugin's cgroups, changes
 #: directory and execs the plugin: every supported host has /bin/sh, the plugin gets the
 #: shell's pid (so pid, process group and /proc/<pid>/exe are the plugin's after exec), and
 #: fds 0-5 pass through the exec untouched.
-TRAMPOLINE = ("/bin/sh", "-c", 'cd "$1" && exec "$2"')
+SHELL = "/bin/sh"
 HIGH_PRIORITY_ENV = "ELKEID_PLUGIN_HIGH_PRIORITY_PIPE"
 #: Child fds must not be moved onto each other by the spawn's dup2 sequence: keep sources here.
 _MIN_SOURCE_FD = 10
@@ -107,9 +112,13 @@ STDERR_TAIL = 4096
 STDERR_QUOTE = 200
 
 
-def _describe(status: int) -> str:
+def _describe(status: int, in_cgroup: bool = False) -> str:
     code = os.waitstatus_to_exitcode(status)
-    return f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    if code < 0:
+        return f"killed by signal {-code}"
+    if in_cgroup and code == JOIN_FAILED:
+        return f"exited with code {code}: could not join its cgroup (see its stderr file)"
+    return f"exited with code {code}"
 
 
 def _high_fd(fd: int) -> int:
@@ -222,6 +231,10 @@ class PluginProcess:
     _pidfd: int | None = None
     _queued_bytes: int = 0
     _stderr: StderrCopier | None = None
+    #: Where every process of this run is: its cgroup, or (the fallback) the environment tag
+    #: its descendants inherit while the agent is their subreaper.
+    cgroup: PluginCgroup | None = None
+    tag: str | None = None
 
     @classmethod
     def spawn(
@@ -236,11 +249,17 @@ class PluginProcess:
         task_queue: int,
         stderr_max_bytes: int = DEFAULT_STDERR_BYTES,
         on_stderr_truncate: Callable[[], None] | None = None,
+        cgroup: PluginCgroup | None = None,
+        tag: str | None = None,
     ) -> PluginProcess:
-        """Start `<directory>/<name>` with the pipe layout of PROTOCOL section 5.
+        """Start `<directory>/<name>` with the pipe layout of PROTOCOL section 5, in `cgroup`
+        (joined before the plugin executes) or, without one, tagged with `tag`.
 
         Raises OSError when the child cannot be started; no fd is left open then.
         """
+        if tag is not None:
+            env = {**env, subreaper.TAG_ENV: tag}
+        procs_files = cgroup.procs_files() if cgroup is not None else []
         opened: list[int] = []
         try:
             task_r, task_w = _pipe()
@@ -278,9 +297,9 @@ class PluginProcess:
                 (os.POSIX_SPAWN_DUP2, rec_w, 4),
                 (os.POSIX_SPAWN_DUP2, urg_w, 5),
             ]
-            argv = [*TRAMPOLINE, name, str(directory), str(directory / name)]
+            argv = trampoline_argv(SHELL, name, str(directory), str(directory / name), procs_files)
             pid = os.posix_spawn(
-                TRAMPOLINE[0],
+                SHELL,
                 argv,
                 env,
                 file_actions=actions,
@@ -312,6 +331,7 @@ class PluginProcess:
         ]
         proc = cls(name, pid, buffer, counters, task_w, pipes, asyncio.Queue(task_queue))
         proc._stderr = copier
+        proc.cgroup, proc.tag = cgroup, tag
         if USE_PIDFD:
             try:
                 proc._pidfd = os.pidfd_open(pid)
@@ -452,6 +472,18 @@ class PluginProcess:
                         await self._eof.wait()
 
     def _kill_group(self) -> None:
+        """SIGKILL every process of this run: its group, and its cgroup or tagged descendants
+        (a `setsid` or double-forked daemon leaves the group)."""
+        self._kill_pgrp()
+        if self.cgroup is not None:
+            try:
+                self.cgroup.kill()
+            except OSError as exc:
+                log.warning("plugin %s: cannot kill its cgroup: %s", self.name, exc)
+        elif self.tag is not None:
+            subreaper.kill_run(self.pid, self.tag)
+
+    def _kill_pgrp(self) -> None:
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -503,7 +535,7 @@ class PluginProcess:
         finally:
             self._release()
         if reason is None:
-            reason = "stopped" if stopped else _describe(status)
+            reason = "stopped" if stopped else _describe(status, self.cgroup is not None)
         return Outcome(reason, time.monotonic() - self.started)
 
     async def _stop_child(self, pump: asyncio.Task[None], exited: asyncio.Task[None]) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import ssl
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+import msgspec
 import psutil
 
 from elkeid_agent.buffer import RecordBuffer
@@ -54,11 +56,14 @@ from elkeid_agent.heartbeat import (
     WALK_CAP_COUNTER,
     DirWalk,
     ProcessGroupSampler,
+    ProcSample,
     build_plugin_heartbeat,
     walk_usage,
 )
 from elkeid_agent.http import host_ssl_context
-from elkeid_agent.plugins import install, orphans
+from elkeid_agent.plugins import cgroups as cgroupfs
+from elkeid_agent.plugins import install, orphans, subreaper
+from elkeid_agent.plugins.cgroup_plan import Limits, Usage
 from elkeid_agent.plugins.lifecycle import (
     Event,
     Lifecycle,
@@ -81,6 +86,8 @@ from elkeid_agent.wire import encode_record, task_frame
 log = logging.getLogger(__name__)
 
 PLUGIN_DIR = "plugin"
+#: The Health unit saying plugin limits (cgroups) are not, or not all, in effect.
+LIMITS_UNIT = "plugin limits"
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,10 @@ class _Slot:
     sampler: ProcessGroupSampler | None = None
     #: (when, counters) the next heartbeat's rates start from; reset at each spawn.
     rate_base: tuple[float, Counters] = (0.0, Counters())
+    #: The plugin's cgroup (made at its first spawn, removed when the slot ends), and
+    #: (when, CPU seconds) of its previous heartbeat reading.
+    cgroup: cgroupfs.PluginCgroup | None = None
+    cpu_base: tuple[float, float] | None = None
 
     def request_stop(self) -> None:
         if self.lifecycle.live:
@@ -235,6 +246,9 @@ class PluginSupervisor:
         self.usage_max_age = 60.0
         #: Bytes under each plugin's directory at the last walk (a worker thread's).
         self._usage: dict[str, int] = {}
+        #: Where plugin cgroups go (None: not used), and the line saying whether limits apply.
+        self.cgroups: cgroupfs.Cgroups | None = None
+        self.limits_state = "plugin limits: not set up yet"
 
     # -- running --------------------------------------------------------------------------------
 
@@ -246,8 +260,11 @@ class PluginSupervisor:
             # A read-only or full work dir (the agent reports it): no plugin can be installed,
             # and the agent runs on without.
             log.error("cannot create %s: %s", self.root, exc)
+        self._setup_containment()
         try:
             killed = orphans.reap(self.root / orphans.PGIDS_FILE)
+            if self.cgroups is not None:
+                killed += cgroupfs.sweep(self.cgroups)
         except Exception as exc:  # the boundary of the reaping: what it reads is from disk
             log.error("orphan plugin processes not reaped", exc_info=exc)
             self.health.fault("orphans", f"not reaped: {exc!r}", "orphan_reap_errors")
@@ -264,6 +281,29 @@ class PluginSupervisor:
             finally:
                 self._tg = None
                 usage.cancel()
+
+    def _setup_containment(self) -> None:
+        """Plugin cgroups when they can be used; else the agent becomes the child subreaper.
+        Said once: in the log, and as a Health fault (state_detail) when limits are missing."""
+        if self.config.cgroups:
+            found = cgroupfs.discover(self.config.cgroup_name)
+            self.cgroups = found if found.usable else None
+            note = found.describe()
+            complete = found.usable and not found.reason
+        else:
+            note, complete = "plugin limits not in effect: plugins.cgroups is false", True
+        if self.cgroups is None:
+            why = subreaper.enable()
+            note += (
+                f"; {why}: a daemonized descendant may outlive its plugin"
+                if why
+                else "; stop tracks each plugin's descendants as child subreaper"
+            )
+        self.limits_state = note
+        if complete:
+            log.info("%s", note)
+        else:
+            self.health.fault(LIMITS_UNIT, note)
 
     async def stop(self) -> None:
         """Stop every plugin (at most ~10 s, in parallel); later syncs and tasks are refused."""
@@ -283,6 +323,8 @@ class PluginSupervisor:
             await asyncio.wait(tasks)
         self._slots.clear()
         self._save_groups()
+        if self.cgroups is not None:
+            self.cgroups.remove_group()
         self._stopped.set()
 
     # -- PluginHost -----------------------------------------------------------------------------
@@ -387,10 +429,14 @@ class PluginSupervisor:
             c = slot.counters
             since, base = slot.rate_base
             elapsed = max(now - since, 1e-9)
+            sample = slot.sampler.sample()
+            cgroup_extra: dict[str, int | float] = {}
+            if slot.cgroup is not None:
+                sample, cgroup_extra = self._cgroup_figures(slot, sample, now)
             fields = build_plugin_heartbeat(
                 name=name,
                 version=slot.spec.version,
-                process=slot.sampler.sample(),
+                process=sample,
                 du=self._usage.get(name, 0),
                 rx_speed=(c.rx_bytes - base.rx_bytes) / elapsed,
                 tx_speed=(c.tx_bytes - base.tx_bytes) / elapsed,
@@ -405,6 +451,7 @@ class PluginSupervisor:
                     "stderr_truncations": c.stderr.truncations,
                     "stderr_dropped_bytes": c.stderr.dropped_bytes,
                     "stderr_write_failures": c.stderr.write_failures,
+                    **cgroup_extra,
                 },
             )
             slot.rate_base = (now, replace(c))
@@ -427,6 +474,26 @@ class PluginSupervisor:
             }
             for name, slot in self._slots.items()
         ]
+
+    def _cgroup_figures(
+        self, slot: _Slot, sample: ProcSample, now: float
+    ) -> tuple[ProcSample, dict[str, int | float]]:
+        """CPU, memory and process figures from the plugin's cgroup (the whole plugin, its
+        descendants included), with its OOM kills and CPU throttling."""
+        assert slot.cgroup is not None
+        try:
+            usage = slot.cgroup.usage()
+        except OSError:  # the cgroup is gone (removed by hand): the process figures stand
+            return sample, {}
+        if usage.cpu_seconds is not None:
+            if slot.cpu_base is not None and now > slot.cpu_base[0]:
+                was, seconds = slot.cpu_base
+                cpu = max(0.0, usage.cpu_seconds - seconds) / (now - was)
+                sample = msgspec.structs.replace(sample, cpu=cpu)
+            slot.cpu_base = (now, usage.cpu_seconds)
+        if usage.memory_bytes is not None:
+            sample = msgspec.structs.replace(sample, rss=usage.memory_bytes)
+        return sample, _usage_fields(usage)
 
     def slot_info(self, name: str) -> tuple[State, int, Counters, int | None] | None:
         """(state, restarts, counters, pid) of a plugin, for status displays and tests."""
@@ -586,6 +653,9 @@ class PluginSupervisor:
             log.exception("plugin %s: supervision failed", name)
             self.health.count("plugin_errors")
         finally:
+            if slot.cgroup is not None:
+                self._drop_cgroup(slot.cgroup)
+                slot.cgroup = None
             if lifecycle.live:
                 lifecycle.fire(Event.STOP)
             lifecycle.fire(Event.REAPED)
@@ -601,7 +671,16 @@ class PluginSupervisor:
             env.pop("DETAIL", None)  # the agent's own environment must not speak for the config
         lifecycle = slot.lifecycle
         while lifecycle.live:
+            oom_before = 0
             try:
+                tag = None
+                if self.cgroups is not None:
+                    memory, cpu, weight, pids = self.config.limits_of(name)
+                    limits = Limits(memory, cpu, weight, pids)
+                    slot.cgroup = self.cgroups.create(name, limits)
+                    oom_before = slot.cgroup.usage().oom_kills or 0
+                else:
+                    tag = f"{name}.{secrets.token_hex(8)}"
                 process = PluginProcess.spawn(
                     name,
                     slot.directory,
@@ -612,6 +691,8 @@ class PluginSupervisor:
                     task_queue=self.config.task_queue,
                     stderr_max_bytes=self.config.stderr_max_bytes,
                     on_stderr_truncate=self._stderr_truncated,
+                    cgroup=slot.cgroup,
+                    tag=tag,
                 )
             except Exception as exc:  # noqa: BLE001 - one spawn (OSError, ValueError: NUL)
                 slot.last_exit = f"cannot start: {exc}"
@@ -636,6 +717,8 @@ class PluginSupervisor:
                     self._save_groups()
                 if not lifecycle.live:
                     break
+                if slot.cgroup is not None:
+                    outcome = self._oom_outcome(slot.cgroup, outcome, oom_before)
                 slot.last_exit = exit_with_stderr(
                     outcome.reason, stderr_path(slot.directory, name)
                 )
@@ -658,6 +741,32 @@ class PluginSupervisor:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody to tell
                 loop.call_soon_threadsafe(self.health.count, "plugin_stderr_truncations")
 
+    def _oom_outcome(
+        self, cgroup: cgroupfs.PluginCgroup, outcome: Outcome, before: int
+    ) -> Outcome:
+        """The run's outcome, saying so when the OOM killer ended it at its memory limit."""
+        try:
+            usage = cgroup.usage()
+        except OSError:
+            return outcome
+        if usage.oom_kills is None or usage.oom_kills <= before:
+            return outcome
+        self.health.count("plugin_oom_kills", usage.oom_kills - before)
+        limit = f" of {usage.memory_limit} bytes" if usage.memory_limit else ""
+        return replace(
+            outcome, reason=f"{outcome.reason} by the OOM killer at its memory limit{limit}"
+        )
+
+    def _drop_cgroup(self, cgroup: cgroupfs.PluginCgroup) -> None:
+        """Kill what may be left in a slot's cgroup, and remove it (a leftover is swept at the
+        next start)."""
+        try:
+            if cgroup.members():
+                cgroup.kill()
+            cgroup.remove()
+        except OSError as exc:
+            log.warning("plugin %s: cgroup not removed: %s", cgroup.name, exc)
+
     def _on_change(self, name: str, old: State, new: State) -> None:
         log.debug("plugin %s: %s -> %s", name, old.value, new.value)
         self._notify()
@@ -674,3 +783,15 @@ class PluginSupervisor:
                 if record is not None:
                     records.append(record)
         orphans.save(self.root / orphans.PGIDS_FILE, records, self.health)
+
+
+def _usage_fields(usage: Usage) -> dict[str, int | float]:
+    """The 1001's extra fields from a plugin cgroup (the ones it has)."""
+    named: dict[str, int | float | None] = {
+        "oom_kills": usage.oom_kills,
+        "cpu_throttled_periods": usage.throttled_periods,
+        "cpu_throttled_seconds": usage.throttled_seconds,
+        "procs": usage.procs,
+        "memory_limit": usage.memory_limit,
+    }
+    return {k: v for k, v in named.items() if v is not None}

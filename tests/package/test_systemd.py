@@ -192,6 +192,77 @@ def test_plugin_runs_in_the_unit(container: Container) -> None:
     )
 
 
+def _memory_controller_writable(container: Container) -> bool:
+    """False where the container gets the v1 memory controller read-only: systemd-nspawn on a
+    v1-only host (this one) mounts the controllers so, and no memory limit can apply inside."""
+    for line in container.sh("cat /proc/self/mountinfo").stdout.splitlines():
+        head, _, tail = line.partition(" - ")
+        fields = head.split()
+        if tail.startswith("cgroup2 "):
+            continue
+        if tail.startswith("cgroup ") and "memory" in tail.split()[2].split(","):
+            return "ro" not in fields[5].split(",")
+    return True  # v2: memory.max is the unified hierarchy's
+
+
+def _memory_limit(container: Container, pid: str) -> int:
+    """The memory limit of a process's cgroup, read from the cgroup files (v1 or v2)."""
+    lines = container.sh(f"cat /proc/{pid}/cgroup").stdout.splitlines()
+    v1 = [line.split(":", 2)[2] for line in lines if "memory" in line.split(":")[1].split(",")]
+    if v1:
+        path = f"/sys/fs/cgroup/memory{v1[0].rstrip('/')}/memory.limit_in_bytes"
+    else:
+        v2 = next(line.split(":", 2)[2] for line in lines if line.startswith("0::"))
+        path = f"/sys/fs/cgroup{v2.rstrip('/')}/memory.max"
+    return int(container.sh(f"cat {path}").stdout)
+
+
+def test_the_plugin_and_its_setsid_grandchild_are_in_the_plugins_cgroup(
+    container: Container,
+) -> None:
+    test_plugin_runs_in_the_unit(container)
+    grandchild = container.processes(f"sleep {PLUGIN_MARK}")[0].split()[0]
+    cgroups = container.sh(f"cat /proc/{grandchild}/cgroup").stdout
+    assert "/elkeid-agent.service/elkeid-plugins/stubborn" in cgroups, cgroups
+    out = container.sh("/etc/elkeid/elkeid-agent ctl status").stdout
+    assert "plugin limits " in out, out
+
+
+def test_memory_limits_read_back_from_the_cgroup_files(container: Container) -> None:
+    """The unit's MemoryMax=250M on the agent, the default 200 MiB on the plugin's cgroup."""
+    dropins = "/etc/systemd/system/elkeid-agent.service.d"
+    assert container.sh(f"test -e {dropins}", check=False).returncode == 1
+    assert container.prop("MemoryMax") == str(250 << 20)
+    if not _memory_controller_writable(container):
+        pytest.skip("nspawn mounts the v1 memory controller read-only on this v1-only host")
+    assert _memory_limit(container, container.prop("MainPID")) == 250 << 20
+    grandchild = container.processes(f"sleep {PLUGIN_MARK}")[0].split()[0]
+    assert _memory_limit(container, grandchild) == 200 << 20
+
+
+def test_a_systemd_before_231_gets_memory_limit_in_a_drop_in(container: Container) -> None:
+    """This root has systemd 252 and no 219 exists here: postinst is run with a systemctl that
+    says 219, and the drop-in it writes must be one systemd reads and applies."""
+    shim = (
+        "mkdir -p /run/shim && printf '#!/bin/sh\\n[ \"$1\" = --version ] && "
+        "{ echo \"systemd 219\"; exit 0; }\\nexec /bin/systemctl \"$@\"\\n' "
+        ">/run/shim/systemctl && chmod +x /run/shim/systemctl"
+    )
+    container.sh(shim)
+    container.sh("PATH=/run/shim:$PATH /var/lib/dpkg/info/elkeid-agent.postinst configure 0.0.1")
+    dropin = "/etc/systemd/system/elkeid-agent.service.d/elkeid-memory-limit.conf"
+    assert "MemoryLimit=250M" in container.sh(f"cat {dropin}").stdout
+    assert container.prop("MemoryLimit") == str(250 << 20)
+    wait_for("active again", lambda: container.prop("ActiveState") == "active", 180)
+    if _memory_controller_writable(container):
+        assert _memory_limit(container, container.prop("MainPID")) == 250 << 20
+    # With the real systemctl (252) the drop-in goes again.
+    container.sh("/var/lib/dpkg/info/elkeid-agent.postinst configure 0.0.1")
+    assert container.sh(f"test -e {dropin}", check=False).returncode == 1
+    assert container.prop("MemoryLimit") == "infinity"
+    wait_for("active again", lambda: container.prop("ActiveState") == "active", 180)
+
+
 def test_plugin_environment_has_nothing_of_the_bundle(container: Container) -> None:
     """The agent's own environment has LD_LIBRARY_PATH, _PYI_*, STATICX_*; a plugin's
     (and so its children's) must not."""

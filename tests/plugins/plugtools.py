@@ -12,12 +12,14 @@ import sys
 import tarfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import uvloop
 
 from elkeid_agent.buffer import RecordBuffer
@@ -170,13 +172,23 @@ def files_server(ssl_context: ssl.SSLContext | None = None) -> Iterator[Files]:
         yield f
 
 
+def unique_cgroup_name() -> str:
+    """A plugin cgroup group of its own per test run: test runs may overlap on one host."""
+    return f"elkeid-test-{uuid.uuid4().hex[:12]}"
+
+
 class Harness:
-    """A supervisor running in the test's loop, with its buffer and helpers to wait on both."""
+    """A supervisor running in the test's loop, with its buffer and helpers to wait on both.
+
+    Unless `config` names one, its plugin cgroups go in a group unique to this harness."""
 
     def __init__(self, work: Path, config: PluginsConfig | None = None, max_bytes: int = 64 << 20):
         self.work = work
         self.buffer = RecordBuffer(max_bytes=max_bytes)
-        self.sup = PluginSupervisor(work, self.buffer, config or PluginsConfig())
+        config = config or PluginsConfig()
+        if config.cgroup_name == PluginsConfig().cgroup_name:
+            config = msgspec.structs.replace(config, cgroup_name=unique_cgroup_name())
+        self.sup = PluginSupervisor(work, self.buffer, config)
         self.records: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
 

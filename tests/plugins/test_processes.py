@@ -26,6 +26,7 @@ from plugtools import (
     py_plugin,
     run,
     sh_plugin,
+    unique_cgroup_name,
     until,
 )
 
@@ -294,14 +295,18 @@ def test_polite_plugins_stop_fast(tmp_path: Path) -> None:
     assert run(main()) < 2.0
 
 
-def _supervisor_process(work: Path, *names: str) -> tuple[subprocess.Popen[str], list[int]]:
+def _supervisor_process(
+    work: Path, *names: str, cgroup: str = ""
+) -> tuple[subprocess.Popen[str], list[int]]:
+    env = {"PYTHONPATH": str(REPO), "ELKEID_TEST_CGROUP": cgroup or unique_cgroup_name()}
     proc = subprocess.Popen(
         [sys.executable, str(BIN / "run_supervisor.py"), str(work), *names],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, **env},
     )
     assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("limits ")
     line = proc.stdout.readline().split()
     assert line[:1] == ["ready"], line
     return proc, [int(p) for p in line[1:]]
@@ -311,7 +316,8 @@ def test_sigkilled_supervisor_leaves_plugins_that_the_next_one_reaps(tmp_path: P
     # Survives its agent: ignores the broken pipes and never reads them.
     orphan = sh_plugin("trap '' PIPE\nsleep 1000 &\nwhile :; do sleep 1; done")
     install_plugin(tmp_path, "orphan", orphan)
-    proc, (pgid,) = _supervisor_process(tmp_path, "orphan")
+    group = unique_cgroup_name()
+    proc, (pgid,) = _supervisor_process(tmp_path, "orphan", cgroup=group)
     time.sleep(0.3)
     assert len(pids_in_group(pgid)) >= 2  # the leader and its `sleep 1000`
     proc.send_signal(signal.SIGKILL)
@@ -321,7 +327,7 @@ def test_sigkilled_supervisor_leaves_plugins_that_the_next_one_reaps(tmp_path: P
     assert len(pids_in_group(pgid)) >= 2
 
     async def main() -> None:
-        async with Harness(tmp_path) as h:
+        async with Harness(tmp_path, PluginsConfig(cgroup_name=group)) as h:
             await until(h.sup._ready.is_set)
             await until(lambda: not pids_in_group(pgid), limit=5, what="orphans reaped")
 

@@ -1,12 +1,16 @@
 """A supervisor alone in a process (for the SIGKILL/SIGTERM tests).
 
 argv: work_dir, then plugin names already installed in work_dir/plugin/<name>/<name>.
-Prints "ready <pid>..." once every plugin runs; SIGTERM stops the plugins and exits 0.
+Environment: ELKEID_TEST_CGROUP, the plugin cgroup group (plugins.cgroup_name);
+ELKEID_TEST_CGROUPS=0 turns plugin cgroups off (the subreaper fallback).
+Prints "limits <line>", then "ready <pid>..." once every plugin runs; SIGTERM stops the plugins
+and exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -22,7 +26,11 @@ from elkeid_agent.plugins.supervisor import PluginSupervisor
 
 async def main(work: Path, names: list[str]) -> None:
     buffer = RecordBuffer()
-    sup = PluginSupervisor(work, buffer, PluginsConfig())
+    config = PluginsConfig(
+        cgroup_name=os.environ["ELKEID_TEST_CGROUP"],
+        cgroups=os.environ.get("ELKEID_TEST_CGROUPS") != "0",
+    )
+    sup = PluginSupervisor(work, buffer, config)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
@@ -33,6 +41,7 @@ async def main(work: Path, names: list[str]) -> None:
             for n in names
         ]
         await sup.sync(specs)
+        print("limits", sup.limits_state, flush=True)
         while True:
             pids = [sup.slot_info(n)[3] for n in names]  # type: ignore[index]
             if all(pids):
