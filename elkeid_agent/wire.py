@@ -263,21 +263,32 @@ class FrameDecoder:
             held += memoryview(data)[pos : pos + need]
             pos += need
             self._held = bytearray()
-            _, count, unproven, _ = _scan(bytes(held), 0, max_frame, parts, _prove)
-        pos, more, more_unproven, bad_length = _scan(data, pos, max_frame, parts, _prove)
-        count += more
-        unproven += more_unproven
-        if bad_length >= 0:
-            valid = self._validate(parts, count, unproven)
-            self.frames += len(valid)
-            raise FrameTooLarge(
-                f"frame length {bad_length} exceeds the cap of {max_frame}", valid
-            )
-        if pos < len(data):
+            head = self._finish_held(held, length)
+            del held  # a frame of up to max_frame bytes: never held twice for long
+        else:
+            head = None
+        pos, count, unproven, bad_length = _scan(data, pos, max_frame, parts, _prove)
+        if bad_length < 0 and pos < len(data):
             self._held = bytearray(memoryview(data)[pos:])
         frames = self._validate(parts, count, unproven)
+        if head is not None and len(head):
+            frames = head if not len(frames) else Frames.from_spliced(
+                head.spliced + frames.spliced, len(head) + len(frames))
         self.frames += len(frames)
+        if bad_length >= 0:
+            raise FrameTooLarge(
+                f"frame length {bad_length} exceeds the cap of {max_frame}", frames
+            )
         return frames
+
+    def _finish_held(self, held: bytearray, length: int) -> Frames:
+        """The frame an earlier read began, now whole in `held`: spliced in one copy (the
+        prefix and the record; a frame may be 8 MiB, and every copy of it counts)."""
+        prefix = record_prefix(length)
+        spliced = b"".join((prefix, memoryview(held)[4:]))
+        if _prove and framescan.plain_record(spliced, len(prefix), len(spliced)):
+            return Frames.from_spliced(spliced, 1)
+        return self._validate([spliced], 1, 1)
 
     def _validate(self, parts: list[bytes], count: int, unproven: int) -> Frames:
         if not count:

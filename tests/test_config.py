@@ -68,7 +68,7 @@ def test_defaults() -> None:
     assert config.transport.heartbeat_interval == 60.0
     assert (config.transport.backoff_initial, config.transport.backoff_multiplier) == (1.0, 1.6)
     assert config.transport.backoff_max == 120.0
-    assert config.buffer.max_bytes == 64 * 1024 * 1024
+    assert config.buffer.max_bytes == 16 * 1024 * 1024
     assert config.log.file_bytes == 1024 * 1024
     assert config.log.file_count == 10
     assert config.regions == {}
