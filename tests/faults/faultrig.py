@@ -126,6 +126,43 @@ class RssSampler:
         self._thread.join()
 
 
+def process_rss(pid: int) -> int:
+    """VmRSS of `pid` alone (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class PeakRss:
+    """The agent process's own VmRSS (its plugins excluded), sampled every 10 ms in a thread;
+    `peak` is the highest seen. Issue 18's budget is for the agent, not its plugins."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, process_rss(self.pid))
+            self.samples += 1
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class Rig:
     """A center, its file server directory, a hostile host and one agent process."""
 
