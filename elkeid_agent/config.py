@@ -66,6 +66,11 @@ class BufferConfig(_Strict):
     max_bytes: int = 16 * 1024 * 1024
     agent_lane_bytes: int = 4 * 1024 * 1024
 
+    def __post_init__(self) -> None:
+        # A quarter of the budget is the spool's queue (app.py): it must hold an entry or two.
+        if self.max_bytes < 1024 * 1024:
+            raise ValueError("max_bytes must be at least 1048576")
+
 
 class SpoolConfig(_Strict):
     """The on-disk spool (docs/spool.md)."""

@@ -116,6 +116,7 @@ BAD = {
     "wrong type in region": ("[regions.default]\nprivate = 6751\n", "private"),
     "section as string": ("tls = 'x'\n", "tls"),
     "buffer size as string": ("[buffer]\nmax_bytes = '64M'\n", "buffer.max_bytes"),
+    "memory budget below 1 MiB": ("[buffer]\nmax_bytes = 1000\n", "max_bytes must be"),
     # The server's minimum is 5 s: faster pings get GOAWAY too_many_pings, a reconnect loop.
     "keepalive below the server's minimum": (
         "[transport]\nkeepalive_seconds = 4\n", "transport.keepalive_seconds"
