@@ -142,18 +142,26 @@ async def sink(certs_dir: str, configs: list[dict[str, Any]], tally_file: str,
 
 
 class Sampler:
-    """The largest RSS of a process group, sampled every 20 ms in a thread."""
+    """The largest RSS of the agent's processes, sampled every 20 ms in a thread; the group
+    is looked up again every 0.5 s (a frozen build's processes are launchers and a child)."""
 
-    def __init__(self, group: list[Any]) -> None:
-        self.group = group
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.group = self._group()
         self.peak = 0
-        self.first = rss_bytes(group)
+        self.first = rss_bytes(self.group)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _group(self) -> list[Any]:
+        return agent_group(self.pid, lambda c: "plugin.py" in c or c[:1] == ["/bin/sh"])
+
     def _run(self) -> None:
+        looked = time.monotonic()
         while not self._stop.is_set():
+            if time.monotonic() - looked > 0.5:
+                self.group, looked = self._group(), time.monotonic()
             self.peak = max(self.peak, rss_bytes(self.group))
             self._stop.wait(0.02)
 
@@ -206,7 +214,7 @@ def run(name: str, script: str, detail: str, read_rate: float, agent_cmd: list[s
                 time.sleep(0.02)
             else:
                 raise SystemExit("the plugin did not start within 30 s")
-            sampler = Sampler(group)
+            sampler = Sampler(agent.pid)
             sent_file = plugin_dir / "sent"
             deadline = time.monotonic() + wait_seconds
             while not sent_file.exists() and time.monotonic() < deadline:
