@@ -36,9 +36,10 @@ from elkeid_agent.wire import Frames, splice_records, unsplice
 #: 100 MiB RSS whatever plugins and the server do: about 30 MiB of that (50 under `python -m`)
 #: is the agent at rest; the rest is this budget, grpc's copy of the message being taken
 #: (up to 8 MiB: what is queued was counted once, the write counts it twice) and the copies it
-#: cannot see (a big frame cut out of the pipe's bytes, glibc's free memory). Measured with
-#: 60 frames of 8 MiB and with floods against slow and fast servers: 88-93 MiB under
-#: `python -m` (bench/record_memory.py).
+#: cannot see (a big frame cut out of the pipe's bytes, the spool's own copies, glibc's free
+#: memory). Peak RSS with 60 frames of 8 MiB and with 15 s floods against a slow (120,000
+#: records/s) and a fast server: 86, 95, 95 MiB under `python -m` (199-214, 180, 184 before);
+#: 92, 100, 109 MiB frozen, whose launchers count too (bench/record_memory.py).
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_AGENT_LANE_BYTES = 4 * 1024 * 1024
 
