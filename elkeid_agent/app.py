@@ -160,6 +160,12 @@ class Agent:
         )
         self.dispatcher.on_applied = self._save_plugin_configs
         self.spool = Spool(self.work_dir, config.spool, self.health)
+        spool = self.spool
+        # The spool's queue of bytes not yet on disk is memory too: one budget with the
+        # buffer (what `room` leaves out of its bound besides the files). Its writer joins
+        # that queue into one write, a copy the budget cannot see: a quarter of it at most.
+        spool.max_unwritten = min(spool.max_unwritten, config.buffer.max_bytes // 4)
+        self.buffer.count_also(lambda: spool.config.max_bytes - spool.disk_bytes() - spool.room)
         # Set when the stream ends or a connection attempt fails: wakes the spooler.
         self._link_down = asyncio.Event()
         self._trimmed_after = 0
@@ -237,6 +243,9 @@ class Agent:
             "dropped_oversize": b.dropped_oversize,
             "backpressure_waits": b.backpressure_waits,
             "backpressure_seconds": round(b.backpressure_seconds, 3),
+            "in_flight_bytes": b.in_flight_bytes,
+            "partial_frame_bytes": b.partial_bytes,
+            "peak_budget_bytes": b.peak_budget_bytes,
             "tx_records": t.tx_records,
             "tx_bytes": t.tx_bytes,
             "connects": t.connects,

@@ -6,8 +6,13 @@ Rules:
   (fd 5), plugin records (fd 4). The agent lane has its own budget, so plugin data can never push
   the agent's own records out, and it never blocks its producers (log handlers, heartbeats): when
   it overflows its oldest records go, counted.
-* Plugin producers wait when the plugin budget is full (their readers stop reading the pipe, and
-  the plugin's own writes then block): backpressure instead of drops.
+* One memory budget (`max_bytes`, `[buffer] max_bytes`) covers the record bytes the agent holds
+  outside the agent lane: the plugin lanes' queued chunks, the messages being written
+  (`hold`: the send loop's message and grpc's copy of it), the frames plugins are half-way
+  through writing (`partial`) and whatever else the owner counts in (`count_also`: the
+  spool's queue of bytes not yet on disk). Plugin producers wait when it is spent (their
+  readers stop reading the pipe, and the plugin's own writes then block): backpressure
+  instead of drops. Every wait is counted (`backpressure_waits`, `backpressure_seconds`).
 * A batch whose write failed goes back to the front, so records queued while disconnected leave
   oldest first after reconnecting.
 * `take` can be limited to some lanes: with a spool backlog the send loop takes the agent lane
@@ -21,13 +26,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
 from elkeid_agent.wire import Frames, splice_records, unsplice
 
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+#: The memory budget for plugin records (see the module doc). The frozen agent must stay under
+#: 100 MiB RSS whatever plugins and the server do: about 30 MiB of that (50 under `python -m`)
+#: is the agent at rest; the rest is this budget, grpc's copy of the message being taken
+#: (up to 8 MiB: what is queued was counted once, the write counts it twice) and the copies it
+#: cannot see (a big frame cut out of the pipe's bytes, the spool's own copies, glibc's free
+#: memory). Peak RSS with 60 frames of 8 MiB and with 15 s floods against a slow (120,000
+#: records/s) and a fast server: 86, 95, 95 MiB under `python -m` (199-214, 180, 184 before);
+#: 92, 100, 109 MiB frozen, whose launchers count too (bench/record_memory.py).
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_AGENT_LANE_BYTES = 4 * 1024 * 1024
 
 #: A queued chunk: PackagedData field-1 entries for `count` records, spliced once.
@@ -55,8 +68,21 @@ class Batch:
         return b"".join(data for _, (data, _n) in self.chunks)
 
     def message(self, header: bytes) -> bytes:
-        """The PackagedData: the chunks and the header joined in one copy."""
-        return b"".join([*(data for _, (data, _n) in self.chunks), header])
+        """The PackagedData: the chunks and the header joined in one copy.
+
+        The chunks then point into the message (memoryviews), so that while it is written
+        their bytes are not held a second time; `RecordBuffer.requeue` copies them back out
+        if the write fails.
+        """
+        message = b"".join([*(data for _, (data, _n) in self.chunks), header])
+        view = memoryview(message)
+        pos = 0
+        chunks: list[tuple[Lane, Chunk]] = []
+        for lane, (data, n) in self.chunks:
+            chunks.append((lane, (view[pos : pos + len(data)], n)))  # type: ignore[arg-type]
+            pos += len(data)
+        self.chunks = chunks
+        return message
 
     @property
     def count(self) -> int:
@@ -84,6 +110,11 @@ class BufferStats:
     dropped_oversize: int = 0
     backpressure_waits: int = 0
     backpressure_seconds: float = 0.0
+    #: Gauges: bytes of messages being written (with grpc's copy) and of half-read frames.
+    in_flight_bytes: int = 0
+    partial_bytes: int = 0
+    #: The most the budget ever had spent (queued, in flight, partial, counted in), bytes.
+    peak_budget_bytes: int = 0
 
 
 class RecordBuffer:
@@ -106,6 +137,10 @@ class RecordBuffer:
         # lanes only). The spooler's high-water mark and the send loop's full message.
         self._watches: dict[asyncio.Event, tuple[int, bool]] = {}
         self._filled = asyncio.Event()
+        self._in_flight = 0
+        self._partial: dict[int, int] = {}
+        self._partial_total = 0
+        self._also: Callable[[], int] = _nothing
         self.stats = BufferStats()
 
     # -- producers ------------------------------------------------------------------------------
@@ -122,7 +157,7 @@ class RecordBuffer:
         self._append(Lane.AGENT, (data, 1))
 
     async def put_many(self, records: Sequence[bytes], lane: Lane = Lane.PLUGIN) -> None:
-        """Queue plugin records, waiting while the plugin budget is full.
+        """Queue plugin records, waiting while the memory budget is spent.
 
         A batch is admitted whole once there is room for it, or at once into an empty buffer
         (a batch larger than the budget must not wait forever). `Frames` from the decoder come
@@ -131,15 +166,78 @@ class RecordBuffer:
         if not records:
             return
         data = records.spliced if isinstance(records, Frames) else splice_records(records, b"")
-        size = len(data)
-        if self._plugin_bytes() and self._plugin_bytes() + size > self.max_bytes:
-            self.stats.backpressure_waits += 1
-            started = time.monotonic()
-            while self._plugin_bytes() and self._plugin_bytes() + size > self.max_bytes:
+        await self._wait_admits(len(data))
+        self._append(lane, (data, len(records)))
+        self._note_peak()
+
+    async def wait_room(self) -> None:
+        """Until the budget has room (or nothing is queued or in flight): a reader half-way
+        through a long frame waits here before it reads more of it."""
+        await self._wait_admits(0)
+
+    async def _wait_admits(self, size: int) -> None:
+        if self._admits(size):
+            return
+        self.stats.backpressure_waits += 1
+        started = time.monotonic()
+        try:
+            while not self._admits(size):
                 self._space.clear()
                 await self._space.wait()
+        finally:
             self.stats.backpressure_seconds += time.monotonic() - started
-        self._append(lane, (data, len(records)))
+
+    def _admits(self, size: int) -> bool:
+        """Room in the budget for `size` more bytes, or nothing queued or in flight: a batch
+        larger than the budget must not wait forever, and half-read frames (which complete
+        only if their readers go on) or the spool's queue alone never hold a batch back."""
+        plugin = self._plugin_bytes()
+        if not plugin and not self._in_flight:
+            return True
+        return self._spent(plugin + size) <= self.max_bytes
+
+    def _spent(self, plugin: int) -> int:
+        """Record bytes in memory now, with `plugin` bytes in the plugin lanes."""
+        return plugin + self._in_flight + self._partial_total + self._also()
+
+    def _note_peak(self) -> None:
+        spent = self._spent(self._plugin_bytes())
+        self.stats.peak_budget_bytes = max(self.stats.peak_budget_bytes, spent)
+
+    def _update_space(self) -> None:
+        plugin = self._plugin_bytes()
+        if (not plugin and not self._in_flight) or self._spent(plugin) < self.max_bytes:
+            self._space.set()
+
+    # -- other holders of record bytes ------------------------------------------------------------
+
+    def hold(self, size: int) -> None:
+        """`size` bytes of records taken from the buffer are still in memory (a message being
+        written): they count against the budget until `release`."""
+        self._in_flight += size
+        self._note_peak()
+
+    def release(self, size: int) -> None:
+        self._in_flight -= size
+        self._update_space()
+
+    def partial(self, key: int, size: int) -> None:
+        """The bytes of half-read frames producer `key` holds now (0 when it stops)."""
+        before = self._partial.pop(key, 0)
+        if size:
+            self._partial[key] = size
+        self._partial_total += size - before
+        if size < before:
+            self._update_space()
+
+    def count_also(self, spent: Callable[[], int]) -> None:
+        """Count `spent()` bytes against the budget too (the spool's queue not yet on disk);
+        call `recheck` when it falls."""
+        self._also = spent
+
+    def recheck(self) -> None:
+        """Wake waiting producers if what `count_also` counts has fallen."""
+        self._update_space()
 
     def _append(self, lane: Lane, chunk: Chunk) -> None:
         self._lanes[lane].append(chunk)
@@ -268,7 +366,9 @@ class RecordBuffer:
 
     def requeue(self, batch: Batch) -> None:
         """Put a batch whose delivery failed back at the head of its lanes, order kept."""
-        for lane, chunk in reversed(batch.chunks):
+        for lane, (data, count) in reversed(batch.chunks):
+            # Out of the failed message (see `Batch.message`): a copy, so it can be freed.
+            chunk = (data if isinstance(data, bytes) else bytes(data), count)
             self._lanes[lane].appendleft(chunk)
             self._lane_bytes[lane] += len(chunk[0])
             self._records += chunk[1]
@@ -280,8 +380,7 @@ class RecordBuffer:
         if not any(self._lanes):
             self._nonempty.clear()
             self._empty.set()
-        if self._plugin_bytes() < self.max_bytes:
-            self._space.set()
+        self._update_space()
 
     # -- gauges ---------------------------------------------------------------------------------
 
@@ -295,4 +394,11 @@ class RecordBuffer:
     def snapshot(self) -> BufferStats:
         self.stats.queued_records = len(self)
         self.stats.queued_bytes = self.queued_bytes
+        self.stats.in_flight_bytes = self._in_flight
+        self.stats.partial_bytes = self._partial_total
         return self.stats
+
+
+def _nothing() -> int:
+    return 0
+

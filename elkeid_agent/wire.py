@@ -33,6 +33,9 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 HEADER_RESERVE = 64 * 1024
 #: Largest plugin frame accepted by default: a record must fit in one message with its prefix.
 DEFAULT_MAX_FRAME = MAX_MESSAGE_BYTES - HEADER_RESERVE - 16
+#: A frame this long that spans reads is spliced on its own, in one copy (`_finish_held`);
+#: shorter ones join the read's other frames, as one copy more costs little for them.
+LONG_FRAME = 1024 * 1024
 
 _U64 = (1 << 64) - 1
 _LEN_PREFIX = struct.Struct("<I")
@@ -243,6 +246,7 @@ class FrameDecoder:
     def feed(self, data: bytes) -> Frames:
         parts: list[bytes] = []
         count = unproven = pos = 0
+        head: Frames | None = None
         max_frame = self.max_frame
         held = self._held
         if held:
@@ -263,21 +267,35 @@ class FrameDecoder:
             held += memoryview(data)[pos : pos + need]
             pos += need
             self._held = bytearray()
-            _, count, unproven, _ = _scan(bytes(held), 0, max_frame, parts, _prove)
+            if length < LONG_FRAME:
+                _, count, unproven, _ = _scan(bytes(held), 0, max_frame, parts, _prove)
+            else:
+                head = self._finish_held(held, length)
+            del held  # a frame of up to max_frame bytes: never held twice for long
         pos, more, more_unproven, bad_length = _scan(data, pos, max_frame, parts, _prove)
         count += more
         unproven += more_unproven
-        if bad_length >= 0:
-            valid = self._validate(parts, count, unproven)
-            self.frames += len(valid)
-            raise FrameTooLarge(
-                f"frame length {bad_length} exceeds the cap of {max_frame}", valid
-            )
-        if pos < len(data):
+        if bad_length < 0 and pos < len(data):
             self._held = bytearray(memoryview(data)[pos:])
         frames = self._validate(parts, count, unproven)
+        if head is not None and len(head):
+            frames = head if not len(frames) else Frames.from_spliced(
+                head.spliced + frames.spliced, len(head) + len(frames))
         self.frames += len(frames)
+        if bad_length >= 0:
+            raise FrameTooLarge(
+                f"frame length {bad_length} exceeds the cap of {max_frame}", frames
+            )
         return frames
+
+    def _finish_held(self, held: bytearray, length: int) -> Frames:
+        """The long frame an earlier read began, now whole in `held`: spliced in one copy
+        (the prefix and the record; a frame may be 8 MiB, and every copy of it counts)."""
+        prefix = record_prefix(length)
+        spliced = b"".join((prefix, memoryview(held)[4:]))
+        if _prove and framescan.plain_record(spliced, len(prefix), len(spliced)):
+            return Frames.from_spliced(spliced, 1)
+        return self._validate([spliced], 1, 1)
 
     def _validate(self, parts: list[bytes], count: int, unproven: int) -> Frames:
         if not count:

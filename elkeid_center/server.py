@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,10 @@ class AgentCenterServer:
         self._server: grpc.aio.Server | None = None
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count(1)
+        #: Records per second this center reads at most (None: as fast as it can): a server
+        #: slower than the agent, as a real one that decodes every record is under a flood.
+        #: The stream's messages wait in grpc's buffers and HTTP/2 flow control, unread.
+        self.read_rate: float | None = None
 
     @property
     def address(self) -> str:
@@ -254,6 +259,7 @@ class AgentCenterServer:
 
     async def _read(self, stream: _Stream, request_iterator: AsyncIterator[bytes]) -> None:
         """Store each message; the end of the client's side ends the stream."""
+        due = time.monotonic()
         try:
             async for raw in request_iterator:
                 decoded = grpc_pb2.PackagedData()
@@ -267,6 +273,10 @@ class AgentCenterServer:
                 _, first_heartbeat = self.store.add_package(raw, decoded, stream.id)
                 if first_heartbeat and self._configs is not None:
                     stream.queue.put_nowait(self._configs)
+                if self.read_rate:
+                    # The next message is read once this one's records have taken their time.
+                    due = max(due, time.monotonic()) + len(decoded.records) / self.read_rate
+                    await asyncio.sleep(due - time.monotonic())
         finally:
             stream.queue.put_nowait(None)
 

@@ -135,6 +135,10 @@ class Store:
         self._listeners: list[PackageListener] = []
         self._upload_listeners: list[UploadListener] = []
         self.decode_errors = 0
+        #: Data types decoded and counted (`counted`) but not kept: a flood's records would
+        #: fill the test process's memory.
+        self.count_only: frozenset[int] = frozenset()
+        self._counted: dict[int, int] = {}
 
     def add_listener(self, listener: PackageListener) -> None:
         """Call `listener` (on the receiving thread) for each package, after it is stored."""
@@ -193,8 +197,13 @@ class Store:
                 first_heartbeat_at=now if first_heartbeat else info.first_heartbeat_at,
             )
             self._connections[conn_id] = info
-            self._packages.append((package, conn_id))
-            self._records.extend(records)
+            kept = [r for r in records if r.data_type not in self.count_only]
+            for r in records:
+                if r.data_type in self.count_only:
+                    self._counted[r.data_type] = self._counted.get(r.data_type, 0) + 1
+            if kept or not records:
+                self._packages.append((package, conn_id))
+            self._records.extend(kept)
             listeners = list(self._listeners)
         for listener in listeners:
             listener(package, info, records)
@@ -215,12 +224,18 @@ class Store:
                 and (connection is None or r.connection == connection)
             ]
 
+    def counted(self, data_type: int) -> int:
+        """Records of a `count_only` type received so far."""
+        with self._lock:
+            return self._counted.get(data_type, 0)
+
     def clear(self) -> None:
         """Forget packages, records and uploads (connections stay: they are live state)."""
         with self._lock:
             self._packages.clear()
             self._records.clear()
             self._uploads.clear()
+            self._counted.clear()
             self.decode_errors = 0
 
     # --- uploads -----------------------------------------------------------------

@@ -356,6 +356,19 @@ class CenterThread:
         """Paths asked of the file server, in order."""
         return self.center.files.request_log()
 
+    def count_only(self, data_types: Iterable[int]) -> None:
+        """Decode and count records of `data_types` but keep none of them (`counted`)."""
+        self.center.store.count_only = frozenset(data_types)
+
+    def counted(self, data_type: int) -> int:
+        """Records of a `count_only` type received so far."""
+        return self.center.store.counted(data_type)
+
+    def set_read_rate(self, records_per_second: float | None) -> None:
+        """Read at most this many records per second from each stream (None: no limit),
+        as a server slower than the agent: the rest waits in grpc's buffers, unread."""
+        self._on_loop(lambda: setattr(self.center.grpc, "read_rate", records_per_second))
+
     def clear(self) -> None:
         """Forget received packages, records and uploads."""
         self.center.store.clear()

@@ -316,3 +316,88 @@ def test_wait_filled_ends_at_the_mark_on_wake_or_at_the_timeout() -> None:
         waiter.cancel()
 
     asyncio.run(main())
+
+
+# -- the one memory budget (issue 18) -------------------------------------------------------------
+
+
+async def _blocked(coro: asyncio.Future[None] | asyncio.Task[None]) -> bool:
+    await asyncio.sleep(0.05)
+    return not coro.done()
+
+
+def test_bytes_in_flight_count_against_the_budget() -> None:
+    size = spliced_size(rec("x", 100))
+
+    async def main() -> None:
+        buf = RecordBuffer(max_bytes=10 * size)
+        await buf.put_many([rec(f"a{i}", 100) for i in range(4)])
+        buf.hold(6 * size)  # a message and grpc's copy of it
+        late = asyncio.create_task(buf.put_many([rec("late", 100)]))
+        assert await _blocked(late)
+        assert buf.snapshot().in_flight_bytes == 6 * size
+        buf.release(6 * size)
+        await asyncio.wait_for(late, 1.0)
+        assert len(buf) == 5
+        assert buf.stats.backpressure_waits == 1
+        assert buf.stats.peak_budget_bytes == 10 * size
+
+    asyncio.run(main())
+
+
+def test_half_read_frames_count_but_never_hold_back_an_empty_buffer() -> None:
+    size = spliced_size(rec("x", 100))
+
+    async def main() -> None:
+        buf = RecordBuffer(max_bytes=10 * size)
+        buf.partial(1, 20 * size)
+        # Nothing queued or in flight: admitted (frames complete only if readers go on).
+        await asyncio.wait_for(buf.put_many([rec("a", 100)]), 1.0)
+        waiting = asyncio.create_task(buf.wait_room())
+        late = asyncio.create_task(buf.put_many([rec("late", 100)]))
+        assert await _blocked(waiting)
+        assert await _blocked(late)
+        assert buf.snapshot().partial_bytes == 20 * size
+        buf.partial(1, 0)  # the reader stopped: its bytes are gone
+        await asyncio.wait_for(asyncio.gather(waiting, late), 1.0)
+        assert buf.snapshot().partial_bytes == 0
+
+    asyncio.run(main())
+
+
+def test_what_the_owner_counts_in_holds_producers_until_recheck() -> None:
+    size = spliced_size(rec("x", 100))
+    spool_queue = [9 * size]
+
+    async def main() -> None:
+        buf = RecordBuffer(max_bytes=10 * size)
+        buf.count_also(lambda: spool_queue[0])
+        await buf.put_many([rec("a", 100)])
+        late = asyncio.create_task(buf.put_many([rec("late", 100)]))
+        assert await _blocked(late)
+        spool_queue[0] = 0
+        buf.recheck()
+        await asyncio.wait_for(late, 1.0)
+
+    asyncio.run(main())
+
+
+def test_a_message_s_chunks_point_into_it_and_a_failed_one_requeues_bytes() -> None:
+    async def main() -> None:
+        buf = RecordBuffer()
+        buf.put_agent(rec("a1"))
+        await buf.put_many([rec("p1", 50), rec("p2", 50)])
+        await buf.put_many([rec("u1")], Lane.URGENT)
+        batch = buf.take(1 << 20)
+        message = batch.message(b"HEADER")
+        assert message == splice_records([rec("a1"), rec("u1"), rec("p1", 50), rec("p2", 50)],
+                                         b"HEADER")
+        assert all(isinstance(data, memoryview) for _, (data, _n) in batch.chunks)
+        buf.requeue(batch)
+        del message, batch
+        again = buf.take(1 << 20)
+        assert all(type(data) is bytes for _, (data, _n) in again.chunks)
+        assert again.records == [rec("a1"), rec("u1"), rec("p1", 50), rec("p2", 50)]
+        assert again.per_lane == (1, 1, 2)
+
+    asyncio.run(main())

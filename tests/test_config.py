@@ -68,7 +68,7 @@ def test_defaults() -> None:
     assert config.transport.heartbeat_interval == 60.0
     assert (config.transport.backoff_initial, config.transport.backoff_multiplier) == (1.0, 1.6)
     assert config.transport.backoff_max == 120.0
-    assert config.buffer.max_bytes == 64 * 1024 * 1024
+    assert config.buffer.max_bytes == 16 * 1024 * 1024
     assert config.log.file_bytes == 1024 * 1024
     assert config.log.file_count == 10
     assert config.regions == {}
@@ -116,6 +116,7 @@ BAD = {
     "wrong type in region": ("[regions.default]\nprivate = 6751\n", "private"),
     "section as string": ("tls = 'x'\n", "tls"),
     "buffer size as string": ("[buffer]\nmax_bytes = '64M'\n", "buffer.max_bytes"),
+    "memory budget below 1 MiB": ("[buffer]\nmax_bytes = 1000\n", "max_bytes must be"),
     # The server's minimum is 5 s: faster pings get GOAWAY too_many_pings, a reconnect loop.
     "keepalive below the server's minimum": (
         "[transport]\nkeepalive_seconds = 4\n", "transport.keepalive_seconds"

@@ -107,7 +107,7 @@ async def deliver(
     center: CenterThread, config: Config, plugin: list[bytes], agent: list[bytes]
 ) -> RecordBuffer:
     buffer = RecordBuffer()
-    await asyncio.wait_for(buffer.put_many(plugin), 5)  # 50 MiB fits the 64 MiB default
+    await asyncio.wait_for(buffer.put_many(plugin), 5)  # one batch: an empty buffer takes it
     for record in agent:
         buffer.put_agent(record)
     loop, task = start_transfer(config, buffer)

@@ -468,6 +468,33 @@ def test_frame_length_at_cap_waits_for_the_body() -> None:
 
 GOOD = bytes.fromhex("088f4e10c0a29cc9061a080a060a016b120176")  # 9999, ts, {k: v}
 
+
+@pytest.mark.parametrize("sizes", [[1], [7, 3], [30, 200], [10_000]])
+def test_long_frames_across_reads_are_spliced_on_their_own(
+    monkeypatch: pytest.MonkeyPatch, sizes: list[int]
+) -> None:
+    # Frames of LONG_FRAME bytes and more that span reads take `_finish_held`'s path.
+    monkeypatch.setattr(wire, "LONG_FRAME", 12)
+    unknown = GOOD + b"\x20\x05"  # valid, not plain: field 4, a varint
+    bad = b"\x08\x01\x1a\x7f" + b"x" * 10  # data runs past the end
+    bodies = [GOOD, b"\x08\x01", bad, unknown, GOOD * 3, bad]
+    decoder = FrameDecoder()
+    out = _feed_in_chunks(decoder, b"".join(map(record_frame, bodies)), sizes)
+    assert out == [GOOD, b"\x08\x01", unknown, GOOD * 3]
+    assert decoder.malformed == 2
+    assert decoder.frames == 4
+    assert decoder.pending == 0
+
+
+def test_a_long_frame_completed_before_a_bad_length_is_delivered() -> None:
+    long = b"\x08\x01\x1a\x80\x80\x40" + b"p" * (1 << 20)
+    frame = record_frame(long)
+    decoder = FrameDecoder()
+    assert decoder.feed(frame[:1000]) == []
+    with pytest.raises(FrameTooLarge) as info:
+        decoder.feed(frame[1000:] + record_frame(GOOD) + struct.pack("<I", DEFAULT_MAX_FRAME + 1))
+    assert list(info.value.frames) == [long, GOOD]
+
 MALFORMED = {
     "data_type as LEN": bytes.fromhex("0a0101") + GOOD,
     "timestamp as fixed64": GOOD + bytes.fromhex("11") + b"\x00" * 8,

@@ -386,6 +386,15 @@ class PluginProcess:
 
     async def _pump(self) -> None:
         """Move frames from the record pipes into the buffer until both reach EOF."""
+        keys = [id(pipe.decoder) for pipe in self.pipes]
+        try:
+            await self._pump_pipes()
+        finally:
+            # The half-read frames of a pump that ended are gone: out of the memory budget.
+            for key in keys:
+                self.buffer.partial(key, 0)
+
+    async def _pump_pipes(self) -> None:
         counters = self.counters
         buffer = self.buffer
         pipes = self.pipes
@@ -415,10 +424,16 @@ class PluginProcess:
                             await buffer.put_many(exc.frames, pipe.lane)
                         raise
                     counters.malformed += decoder.malformed - malformed
+                    # A frame written in many reads is held until whole: part of the budget.
+                    buffer.partial(id(decoder), decoder.pending)
                     if frames:
                         counters.rx_frames += len(frames)
                         began = time.monotonic()
                         await buffer.put_many(frames, pipe.lane)
+                        counters.backpressure_seconds += time.monotonic() - began
+                    elif decoder.pending:
+                        began = time.monotonic()
+                        await buffer.wait_room()
                         counters.backpressure_seconds += time.monotonic() - began
                     if len(data) < READ_CHUNK:
                         break  # most likely drained: skip the EAGAIN read

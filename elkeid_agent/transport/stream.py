@@ -54,6 +54,9 @@ HEALTHY_STREAM_SECONDS = 30.0
 # transport still answers keepalive pings, so nothing else would end such a stream. An 8 MiB
 # message needs 70 KB/s to make it.
 WRITE_TIMEOUT = 120.0
+# A message being written is in memory twice: our bytes and grpc's copy (grpc.aio copies the
+# message into its own buffer when the write starts and keeps ours until it completes).
+IN_FLIGHT_COPIES = 2
 # The diagnosis of a failed dial (transport/probe.py) gets this long per step.
 PROBE_TIMEOUT = 5.0
 
@@ -352,12 +355,18 @@ class TransferLoop:
 
     async def _send(self, call: grpc.aio.StreamStreamCall, batch: Batch, header: bytes) -> None:
         message = batch.message(header)
+        # In memory until the write is done: the message and grpc's copy of it (the batch's
+        # chunks point into the message). Counted against the buffer's memory budget.
+        held = IN_FLIGHT_COPIES * len(message)
+        self.buffer.hold(held)
         try:
             await self._write(call, message)
         except BaseException:
             # Failed, timed out or cancelled: the batch goes back to the head of its lanes.
             self.buffer.requeue(batch)
             raise
+        finally:
+            self.buffer.release(held)
         self._sent(batch.count, len(message))
 
     async def _send_spooled(
@@ -365,7 +374,13 @@ class TransferLoop:
     ) -> None:
         # A failed or cancelled write leaves the entries in the spool, still at its head.
         message = batch.spliced + header
-        await self._write(call, message)
+        # The entries read, the message and grpc's copy, until the write is done.
+        held = (IN_FLIGHT_COPIES + 1) * len(message)
+        self.buffer.hold(held)
+        try:
+            await self._write(call, message)
+        finally:
+            self.buffer.release(held)
         spool.commit(batch)
         self._sent(batch.count, len(message))
 

@@ -107,11 +107,13 @@ def rss_bytes(pid: int, *, tree: bool = True) -> int:
 
 
 class RssSampler:
-    """Samples rss_bytes(pid, tree=tree) every 20 ms in a thread; `peak` is the highest seen."""
+    """Samples rss_bytes(pid, tree=tree) every `interval` s in a thread; `peak` is the highest
+    seen. `tree=False` is issue 18's budget: the agent's process, not its plugins."""
 
-    def __init__(self, pid: int, *, tree: bool = True) -> None:
+    def __init__(self, pid: int, *, tree: bool = True, interval: float = 0.02) -> None:
         self.pid = pid
         self.tree = tree
+        self.interval = interval
         self.peak = 0
         self.samples = 0
         self._stop = threading.Event()
@@ -121,7 +123,7 @@ class RssSampler:
         while not self._stop.is_set():
             self.peak = max(self.peak, rss_bytes(self.pid, tree=self.tree))
             self.samples += 1
-            self._stop.wait(0.02)
+            self._stop.wait(self.interval)
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
