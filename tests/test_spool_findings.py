@@ -34,7 +34,7 @@ from elkeid_agent.spool.store import (
 )
 from elkeid_agent.transport.discovery import Backoff
 from elkeid_agent.transport.stream import delay_after_stream
-from elkeid_agent.wire import splice_records, unsplice
+from elkeid_agent.wire import encode_record, splice_records, unsplice
 
 T = TypeVar("T")
 
@@ -335,16 +335,54 @@ def test_8_a_degraded_spool_clears_its_fault_only_after_a_write_succeeds() -> No
     assert run(go()) == [True, True, True, False]
 
 
-def test_9_only_the_answer_to_our_half_close_confirms() -> None:
-    """The end of stream confirms the trail only once `done_writing()` returned."""
-    import inspect
+def test_9_an_end_of_stream_before_our_half_close_is_no_confirmation(tmp_path: Path) -> None:
+    """Finishing, but before `done_writing()`: a server that ends the stream then did not
+    answer our half-close, and may not have read everything. The trail must be kept."""
+    from elkeid_agent.config import Config, RegionConfig, TlsConfig, TransportConfig
+    from elkeid_agent.transport.stream import TransferLoop
+    from elkeid_agent.transport.tls import TlsMaterial
+    from elkeid_center.testing import CenterThread
 
-    from elkeid_agent.transport import stream
+    async def go(center: CenterThread) -> tuple[int, int]:
+        certs = center.certs
+        config = Config(
+            work_dir=str(tmp_path),
+            tls=TlsConfig(ca=str(certs.ca), cert=str(certs.client_cert),
+                          key=str(certs.client_key)),
+            transport=TransportConfig(compression="none", send_interval=30.0,
+                                      backoff_initial=30.0),
+            regions={"default": RegionConfig(private=center.address)},
+        )
+        spool = Spool(tmp_path, _config(), Health())
+        await spool.open()
+        for i in range(0, 300, 100):
+            records = [encode_record(9999, 1, {"seq": str(j)}) for j in range(i, i + 100)]
+            spool.append(Lane.PLUGIN, 100, splice_records(records, b""))
+        buffer = RecordBuffer()
+        loop = TransferLoop(config, TlsMaterial.load(config.tls), buffer, lambda: b"",
+                            _ignore, lambda: None, spool=spool)
+        task = asyncio.create_task(loop.run())
+        try:
+            while spool.records or loop.state.stats.tx_records < 300:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            # Finishing, but the send loop has not half-closed yet (it waits for records).
+            loop._finishing = True
+            await asyncio.to_thread(center.end)
+            while loop.state.connected:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return spool.records, getattr(spool.stats, "resent_records", 0)
 
-    source = inspect.getsource(stream.TransferLoop._receive_loop)
-    assert "self._finishing and self._half_closed" in source
-    send = inspect.getsource(stream.TransferLoop._send_loop)
-    assert send.index("await call.done_writing()") < send.index("self._half_closed = True")
+    with CenterThread(tmp_path / "certs") as center:
+        records, resent = run(go(center))
+    assert records == 300  # all three messages are to be sent again
+    assert resent == 300
+
+
+async def _ignore(raw: bytes) -> None:
+    return None
 
 
 def test_10_commits_from_memory_keep_the_trail(tmp_path: Path) -> None:

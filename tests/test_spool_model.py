@@ -230,6 +230,7 @@ class SpoolMachine(RuleBasedStateMachine):
         assert core.unwritten_bytes >= 0
         assert s.dropped_records >= 0
         assert s.dropped_bytes >= 0
+        assert s.dropped_resent_records >= 0
         assert core.records == sum(e.count for e in core.index)
 
     def _drain_all(self) -> None:

@@ -242,11 +242,14 @@ class SpoolCore:
         """The message was written to the stream: its entries move to the trail."""
         trailed: list[Entry] = []
         for entry in batch.entries:
-            if entry.dropped and not entry.resent:
+            if entry.dropped:
                 # Dropped at the bound while on its way, and written all the same.
                 entry.dropped = False
-                self.stats.dropped_records -= entry.count
-                self.stats.dropped_bytes -= entry.size
+                if entry.resent:
+                    self.stats.dropped_resent_records -= entry.count
+                else:
+                    self.stats.dropped_records -= entry.count
+                    self.stats.dropped_bytes -= entry.size
             if entry.state is EntryState.SENDING:
                 self._release_held(entry)
                 entry.state = EntryState.TRAILED
@@ -455,10 +458,10 @@ class SpoolCore:
         return sum(e.count for e in op.keep)
 
     def _count_dropped(self, entry: Entry) -> None:
+        entry.dropped = True
         if entry.resent:
             self.stats.dropped_resent_records += entry.count
             return
-        entry.dropped = True
         self.stats.dropped_records += entry.count
         self.stats.dropped_bytes += entry.size
 
