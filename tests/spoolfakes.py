@@ -3,7 +3,7 @@
 Faults are queued (`fail_next`) and hit the next append: ENOSPC before anything is written,
 EIO after half of it (truncated back, as the real layer does), a short write that leaves a
 torn entry (the truncate failed too), or `hang` (the write waits until released, so a test can
-cancel the writer mid-write and then let the write land or not). A crash is a new `MemFiles`
+cancel the writer mid-write and then let the write land or fail). A crash is a new `MemFiles`
 over the same `files`: what was written survives, nothing in memory does.
 """
 
@@ -28,7 +28,7 @@ class MemFiles(SpoolFiles):
         self.free = 1 << 40
         self.in_write = threading.Event()
         self.release = threading.Event()
-        self.land = True  # whether a hung write lands once released
+        self.land = True  # whether a hung write lands once released, or fails
 
     def fail_next(self, kind: str) -> None:
         self.faults.append(kind)
@@ -93,7 +93,7 @@ class MemFiles(SpoolFiles):
             self.in_write.set()
             self.release.wait(10)
             if not self.land:
-                return
+                raise OSError(errno.EIO, "I/O error (after the wait)")
         data += blob
 
     def pread_all(self, wanted: list[tuple[int, int, int]]) -> list[bytes | None]:

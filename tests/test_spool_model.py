@@ -125,6 +125,8 @@ class SpoolMachine(RuleBasedStateMachine):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             files.release.set()
+            if self.spool._inflight is not None:  # its outcome still comes back
+                await asyncio.wait([self.spool._inflight])
             if "hang" in files.faults:
                 files.faults.remove("hang")
 
@@ -157,13 +159,15 @@ class SpoolMachine(RuleBasedStateMachine):
     @rule()
     def message_written(self) -> None:
         """The write returned. Other rules (the link going down, writer rounds dropping at the
-        bound) may have run while it was under way: the interleaving of finding 1."""
+        bound) may have run while it was under way: the interleaving of finding 1. If the link
+        went down meanwhile, the stream is gone and the message is sent again."""
         batch, self.pending = self.pending, None
         assert batch is not None
         self.spool.commit(batch)
         records = [_ident(r) for r in unsplice(batch.spliced)]
         if not self.connected:
-            self.seen.extend(records)  # written just before the cut, and read
+            # Written on a stream that is gone: the transfer loop sends it again.
+            self.spool.unsend(batch)
             return
         self.unread.append((batch, records))
         self.trail.append(batch)

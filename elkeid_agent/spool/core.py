@@ -4,7 +4,7 @@
 stream and not yet known to be read), the bytes waiting for the disk, the segment sizes, the
 bounds, the drop policy and the checkpoint position. It never touches a file: the owner
 (`spool/store.py`) asks it what to do next (`plan_write`), does the file work in a thread and
-reports the outcome (`written`, `write_failed`, `write_abandoned`, `dropped`). Every operation
+reports the outcome (`written`, `write_failed`, `dropped`). Every operation
 runs to completion on the event loop, so no decision is taken on a list that changed meanwhile.
 
 An entry's life: HELD (in the index) -> SENDING (read for a message) -> TRAILED (the message
@@ -58,8 +58,9 @@ class SpoolStats:
     read_bytes: int = 0
     fsyncs: int = 0
     resent_records: int = 0
-    #: Dropped records that had been written once on a stream that ended: each may or may
-    #: not have reached the server, so they are not in `dropped_records`.
+    #: Dropped records that had been written to a stream (one that ended, or while the drop
+    #: was under way): each may or may not have reached the server, so they are not in
+    #: `dropped_records`.
     dropped_resent_records: int = 0
 
 
@@ -242,14 +243,13 @@ class SpoolCore:
         """The message was written to the stream: its entries move to the trail."""
         trailed: list[Entry] = []
         for entry in batch.entries:
-            if entry.dropped:
-                # Dropped at the bound while on its way, and written all the same.
-                entry.dropped = False
-                if entry.resent:
-                    self.stats.dropped_resent_records -= entry.count
-                else:
-                    self.stats.dropped_records -= entry.count
-                    self.stats.dropped_bytes -= entry.size
+            if entry.dropped and not entry.resent:
+                # Dropped at the bound while on its way, and written all the same: it may
+                # have arrived, so it is counted with the records nobody knows about.
+                self.stats.dropped_records -= entry.count
+                self.stats.dropped_bytes -= entry.size
+                self.stats.dropped_resent_records += entry.count
+            entry.dropped = False
             if entry.state is EntryState.SENDING:
                 self._release_held(entry)
                 entry.state = EntryState.TRAILED
@@ -402,15 +402,6 @@ class SpoolCore:
     def write_failed(self, op: WriteOp) -> None:
         """The write failed (the owner truncated what it could): the entries keep their bytes
         and the segment takes no more appends."""
-        self.writing = None
-        self.active = -1
-
-    def write_abandoned(self, op: WriteOp) -> None:
-        """The write was cancelled while its thread went on: its outcome is unknown. The
-        entries keep their bytes (written again elsewhere: duplicates, never loss), the segment
-        is counted at its largest and takes no more appends."""
-        self.segments[op.segment] = max(self.segments.get(op.segment, 0),
-                                        op.start + sum(e.size for e in op.entries))
         self.writing = None
         self.active = -1
 

@@ -241,6 +241,7 @@ class Spool:
         # The writer's file work runs in threads, one at a time and in order, even when a
         # cancelled coroutine left its thread running (a crash path: the group failed).
         self._disk = threading.Lock()
+        self._inflight: asyncio.Future[None] | None = None
         self.state = SpoolState.DISABLED if not config.enabled else SpoolState.EMPTY
 
     @property
@@ -557,17 +558,22 @@ class Spool:
         await self._io(self.files.unlink_segment, plan.segment)
 
     async def _write(self, op: WriteOp) -> None:
-        blob = op.blob
-        try:
-            await self._io(self.files.append, self._fd, blob, op.start)
-        except asyncio.CancelledError:
-            self.core.write_abandoned(op)
-            raise
-        except BaseException:
+        """One append. Cancelled meanwhile (the agent's task group failing), the thread goes
+        on: its outcome is still reported when it ends (`_inflight`, awaited by `close`), so
+        the entries are neither lost nor written twice."""
+        self._inflight = asyncio.ensure_future(
+            self._io(self.files.append, self._fd, op.blob, op.start))
+        self._inflight.add_done_callback(functools.partial(self._write_ended, op))
+        await asyncio.shield(self._inflight)
+
+    def _write_ended(self, op: WriteOp, done: asyncio.Future[None]) -> None:
+        self._inflight = None
+        if done.cancelled() or done.exception() is not None:
             self.core.write_failed(op)
-            raise
-        self.core.written(op)
-        self._dirty = True
+        else:
+            self.core.written(op)
+            self._dirty = True
+        self._wake.set()
 
     # -- failure and recovery -------------------------------------------------------------------
 
@@ -605,6 +611,8 @@ class Spool:
             return
         try:
             async with asyncio.timeout(CLOSE_SECONDS):
+                if self._inflight is not None:
+                    await asyncio.wait([self._inflight])
                 await self._io(self.files.check_dir, False)
                 self.core.checkpoint_due = True
                 await self.step()
