@@ -164,10 +164,12 @@ class Agent:
         # The spool's queue of bytes not yet on disk is memory too: one budget with the
         # buffer (what `room` leaves out of its bound besides the files). Its writer joins
         # that queue into one write, a copy the budget cannot see: a quarter of it at most.
-        spool.max_unwritten = min(spool.max_unwritten, config.buffer.max_bytes // 4)
+        spool.core.max_unwritten = min(spool.core.max_unwritten, config.buffer.max_bytes // 4)
         self.buffer.count_also(lambda: spool.config.max_bytes - spool.disk_bytes() - spool.room)
         # Set when the stream ends or a connection attempt fails: wakes the spooler.
         self._link_down = asyncio.Event()
+        self._status_due: AgentStatus | None = None
+        self._status_wake = asyncio.Event()
         self._trimmed_after = 0
         self.transfer = TransferLoop(
             config, tls, self.buffer, self.header, self.dispatcher.handle, self.send_heartbeat,
@@ -340,45 +342,59 @@ class Agent:
             self._trimmed_after = connects
             trim_heap()
 
-    def _write_status(self, state: str = "") -> None:
-        """The one writer of status.json: at start, each heartbeat, link up/down, stop."""
-        link = self.transfer.state
-        # The file's own fault is left out: the state it records holds once it is written.
-        own = f"{STATUS_UNIT}: "
-        detail = [d for d in self.state_detail() if not d.startswith(own)]
+    def _write_status(self) -> None:
+        """Queue status.json's refresh (each heartbeat, link up/down): the status is taken now,
+        on the loop; `_status_writer` writes the latest one in a thread."""
+        self._status_due = self._status()
+        self._status_wake.set()
+
+    async def _status_writer(self) -> None:
+        """The one writer of status.json while the agent runs (file I/O off the loop)."""
+        while True:
+            await self._status_wake.wait()
+            self._status_wake.clear()
+            status, self._status_due = self._status_due, None
+            if status is not None:
+                await self._store_status(status)
+
+    async def _store_status(self, status: AgentStatus) -> None:
         try:
-            write_status(
-                self.work_dir,
-                AgentStatus(
-                    pid=os.getpid(),
-                    version=VERSION,
-                    state=state or ("abnormal" if detail else "running"),
-                    net_mode=str(link.net_mode),
-                    connected=link.connected,
-                    server=link.server,
-                    last_heartbeat=self.last_heartbeat,
-                    updated=time.time(),
-                    upgrade_state=self.upgrader.state,
-                    upgrade_hold=self.upgrader.hold,
-                    upgrade_held_version=self.upgrader.held_version,
-                    warnings=self.warnings(),
-                    started=self._started,
-                    connected_since=link.connected_since if link.connected else 0.0,
-                    detail=detail,
-                    exit_reason=redact(self.exit_reason),
-                    spool_state=str(self.spool.state),
-                    spool_records=self.spool.records,
-                    spool_bytes=self.spool.held_bytes,
-                    spool_oldest_seconds=round(self.spool.oldest_seconds(), 1),
-                    spool_dropped_records=self.spool.stats.dropped_records,
-                    plugin_limits=self.plugins.limits_state,
-                ),
-            )
+            await asyncio.to_thread(write_status, self.work_dir, status)
         except OSError as exc:
             reason = "cannot write: " + describe_error(self.work_dir / STATUS_FILE, exc)
             self.health.fault(STATUS_UNIT, reason, "status_write_failures")
         else:
             self.health.clear(STATUS_UNIT)
+
+    def _status(self, state: str = "") -> AgentStatus:
+        link = self.transfer.state
+        # The file's own fault is left out: the state it records holds once it is written.
+        own = f"{STATUS_UNIT}: "
+        detail = [d for d in self.state_detail() if not d.startswith(own)]
+        return AgentStatus(
+            pid=os.getpid(),
+            version=VERSION,
+            state=state or ("abnormal" if detail else "running"),
+            net_mode=str(link.net_mode),
+            connected=link.connected,
+            server=link.server,
+            last_heartbeat=self.last_heartbeat,
+            updated=time.time(),
+            upgrade_state=self.upgrader.state,
+            upgrade_hold=self.upgrader.hold,
+            upgrade_held_version=self.upgrader.held_version,
+            warnings=self.warnings(),
+            started=self._started,
+            connected_since=link.connected_since if link.connected else 0.0,
+            detail=detail,
+            exit_reason=redact(self.exit_reason),
+            spool_state=str(self.spool.state),
+            spool_records=self.spool.records,
+            spool_bytes=self.spool.held_bytes,
+            spool_oldest_seconds=round(self.spool.oldest_seconds(), 1),
+            spool_dropped_records=self.spool.stats.dropped_records,
+            plugin_limits=self.plugins.limits_state,
+        )
 
     def _check_own_files(self) -> None:
         """Faults of the log file, the work dir and the machine-id, retried each heartbeat."""
@@ -466,7 +482,7 @@ class Agent:
         logging.getLogger().addHandler(self.record_handler)
         await self.spool.open()
         self.dispatcher.offline_configs = lastset.load(self.work_dir)
-        self._write_status("starting")
+        await self._store_status(self._status("starting"))
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.transfer.run(), name="transfer")
@@ -484,6 +500,7 @@ class Agent:
                     )
                 tg.create_task(self._shutdown_when_asked(), name="shutdown")
                 tg.create_task(self._trim_when_settled(), name="trim")
+                tg.create_task(self._status_writer(), name="status")
                 self.notifier.send("READY=1")
                 log.info("elkeid-agent %s started, id %s", VERSION, self.agent_id)
         except* _Stop:
@@ -495,7 +512,7 @@ class Agent:
                 log.exception("records still in memory not spooled")
             logging.getLogger().removeHandler(self.record_handler)
             self.exit_reason = self.exit_reason or "ended by an error (see the log)"
-            self._write_status("stopped")
+            await self._store_status(self._status("stopped"))
             self.notifier.close()
         log.info("elkeid-agent stopped: %s", self.exit_reason)
 

@@ -127,10 +127,17 @@ class _Disconnect:
 _DISCONNECT = _Disconnect()
 
 
+class _End:
+    """Sentinel: end the stream with OK at once, whatever the agent still sends."""
+
+
+_END = _End()
+
+
 @dataclass
 class _Stream:
     id: int
-    queue: asyncio.Queue[CommandLike | _Disconnect | None]
+    queue: asyncio.Queue[CommandLike | _Disconnect | _End | None]
 
 
 class AgentCenterServer:
@@ -237,6 +244,14 @@ class AgentCenterServer:
             stream.queue.put_nowait(_DISCONNECT)
         return len(streams)
 
+    def end(self, target: Target | int = "all") -> int:
+        """End the target streams cleanly (status OK) without waiting for the agent's
+        half-close: what an agent must not take for the answer to its own half-close."""
+        streams = self._targets(target)
+        for stream in streams:
+            stream.queue.put_nowait(_END)
+        return len(streams)
+
     # --- handlers ----------------------------------------------------------------
 
     async def _transfer(
@@ -250,6 +265,8 @@ class AgentCenterServer:
             while (item := await stream.queue.get()) is not None:
                 if isinstance(item, _Disconnect):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "disconnected by center")
+                if isinstance(item, _End):
+                    return
                 await context.write(item)
             await reader
         finally:

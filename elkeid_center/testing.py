@@ -443,6 +443,10 @@ class CenterThread:
         """End streams with UNAVAILABLE while the server keeps listening."""
         return self._on_loop(lambda: self.center.grpc.disconnect(target))
 
+    def end(self, target: Target | int = "all") -> int:
+        """End streams cleanly (OK) before the agent half-closed them."""
+        return self._on_loop(lambda: self.center.grpc.end(target))
+
     def set_upload_status(self, failed: bool) -> None:
         """Answer later uploads with FAILED (True) or SUCCESS (False)."""
         response = grpc_pb2.FileUploadResponse

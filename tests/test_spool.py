@@ -452,10 +452,11 @@ def test_the_last_messages_are_sent_again_unless_confirmed(tmp_path: Path) -> No
     assert _reopen(tmp_path) == (list(range(first, total * per_entry)), 0)
 
 
-def test_an_unreadable_segment_is_counted_and_the_rest_kept(tmp_path: Path) -> None:
+def test_a_directory_named_as_a_segment_is_refused_and_left_alone(tmp_path: Path) -> None:
     _fill(tmp_path, 1)
-    (tmp_path / "spool" / fmt.segment_name(5)).mkdir()  # read_bytes() fails on it
-    assert _reopen(tmp_path) == (list(range(10)), 1)
+    (tmp_path / "spool" / fmt.segment_name(5)).mkdir()
+    assert _reopen(tmp_path) == (list(range(10)), 0)
+    assert (tmp_path / "spool" / fmt.segment_name(5)).is_dir()
 
 
 def test_connected_the_spool_never_drops_it_leaves_the_records_in_memory(tmp_path: Path) -> None:

@@ -115,9 +115,14 @@ def test_at_the_bound_drops_are_counted_exactly(
         beat = last_heartbeat(center)
         assert agent.stop() == 0
     dropped = int(beat["spool_dropped_records"])
+    perhaps = int(beat["spool_dropped_resent_records"])
+    print(f"lost {result.lost}, counted {dropped} + {perhaps} written once before the cut, "
+          f"{result.duplicates} duplicates")
     assert dropped > 0
-    assert result.duplicates == 0
-    assert result.lost == dropped
+    # What was written on the cut stream is sent again: it may arrive twice, or, dropped at
+    # the bound, be missing or not (no acknowledgements); it is counted apart.
+    assert result.lost - perhaps <= dropped <= result.lost
+    assert result.duplicates <= MAX_MESSAGE_BYTES // 250
     assert int(beat["spool_dropped_bytes"]) > 0
 
 

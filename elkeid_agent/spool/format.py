@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from elkeid_agent.wire import MAX_MESSAGE_BYTES
@@ -147,3 +148,67 @@ def segment_id(name: str) -> int | None:
     if dot and ext == "seg" and len(stem) == 16 and stem.isdigit():
         return int(stem)
     return None
+
+
+#: Bytes read at a time by `scan_reader`: start-up memory is bounded by this and one payload.
+SCAN_CHUNK = 1024 * 1024
+
+
+def scan_reader(read_at: Callable[[int, int], bytes], size: int) -> ScanResult:
+    """`scan` over a file of `size` bytes read in SCAN_CHUNK pieces through `read_at(pos, n)`
+    (which returns at most n bytes, fewer at the end): memory stays bounded whatever the file
+    holds or its headers claim."""
+    entries: list[EntryHead] = []
+    corrupt = corrupt_bytes = 0
+    damaged_from = -1
+    buf = b""
+    buf_at = 0
+
+    def window(pos: int, n: int) -> bytes:
+        nonlocal buf, buf_at
+        if pos < buf_at or pos + n > buf_at + len(buf):
+            buf_at, buf = pos, read_at(pos, max(n, SCAN_CHUNK))
+        return buf[pos - buf_at : pos - buf_at + n]
+
+    def payload_crc(start: int, length: int) -> int:
+        crc = 0
+        done = 0
+        while done < length:
+            piece = window(start + done, min(SCAN_CHUNK, length - done))
+            if not piece:
+                break
+            crc = zlib.crc32(piece, crc)
+            done += len(piece)
+        return crc
+
+    pos = 0
+    while pos < size:
+        raw = window(pos, HEADER_BYTES)
+        head = decode_head(raw, 0)
+        if head is not None and pos + head.size <= size:
+            (want,) = struct.unpack_from("<I", raw, 14)
+            if payload_crc(pos + HEADER_BYTES, head.length) == want:
+                if damaged_from >= 0:
+                    corrupt += 1
+                    corrupt_bytes += pos - damaged_from
+                    damaged_from = -1
+                entries.append(EntryHead(pos, head.lane, head.count, head.time, head.length))
+                pos += head.size
+                continue
+        if damaged_from < 0:
+            damaged_from = pos
+        if head is not None and pos + head.size <= size:
+            pos += head.size  # the header is sound, so only this payload is lost
+            continue
+        pos += 1
+        while pos < size:
+            chunk = window(pos, min(SCAN_CHUNK, size - pos))
+            found = chunk.find(MAGIC.to_bytes(1, "little"))
+            if found >= 0:
+                pos += found
+                break
+            pos += len(chunk) if chunk else size
+    if damaged_from >= 0:
+        corrupt += 1
+        corrupt_bytes += size - damaged_from
+    return ScanResult(entries, corrupt, corrupt_bytes)

@@ -22,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from elkeid_agent.buffer import Batch, Lane, RecordBuffer
 from elkeid_agent.config import Config
-from elkeid_agent.spool.store import ReadBatch, Spool
+from elkeid_agent.spool.store import TRAIL_BYTES, ReadBatch, Spool
 from elkeid_agent.transport.discovery import (
     Backoff,
     Candidate,
@@ -48,8 +49,11 @@ TRANSFER_METHOD = "/grpc.Transfer/Transfer"
 MAX_GRPC_MESSAGE = 10 * 1024 * 1024
 #: Below the spool's high-water mark (spool.pump.HIGH_WATER, half of the buffer).
 FILL_MARK = 0.25
-# A stream that lived this long was healthy: the next failure starts backing off from 1 s again.
-HEALTHY_STREAM_SECONDS = 30.0
+# A stream that lived this long was healthy: the next failure starts backing off from the
+# initial delay again. Short enough that a server restarting every few seconds is rejoined
+# within seconds of each return; one that ends each stream at once still backs off
+# (tests/test_reconnect.py measures both).
+HEALTHY_STREAM_SECONDS = 3.0
 # One message's write: HTTP/2 flow control parks it while the server does not read, and its
 # transport still answers keepalive pings, so nothing else would end such a stream. An 8 MiB
 # message needs 70 KB/s to make it.
@@ -71,6 +75,7 @@ class TransferStats:
     connects: int = 0
     connect_failures: int = 0
     write_failures: int = 0
+    resent_records: int = 0
 
 
 @dataclass
@@ -119,7 +124,15 @@ class TransferLoop:
         self.config = config
         self.spool = spool
         self._finishing = False
+        self._half_closed = False
         self._session_ended = asyncio.Event()
+        # Messages written on the current stream and not known to be read, oldest first:
+        # TRAIL_BYTES of them (the newest always). A stream that ends otherwise than by the
+        # server's answer to our half-close sends them again (duplicates, never loss).
+        self._trail: deque[tuple[Batch | ReadBatch, int]] = deque()
+        self._trail_bytes = 0
+        if spool is not None:
+            spool.connected = lambda: self.state.connected
         self.tls = tls
         # Why the certificates on disk were last refused ("" when they loaded).
         self.tls_problem = ""
@@ -257,14 +270,13 @@ class TransferLoop:
             finally:
                 self.state.connected = False
                 self.channel = None
+                self._resend_trail()
                 await channel.close()
                 self._session_ended.set()
             self.on_down()
             if self._finishing:
                 break
-            if time.monotonic() - started >= HEALTHY_STREAM_SECONDS:
-                self.backoff.reset()
-            await asyncio.sleep(self.backoff.next())
+            await asyncio.sleep(delay_after_stream(self.backoff, time.monotonic() - started))
 
     async def _session(self, channel: grpc.aio.Channel, candidate: Candidate) -> None:
         call = channel.stream_stream(
@@ -278,6 +290,7 @@ class TransferLoop:
         self.state.last_error = ""
         self.state.dial_errors = []
         self.state.stats.connects += 1
+        self._half_closed = False
         log.info("connected to %s (%s)", candidate.address, candidate.net_mode)
         # The server pushes the full Configs after the first heartbeat of a connection.
         self.on_open()
@@ -315,6 +328,7 @@ class TransferLoop:
             full = min(MAX_MESSAGE_BYTES, int(self.buffer.max_bytes * FILL_MARK))
             await self.buffer.wait_filled(full, interval)
         await call.done_writing()
+        self._half_closed = True
 
     async def finish(self, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a deadline
         """Orderly exit: stop sending, half-close, wait for the server to end the stream."""
@@ -362,12 +376,45 @@ class TransferLoop:
         try:
             await self._write(call, message)
         except BaseException:
-            # Failed, timed out or cancelled: the batch goes back to the head of its lanes.
-            self.buffer.requeue(batch)
+            # Failed, timed out or cancelled: the batch goes back to the head.
+            self._requeue(batch, resent=False)
             raise
         finally:
             self.buffer.release(held)
+        self._trailed(batch, len(message))
         self._sent(batch.count, len(message))
+
+    def _requeue(self, batch: Batch, resent: bool) -> None:
+        """Records from memory to send again, before everything queued: at the head of the
+        spool if there is one (the spooler may have moved newer records there meanwhile, and
+        the spool's order rule sends it first), else at the head of their lanes."""
+        if self.spool is not None:
+            self.spool.prepend(batch, resent)
+        else:
+            self.buffer.requeue(batch)
+
+    def _trailed(self, batch: Batch | ReadBatch, size: int) -> None:
+        self._trail.append((batch, size))
+        self._trail_bytes += size
+        while len(self._trail) > 1 and self._trail_bytes > TRAIL_BYTES:
+            self._trail_bytes -= self._trail.popleft()[1]
+
+    def _resend_trail(self) -> None:
+        """The stream ended: unless the server confirmed it read everything, what was written
+        last goes back, newest first to the head, so it leaves again in the order it went."""
+        resent = 0
+        while self._trail:
+            batch, _size = self._trail.pop()
+            if isinstance(batch, ReadBatch):
+                if self.spool is not None:
+                    resent += self.spool.unsend(batch)
+            else:
+                self._requeue(batch, resent=True)
+                resent += batch.count
+        self._trail_bytes = 0
+        if resent:
+            self.state.stats.resent_records += resent
+            log.info("%d records written on the ended stream will be sent again", resent)
 
     async def _send_spooled(
         self, call: grpc.aio.StreamStreamCall, spool: Spool, batch: ReadBatch, header: bytes
@@ -379,9 +426,13 @@ class TransferLoop:
         self.buffer.hold(held)
         try:
             await self._write(call, message)
+        except BaseException:
+            spool.unread(batch)
+            raise
         finally:
             self.buffer.release(held)
         spool.commit(batch)
+        self._trailed(batch, len(message))
         self._sent(batch.count, len(message))
 
     async def _write(self, call: grpc.aio.StreamStreamCall, message: bytes) -> None:
@@ -409,15 +460,26 @@ class TransferLoop:
         while True:
             raw = await call.read()
             if raw is grpc.aio.EOF:
-                if self._finishing:
+                if self._finishing and self._half_closed:
                     # The answer to our half-close: everything written was read.
                     if self.spool is not None:
                         self.spool.confirm()
+                    self._trail.clear()
+                    self._trail_bytes = 0
                     return
                 raise StreamClosed("server closed the stream")
             stats.rx_commands += 1
             stats.rx_bytes += len(raw)
             await self.on_command(raw)
+
+
+def delay_after_stream(backoff: Backoff, lived: float) -> float:
+    """The wait before reconnecting after a stream that lived `lived` seconds: from the
+    initial delay again after a healthy one, else growing (a server that ends each stream at
+    once is not hammered)."""
+    if lived >= HEALTHY_STREAM_SECONDS:
+        backoff.reset()
+    return backoff.next()
 
 
 async def _ready_or_failed(channel: grpc.aio.Channel) -> bool:
