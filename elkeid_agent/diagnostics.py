@@ -273,10 +273,17 @@ def clean_config(value: Any, key: str = "") -> Any:
 
 def run_self(args: list[str], timeout: float) -> tuple[bytes, str]:
     """Run this executable's subcommand: (its stdout and stderr, a note with its exit)."""
-    command = [sys.executable] if getattr(sys, "frozen", False) else [
-        sys.executable, "-m", "elkeid_agent"]
+    env = child_env()
+    if getattr(sys, "frozen", False):
+        command = [sys.executable]
+    else:
+        # -P: `-m` would put the current directory first on sys.path, and root may run this
+        # from one another user can write (/tmp): the package that runs now is named instead.
+        command = [sys.executable, "-P", "-m", "elkeid_agent"]
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     try:
-        done = subprocess.run([*command, *args], env=child_env(), capture_output=True,
+        done = subprocess.run([*command, *args], env=env, capture_output=True,
                               timeout=timeout, check=False, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         return (exc.stdout or b"") + (exc.stderr or b""), f"stopped after {timeout:g} s"

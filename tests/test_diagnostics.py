@@ -188,3 +188,20 @@ def test_the_running_agents_proxy_password_is_read_from_its_process() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_the_subcommands_it_runs_never_import_from_the_current_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root running diagnostics from a directory another user can write (/tmp) must not
+    run that user's `elkeid_agent` package: `python -m` puts the current directory first."""
+    from elkeid_agent.diagnostics import run_self
+
+    planted = tmp_path / "elkeid_agent"
+    planted.mkdir()
+    (planted / "__init__.py").write_text("")
+    (planted / "__main__.py").write_text(
+        f"open({str(tmp_path / 'owned')!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    out, note = run_self(["--version"], 60)
+    assert not (tmp_path / "owned").exists()
+    assert note == "exit status 0", out
