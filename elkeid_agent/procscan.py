@@ -120,7 +120,7 @@ def _work_dir_of(config: str | None) -> Path | None:
         os.close(handle)
     try:
         value = tomllib.loads(data.decode()).get("work_dir")
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):  # nested deeply
         value = None
     work_dir = value if isinstance(value, str) and value else Config().work_dir
     return Path(os.path.realpath(work_dir))

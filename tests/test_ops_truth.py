@@ -214,6 +214,17 @@ def test_a_config_named_by_any_process_is_read_safely(tmp_path: Path) -> None:
     assert _work_dir_of(str(tmp_path / "missing.toml")) is None
 
 
+def test_a_config_nested_too_deeply_for_tomllib_does_not_end_ctl(tmp_path: Path) -> None:
+    """Any user may start `elkeid-agent --config F` with F nesting arrays a million deep:
+    tomllib recurses, and root's `ctl status` / `ctl cleanup` must still answer."""
+    deep = tmp_path / "deep.toml"
+    deep.write_text("work_dir = " + "[" * 200_000)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("work_dir = [")
+    # Read as leniently as any config that does not parse.
+    assert _work_dir_of(str(deep)) == _work_dir_of(str(broken))
+
+
 def test_a_config_named_by_any_process_is_never_opened_unless_regular(tmp_path: Path) -> None:
     """Opening a device has effects of its own (/dev/watchdog arms the host's reboot timer, a
     tape rewinds): a local user's `elkeid-agent --config /dev/watchdog` must not make root's
