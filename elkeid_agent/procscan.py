@@ -123,7 +123,10 @@ def _work_dir_of(config: str | None) -> Path | None:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):  # nested deeply
         value = None
     work_dir = value if isinstance(value, str) and value else Config().work_dir
-    return Path(os.path.realpath(work_dir))
+    try:
+        return Path(os.path.realpath(work_dir))
+    except ValueError:  # a NUL in the string: no path, and no agent could run there
+        return None
 
 
 def running_agents() -> list[AgentProc]:

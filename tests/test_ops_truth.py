@@ -225,6 +225,12 @@ def test_a_config_nested_too_deeply_for_tomllib_does_not_end_ctl(tmp_path: Path)
     assert _work_dir_of(str(deep)) == _work_dir_of(str(broken))
 
 
+def test_a_work_dir_holding_a_nul_does_not_end_ctl(tmp_path: Path) -> None:
+    config = tmp_path / "nul.toml"
+    config.write_text('work_dir = "/tmp/a\\u0000b"\n')
+    assert _work_dir_of(str(config)) is None
+
+
 def test_a_config_named_by_any_process_is_never_opened_unless_regular(tmp_path: Path) -> None:
     """Opening a device has effects of its own (/dev/watchdog arms the host's reboot timer, a
     tape rewinds): a local user's `elkeid-agent --config /dev/watchdog` must not make root's
