@@ -72,6 +72,9 @@ CGROUP_V1_FILES = (("memory", "memory.limit_in_bytes"), ("memory", "memory.usage
                    ("cpu", "cpu.cfs_quota_us"), ("cpu", "cpu.cfs_period_us"),
                    ("cpu,cpuacct", "cpu.cfs_quota_us"), ("cpu,cpuacct", "cpu.cfs_period_us"),
                    ("pids", "pids.max"))
+# A process's environment is read whole or not at all (a cut keeps whole lines, and it has
+# none); the kernel's own limit on it is far larger, a service's environment far smaller.
+ENVIRON_MAX = 1024 * 1024
 MIN_SECRET = 16  # shorter fragments of a key identify nothing
 
 
@@ -144,7 +147,7 @@ def unit_passwords(text: str) -> list[str]:
 
 def process_passwords(pid: int) -> list[str]:
     """The proxy passwords in the environment of process `pid` (the running agent's)."""
-    data, _ = read_head(Path(f"/proc/{pid}/environ"), SMALL_FILE, follow=True)
+    data, _ = read_head(Path(f"/proc/{pid}/environ"), ENVIRON_MAX, follow=True)
     return environment_passwords(data.decode("utf-8", "surrogateescape").split("\0"))
 
 
