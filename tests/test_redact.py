@@ -27,6 +27,9 @@ SECRET = "Sekr3tPw"
         (f"http://u:p@{SECRET}@h", "http://***@h"),
         ("mailto-free text with an @ sign", "mailto-free text with an @ sign"),
         ("http://host/path", "http://host/path"),
+        # Glued to a word character before it (a plugin's `error_http://...`).
+        (f"error_http://u:{SECRET}@h", "error_http://***@h"),
+        (f"1https://u:{SECRET}@h", "1https://***@h"),
     ],
 )
 def test_redact_masks_userinfo(text: str, shown: str) -> None:
