@@ -11,8 +11,10 @@ so it works with the agent running or stopped.
 Bounds: the bundle is at most MAX_BUNDLE_BYTES (4 MiB): every member is cut to its own cap
 (its tail, for logs) and all together to CONTENT_BUDGET, which leaves room for the tar headers
 and gzip's worst case. Secrets: the private key is never read into the bundle; every member
-passes through `Scrubber`, which masks URL credentials (redact.py), the proxy passwords of the
-environment and any line of the private key's PEM (a plugin could print it), as a last guard.
+passes through `Scrubber`, which masks URL credentials (redact.py), the proxy passwords (of
+this environment, of the unit's `Environment=` lines and of the running agent's process, as the
+agent's proxy is usually set in its unit, not in root's shell) and any line of the private
+key's PEM (a plugin could print it), as a last guard.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import socket
 import stat
 import subprocess
@@ -69,6 +72,9 @@ CGROUP_V1_FILES = (("memory", "memory.limit_in_bytes"), ("memory", "memory.usage
                    ("cpu", "cpu.cfs_quota_us"), ("cpu", "cpu.cfs_period_us"),
                    ("cpu,cpuacct", "cpu.cfs_quota_us"), ("cpu,cpuacct", "cpu.cfs_period_us"),
                    ("pids", "pids.max"))
+# A process's environment is read whole or not at all (a cut keeps whole lines, and it has
+# none); the kernel's own limit on it is far larger, a service's environment far smaller.
+ENVIRON_MAX = 1024 * 1024
 MIN_SECRET = 16  # shorter fragments of a key identify nothing
 
 
@@ -80,9 +86,13 @@ class Scrubber:
         self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
 
     @classmethod
-    def for_host(cls, key_path: str | None, env: Mapping[str, str]) -> Scrubber:
+    def for_host(cls, key_path: str | None, env: Mapping[str, str],
+                 more: list[str] | None = None) -> Scrubber:
+        """`more`: secrets found elsewhere (the proxy passwords of the agent's unit and
+        process, which the environment diagnostics runs in need not share)."""
         secrets = [password for name in PROXY_VARIABLES
                    if (password := proxy_password(env.get(name, "")))]
+        secrets += more or []
         if key_path:
             data, _ = read_head(Path(key_path), SMALL_FILE, follow=True)
             pem = data.decode("ascii", "replace")
@@ -109,6 +119,36 @@ def proxy_password(value: str) -> str:
     rest = value.partition("://")[2] or value
     userinfo, at, _ = rest.rpartition("@")
     return userinfo.partition(":")[2] if at else ""
+
+
+def environment_passwords(pairs: list[str]) -> list[str]:
+    """The proxy passwords among `NAME=value` assignments."""
+    out = []
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name in PROXY_VARIABLES and (password := proxy_password(value)):
+            out.append(password)
+    return out
+
+
+def unit_passwords(text: str) -> list[str]:
+    """The proxy passwords a unit's `Environment=` lines set (quoted as systemd quotes)."""
+    pairs: list[str] = []
+    for line in text.splitlines():
+        key, _, value = line.strip().partition("=")
+        if key.strip() != "Environment":
+            continue
+        try:
+            pairs += shlex.split(value)
+        except ValueError:  # an unbalanced quote: the words as they stand
+            pairs += value.split()
+    return environment_passwords(pairs)
+
+
+def process_passwords(pid: int) -> list[str]:
+    """The proxy passwords in the environment of process `pid` (the running agent's)."""
+    data, _ = read_head(Path(f"/proc/{pid}/environ"), ENVIRON_MAX, follow=True)
+    return environment_passwords(data.decode("utf-8", "surrogateescape").split("\0"))
 
 
 class Bundle:
@@ -236,10 +276,17 @@ def clean_config(value: Any, key: str = "") -> Any:
 
 def run_self(args: list[str], timeout: float) -> tuple[bytes, str]:
     """Run this executable's subcommand: (its stdout and stderr, a note with its exit)."""
-    command = [sys.executable] if getattr(sys, "frozen", False) else [
-        sys.executable, "-m", "elkeid_agent"]
+    env = child_env()
+    if getattr(sys, "frozen", False):
+        command = [sys.executable]
+    else:
+        # -P: `-m` would put the current directory first on sys.path, and root may run this
+        # from one another user can write (/tmp): the package that runs now is named instead.
+        command = [sys.executable, "-P", "-m", "elkeid_agent"]
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     try:
-        done = subprocess.run([*command, *args], env=child_env(), capture_output=True,
+        done = subprocess.run([*command, *args], env=env, capture_output=True,
                               timeout=timeout, check=False, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         return (exc.stdout or b"") + (exc.stderr or b""), f"stopped after {timeout:g} s"
@@ -283,7 +330,16 @@ def collect(config_path: str | None, env: Mapping[str, str]) -> tuple[Bundle, di
         # The key is still masked wherever the default config would look for it.
         merged, work_dir, key_path = dict(env), work_dir_hint(config_path), TlsConfig().key
         config_note = f"refused: {exc}"
-    bundle = Bundle(Scrubber.for_host(key_path, merged))
+    # Everything that tells a secret is read before the first member is added: each member is
+    # scrubbed as it is added.
+    status = read_status(work_dir)
+    live = status is not None and status.state != "stopped" and is_agent_process(
+        status.pid, status.started)
+    units = read_units()
+    found = [p for _, data, _ in units for p in unit_passwords(data.decode("utf-8", "replace"))]
+    if live and status is not None:
+        found += process_passwords(status.pid)
+    bundle = Bundle(Scrubber.for_host(key_path, merged, found))
     facts: dict[str, Any] = {
         "tool": f"{PRODUCT} diagnostics", "version": VERSION, "created": time.time(),
         "hostname": socket.gethostname(), "work_dir": str(work_dir),
@@ -312,7 +368,6 @@ def collect(config_path: str | None, env: Mapping[str, str]) -> tuple[Bundle, di
     out, note = run_self(["ctl", "--work-dir", str(work_dir), "status", "--json"],
                          STATUS_TIMEOUT)
     bundle.add("ctl-status.json", out, "elkeid-agent ctl status --json", note)
-    status = read_status(work_dir)
     facts["agent_pid"] = status.pid if status is not None else 0
 
     data, note = read_head(work_dir / RING_FILE, RING_MAX)
@@ -333,9 +388,8 @@ def collect(config_path: str | None, env: Mapping[str, str]) -> tuple[Bundle, di
         "files": listing(work_dir / "spool"),
     }, f"{work_dir / STATUS_FILE}, the last heartbeat, {work_dir / 'spool'}")
 
-    _add_units(bundle)
-    live = status is not None and status.state != "stopped" and is_agent_process(
-        status.pid, status.started)
+    for unit, data, note in units:
+        bundle.add(f"systemd{unit}", data, str(unit), note)
     pid = status.pid if live and status is not None else os.getpid()
     which = "the agent's" if pid != os.getpid() else "this process's (no agent running)"
     bundle.add("cgroup.txt", cgroup_text(pid).encode(), f"{which} cgroup and its limit files")
@@ -376,20 +430,20 @@ def _add_plugins(bundle: Bundle, work_dir: Path, states: list[Any]) -> None:
         bundle.add(f"plugins/{name}/{name}.stderr", data, str(stderr), note)
 
 
-def _add_units(bundle: Bundle) -> None:
+def read_units() -> list[tuple[Path, bytes, str]]:
+    """The unit and its drop-ins: (path, content, note)."""
+    out = []
     for directory in UNIT_DIRS:
         unit = Path(directory) / SERVICE
         if unit.is_file():
-            data, note = read_head(unit, SMALL_FILE, follow=True)
-            bundle.add(f"systemd{unit}", data, str(unit), note)
+            out.append((unit, *read_head(unit, SMALL_FILE, follow=True)))
         dropins = Path(directory) / f"{SERVICE}.d"
         try:
             confs = sorted(dropins.glob("*.conf"))[:MAX_DROPINS]
         except OSError:
             confs = []
-        for conf in confs:
-            data, note = read_head(conf, SMALL_FILE, follow=True)
-            bundle.add(f"systemd{conf}", data, str(conf), note)
+        out += [(conf, *read_head(conf, SMALL_FILE, follow=True)) for conf in confs]
+    return out
 
 
 def default_output(now: float | None = None) -> Path:

@@ -1,9 +1,10 @@
 """The last heartbeats, kept on disk for `elkeid-agent diagnostics`: `<work_dir>/heartbeats.json`.
 
 A ring of RING_SIZE entries (the agent heartbeat's fields, redacted as sent, and each plugin's
-state), each value cut at MAX_VALUE characters, so the file stays under ~100 KiB whatever a
-state_detail holds. The agent rewrites it at each heartbeat in a worker thread, atomically and
-without fsync (it describes a live process); 0600, as it names hosts, paths and reasons.
+state, redacted here), each value cut at MAX_VALUE characters, so the file stays under ~100 KiB
+whatever a state_detail holds. The agent rewrites it at each heartbeat in a worker thread,
+atomically and without fsync (it describes a live process); 0600, as it names hosts, paths and
+reasons.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import msgspec
 
 from elkeid_agent.fsutil import atomic_write
+from elkeid_agent.redact import redact
 
 RING_FILE = "heartbeats.json"
 RING_SIZE = 10
@@ -32,7 +34,8 @@ class HeartbeatRing:
             "time": at,
             "fields": {k: v[:MAX_VALUE] for k, v in fields.items()},
             "plugins": [
-                {k: v[:MAX_VALUE] if isinstance(v, str) else v for k, v in p.items()}
+                # A plugin's last_exit quotes its stderr, which may hold a URL's password.
+                {k: redact(v)[:MAX_VALUE] if isinstance(v, str) else v for k, v in p.items()}
                 for p in plugins
             ],
         })

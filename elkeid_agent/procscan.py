@@ -93,30 +93,40 @@ def config_arg(args: list[str]) -> str | None:
 def _work_dir_of(config: str | None) -> Path | None:
     """The work dir a config names, read leniently; None when the file is not a
     small regular file. Any user may start a process whose command line names a FIFO or
-    /dev/zero: opened without blocking, checked on the open file, read bounded."""
+    /dev/zero: only a regular file is ever opened for reading, and read bounded."""
     path = str(DEFAULT_CONFIG_PATH) if config is None else config
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # O_PATH opens nothing: opening a device has effects of its own (/dev/watchdog arms
+        # the reboot timer, a tape rewinds), so only the checked regular file is reopened,
+        # through its descriptor (the same inode, whatever the path names meanwhile).
+        handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except FileNotFoundError:
         # No config file: `run` uses its defaults, or refuses a --config that is missing.
         return Path(os.path.realpath(Config().work_dir)) if config is None else None
     except OSError:
         return None
     try:
-        st = os.fstat(fd)
+        st = os.fstat(handle)
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CONFIG_BYTES:
             return None
-        data = os.read(fd, MAX_CONFIG_BYTES)
+        fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, MAX_CONFIG_BYTES)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     finally:
-        os.close(fd)
+        os.close(handle)
     try:
         value = tomllib.loads(data.decode()).get("work_dir")
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):  # nested deeply
         value = None
     work_dir = value if isinstance(value, str) and value else Config().work_dir
-    return Path(os.path.realpath(work_dir))
+    try:
+        return Path(os.path.realpath(work_dir))
+    except ValueError:  # a NUL in the string: no path, and no agent could run there
+        return None
 
 
 def running_agents() -> list[AgentProc]:

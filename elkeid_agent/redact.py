@@ -18,9 +18,11 @@ from collections.abc import Mapping
 
 MASK = "***"
 # The scan for `@` is bounded (USERINFO_MAX) so that text with many `://` and no blank costs
-# linear time, not quadratic; no real userinfo comes near it.
+# linear time, not quadratic; no real userinfo comes near it. The scheme starts at any letter
+# not after a letter (not `\b`): a URL glued to a digit or `_` (`error_http://...`) has a
+# password all the same.
 USERINFO_MAX = 1024
-_USERINFO = re.compile(rf"(?i)\b([a-z][a-z0-9+.-]{{0,15}}://)[^\s'\"<>`]{{0,{USERINFO_MAX}}}@")
+_USERINFO = re.compile(rf"(?i)(?<![a-z])([a-z][a-z0-9+.-]{{0,15}}://)[^\s'\"<>`]{{0,{USERINFO_MAX}}}@")
 # The fields of a config or environment whose values are secrets whatever they look like.
 _SECRET_NAME = re.compile(r"(?i)(passw|secret|token|credential|api_?key|private)")
 

@@ -149,3 +149,59 @@ def test_plugin_files_are_read_only_when_regular_and_not_through_links(tmp_path:
     (tmp_path / "lines").write_bytes(b"aaaa\nbbbbbbbb\n")
     assert read_head(tmp_path / "lines", 8)[0] == b"aaaa\n"
     assert read_tail(tmp_path / "lines", 12)[0] == b"bbbbbbbb\n"
+
+
+def test_proxy_passwords_set_in_the_unit_are_masked_everywhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's proxy comes from its unit (a drop-in's Environment=), not from the shell
+    root runs diagnostics in: a scheme-less value (Go's and the agent's `user:pw@host:port`)
+    or a quoted one holding a blank is no URL redact() recognises."""
+    from elkeid_agent import diagnostics as diag
+
+    dropins = tmp_path / "units" / "elkeid-agent.service.d"
+    dropins.mkdir(parents=True)
+    (dropins / "proxy.conf").write_text(
+        f"[Service]\nEnvironment=HTTPS_PROXY=ops:{PASSWORD}@proxy.invalid:3128 "
+        f"\"HTTP_PROXY=http://ops:{PASSWORD} 2@proxy.invalid:3128\"\n")
+    monkeypatch.setattr(diag, "UNIT_DIRS", (str(tmp_path / "units"),))
+    work = tmp_path / "work"
+    noisy = work / "plugin" / "noisy"
+    noisy.mkdir(parents=True)
+    (noisy / "noisy.stderr").write_text(f"via ops:{PASSWORD}@proxy.invalid:3128\n")
+    config = tmp_path / "agent.toml"
+    config.write_text(f'work_dir = "{work}"\n')
+    bundle, _ = diag.collect(str(config), {"PATH": os.environ.get("PATH", "")})
+    members = dict(bundle.members)
+    assert "systemd" + str(dropins / "proxy.conf") in members
+    assert b"proxy.invalid:3128" in members["systemd" + str(dropins / "proxy.conf")]
+    for name, data in members.items():
+        assert PASSWORD.encode() not in data, name
+
+
+def test_the_running_agents_proxy_password_is_read_from_its_process() -> None:
+    from elkeid_agent.diagnostics import process_passwords
+
+    child = subprocess.Popen(["sleep", "30"], env={"HTTPS_PROXY": f"ops:{PASSWORD}@p:1",
+                                                   "NO_PROXY": "x"})
+    try:
+        assert process_passwords(child.pid) == [PASSWORD]
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_the_subcommands_it_runs_never_import_from_the_current_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root running diagnostics from a directory another user can write (/tmp) must not
+    run that user's `elkeid_agent` package: `python -m` puts the current directory first."""
+    from elkeid_agent.diagnostics import run_self
+
+    planted = tmp_path / "elkeid_agent"
+    planted.mkdir()
+    (planted / "__init__.py").write_text("")
+    (planted / "__main__.py").write_text(
+        f"open({str(tmp_path / 'owned')!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    out, note = run_self(["--version"], 60)
+    assert not (tmp_path / "owned").exists()
+    assert note == "exit status 0", out

@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,49 @@ def test_a_config_named_by_any_process_is_read_safely(tmp_path: Path) -> None:
     assert _work_dir_of(str(fifo)) is None  # at once: no writer is waited for
     assert _work_dir_of("/dev/zero") is None
     assert _work_dir_of(str(tmp_path / "missing.toml")) is None
+
+
+def test_a_config_nested_too_deeply_for_tomllib_does_not_end_ctl(tmp_path: Path) -> None:
+    """Any user may start `elkeid-agent --config F` with F nesting arrays a million deep:
+    tomllib recurses, and root's `ctl status` / `ctl cleanup` must still answer."""
+    deep = tmp_path / "deep.toml"
+    deep.write_text("work_dir = " + "[" * 200_000)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("work_dir = [")
+    # Read as leniently as any config that does not parse.
+    assert _work_dir_of(str(deep)) == _work_dir_of(str(broken))
+
+
+def test_a_work_dir_holding_a_nul_does_not_end_ctl(tmp_path: Path) -> None:
+    config = tmp_path / "nul.toml"
+    config.write_text('work_dir = "/tmp/a\\u0000b"\n')
+    assert _work_dir_of(str(config)) is None
+
+
+def test_a_config_named_by_any_process_is_never_opened_unless_regular(tmp_path: Path) -> None:
+    """Opening a device has effects of its own (/dev/watchdog arms the host's reboot timer, a
+    tape rewinds): a local user's `elkeid-agent --config /dev/watchdog` must not make root's
+    `ctl status` or `ctl cleanup` open it. Seen through a FIFO: a writer blocked in open()
+    returns once a reader opens it."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "c.toml"
+    link.symlink_to(fifo)
+    opened = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(fifo, os.O_WRONLY)
+        opened.set()
+        os.close(fd)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        assert _work_dir_of(str(link)) is None
+        assert not opened.wait(1.0), "the FIFO was opened for reading"
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # let the writer go
+        thread.join(5)
 
 
 # --- doctor -----------------------------------------------------------------------------------

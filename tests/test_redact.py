@@ -27,6 +27,9 @@ SECRET = "Sekr3tPw"
         (f"http://u:p@{SECRET}@h", "http://***@h"),
         ("mailto-free text with an @ sign", "mailto-free text with an @ sign"),
         ("http://host/path", "http://host/path"),
+        # Glued to a word character before it (a plugin's `error_http://...`).
+        (f"error_http://u:{SECRET}@h", "error_http://***@h"),
+        (f"1https://u:{SECRET}@h", "1https://***@h"),
     ],
 )
 def test_redact_masks_userinfo(text: str, shown: str) -> None:
@@ -107,3 +110,15 @@ def test_redact_is_linear_on_hostile_text() -> None:
     started = time.monotonic()
     assert redact("@" + "http://" * 20000) == "@" + "http://" * 20000
     assert time.monotonic() - started < 5  # quadratic would take minutes
+
+
+def test_the_heartbeat_ring_keeps_no_url_credentials() -> None:
+    """A plugin's last_exit quotes its stderr's last line, which may hold a URL's password."""
+    from elkeid_agent.heartbeat_ring import HeartbeatRing
+
+    ring = HeartbeatRing()
+    ring.add(1.0, {"state": "running"}, [{
+        "name": "p", "restarts": 1,
+        "last_exit": "exit 1; p.stderr: GET http://ops:S3cretPw@files.invalid/x failed"}])
+    assert b"S3cretPw" not in ring.encode()
+    assert b"http://***@files.invalid/x" in ring.encode()

@@ -212,3 +212,19 @@ def test_the_signing_tool_keygen_sign_verify(tmp_path: Path) -> None:
     assert run("strip", str(artifact)).returncode == 0
     assert artifact.read_bytes() == CONTENT
     assert "no block" in run("strip", str(artifact)).stdout
+
+
+def test_a_key_id_that_is_not_hex_is_malformed(tmp_path: Path) -> None:
+    """Whoever serves the file writes an unknown key's id, which the refusal quotes into the
+    log and state_detail: a newline there would forge log lines."""
+    import hashlib
+
+    from elkeid_agent.signing.format import Metadata, encode_block, encode_metadata
+
+    forged = "0123456789abcdef\n2026-12-07 00:00:00 INFO plugin p 1 started"
+    meta = encode_metadata(Metadata(key_id=forged, name="p", version="1", size=len(CONTENT),
+                                    sha256=hashlib.sha256(CONTENT).hexdigest()))
+    path = _file(tmp_path, CONTENT + encode_block(meta, b"\x00" * SIGNATURE_BYTES))
+    with pytest.raises(BadBlock, match="key_id"):
+        read_block(path)
+    assert "\n" not in str(_check(path, TestKey()))

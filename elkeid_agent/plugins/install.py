@@ -9,7 +9,9 @@ the executable name only ever points at verified bytes.
 The appended signature (docs/signing.md) is checked right after the download, before
 anything unpacks or runs: refused in `enforce`, logged in `warn`. A bare executable keeps
 its block (an ELF file runs with bytes after its end, and its sha256 stays the one the
-server names); a tar.gz loses it before it is unpacked.
+server names); a tar.gz loses it before it is unpacked, and its verification is recorded
+beside the unpacked files (`.signature.json`), which have no block of their own to check at
+the next sync.
 """
 
 from __future__ import annotations
@@ -30,9 +32,17 @@ from elkeid_agent.download import (
     file_matches,
     sha256_file,
 )
-from elkeid_agent.fsutil import remove_tree
+from elkeid_agent.fsutil import atomic_write, remove_tree
 from elkeid_agent.progress import Progress
-from elkeid_agent.signing.check import Verdict, Verifier, strip
+from elkeid_agent.readcap import SMALL_FILE_BYTES, read_capped
+from elkeid_agent.signing.check import (
+    UNPACKED_RECORD,
+    Verdict,
+    Verifier,
+    strip,
+    unpacked_record,
+)
+from elkeid_agent.signing.keys import Policy
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +90,20 @@ async def prepare(
     if await asyncio.to_thread(file_matches, executable, expected):
         if spec.type != TAR_GZ:
             # The same bytes, now asked for as this name and version: the block they kept
-            # must say so too (an unpacked archive's executable has no block to ask).
+            # must say so too.
             _apply(await asyncio.to_thread(verifier.check, executable, spec.name,
                                            spec.version), spec)
-        return None
+            return None
+        # An unpacked archive's executable has no block to ask: the record written when its
+        # archive was verified speaks for it. Without one (a bare plugin installed unsigned
+        # under warn, now called an archive's executable; files the Go agent unpacked),
+        # enforce fetches and checks the archive again rather than run them.
+        found = await asyncio.to_thread(_unpacked_problem, verifier, directory, spec, expected)
+        if found is None or verifier.policy is not Policy.ENFORCE:
+            _apply(Verdict(found, False, None), spec)
+            return None
+        log.warning("plugin %s %s: %s; its archive is downloaded and checked", spec.name,
+                    spec.version, found)
     if not spec.download_urls:
         raise InstallError("executable missing or different, and no download URL")
     download = await download_verified(
@@ -109,10 +129,35 @@ async def prepare(
             if not candidate.is_file():
                 raise InstallError(f"the archive has no executable {spec.name!r} at its top level")
         await asyncio.to_thread(check_signature, candidate, spec.signature)
+        if staged.unpacked is not None:
+            await asyncio.to_thread(_record_unpacked, staged.unpacked, verdict, spec, candidate)
     except BaseException:
         discard(staged)
         raise
     return staged
+
+
+def _unpacked_problem(verifier: Verifier, directory: Path, spec: ConfigSpec,
+                      executable_sha256: str) -> str | None:
+    try:
+        record: bytes | None = read_capped(directory / UNPACKED_RECORD, SMALL_FILE_BYTES)
+    except OSError:
+        record = None
+    return verifier.unpacked_problem(record, spec.name, spec.version, executable_sha256)
+
+
+def _record_unpacked(unpacked: Path, verdict: Verdict, spec: ConfigSpec,
+                     executable: Path) -> None:
+    """Our record of the archive's verification beside its files, never the archive's own (an
+    unsigned one used under warn could carry a record claiming anything)."""
+    path = unpacked / UNPACKED_RECORD
+    if path.is_dir() and not path.is_symlink():
+        remove_tree(path)
+    else:
+        path.unlink(missing_ok=True)
+    record = unpacked_record(verdict, spec.name, spec.version, executable)
+    if record is not None:
+        atomic_write(path, record, 0o644, durable=False)
 
 
 def _apply(verdict: Verdict, spec: ConfigSpec) -> str | None:
@@ -142,6 +187,8 @@ def check_signature(executable: Path, signature: str) -> None:
 
 def commit(staged: Staged, name: str) -> None:
     """Move the staged files into the plugin directory (the plugin must not be running)."""
+    # The record of the files being replaced; an archive's own comes with them.
+    (staged.directory / UNPACKED_RECORD).unlink(missing_ok=True)
     if staged.unpacked is None:
         os.chmod(staged.download, 0o755)
         os.replace(staged.download, staged.directory / name)

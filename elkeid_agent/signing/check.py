@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
+
 from elkeid_agent.config import SigningConfig
 from elkeid_agent.signing.format import MAX_BLOCK, BadBlock, Block, parse_tail
 from elkeid_agent.signing.keys import PinnedKey, Policy, decode_public_key, is_downgrade, problem
@@ -25,6 +27,16 @@ HASH_CHUNK = 1024 * 1024
 #: Heartbeat counters: artifacts refused in enforce, and used despite a problem in warn.
 REFUSED_COUNTER = "signature_refused"
 WARNED_COUNTER = "signature_warnings"
+#: Beside the files unpacked from an archive whose signature held (plugins/install.py): what
+#: was verified, since the unpacked executable carries no block to check at the next sync.
+UNPACKED_RECORD = ".signature.json"
+
+
+class UnpackedRecord(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    name: str
+    version: str
+    key_id: str
+    executable_sha256: str
 
 
 @dataclass(frozen=True)
@@ -60,10 +72,46 @@ class Verifier:
                      "not allowed by the signed metadata")
         return self._verdict(found, block)
 
+    def unpacked_problem(self, record: bytes | None, name: str, version: str,
+                         executable_sha256: str) -> str | None:
+        """Why files in place, unpacked from an archive, are not known to be what a pinned
+        key signed as `name` `version` (`record`: the UNPACKED_RECORD beside them, None when
+        there is none); None if they are, or under policy off."""
+        if self.policy is Policy.OFF:
+            return None
+        if record is None:
+            return "the files in place were not unpacked from a verified archive"
+        try:
+            rec = msgspec.json.decode(record, type=UnpackedRecord)
+        except msgspec.DecodeError:
+            return f"{UNPACKED_RECORD} does not parse"
+        if rec.name != name or rec.version != version:
+            return (f"the files in place were verified as {rec.name!r} {rec.version!r}, "
+                    f"not {name!r} {version!r}")
+        if rec.executable_sha256 != executable_sha256.lower():
+            return "the executable in place is not the one verified"
+        key = next((k for k in self.keys if k.key_id == rec.key_id), None)
+        if key is None:
+            return f"verified with key {rec.key_id}, no longer pinned"
+        if key.not_after is not None and datetime.now(UTC) > key.not_after:
+            return f"verified with key {rec.key_id}, expired {key.not_after.isoformat()}"
+        return None
+
     def _verdict(self, found: str | None, block: Block | None) -> Verdict:
         if self.policy is Policy.OFF:
             return Verdict(None, False, None)
         return Verdict(found, found is not None and self.policy is Policy.ENFORCE, block)
+
+
+def unpacked_record(verdict: Verdict, name: str, version: str, executable: Path) -> bytes | None:
+    """The UNPACKED_RECORD for `executable`, unpacked from an archive with this verdict; None
+    unless its signature held (unsigned, a problem used anyway in warn, or policy off)."""
+    if verdict.problem is not None or verdict.block is None:
+        return None
+    digest = sha256_prefix(executable, executable.stat().st_size)
+    return msgspec.json.encode(UnpackedRecord(
+        name=name, version=version, key_id=verdict.block.metadata.key_id,
+        executable_sha256=digest))
 
 
 def verifier_from(config: SigningConfig) -> Verifier:

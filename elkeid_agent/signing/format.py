@@ -34,6 +34,7 @@ DOMAIN = b"elkeid-artifact-signature-v1\x00"
 FORMAT_VERSION = 1
 KEY_ID_BYTES = 8
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_KEY_ID = re.compile(rf"[0-9a-f]{{{2 * KEY_ID_BYTES}}}")
 
 
 class BadBlock(Exception):
@@ -108,4 +109,7 @@ def parse_tail(tail: bytes, file_size: int) -> Block | None:
                        f"the file holds {file_size - block_len}")
     if not _HEX64.fullmatch(metadata.sha256):
         raise BadBlock("metadata sha256 is not 64 lowercase hex digits")
+    if not _KEY_ID.fullmatch(metadata.key_id):
+        # Unverified text a refusal would quote into the log and state_detail.
+        raise BadBlock(f"metadata key_id is not {2 * KEY_ID_BYTES} lowercase hex digits")
     return Block(metadata, metadata_bytes, signature)

@@ -120,3 +120,81 @@ def test_bytes_in_place_asked_for_as_another_version_are_checked_again(tmp_path:
     assert ran == {"p": False}
     assert any("signed for 'p' '1', not 'p' '2'" in e for e in errors)
     assert counters == {"signature_refused": 1}
+
+
+def _sync_specs(work: Path, verifier: Verifier, files: Files,
+                specs: list[ConfigSpec]) -> tuple[dict[str, bool], list[str]]:
+    """Sync prepared specs; which plugins ran (wrote `ran`) and the sync's errors."""
+
+    async def main() -> tuple[dict[str, bool], list[str]]:
+        async with Harness(work) as h:
+            h.sup.verifier = verifier
+            await h.sup.sync(specs)
+            ran = {s.name: work / "plugin" / s.name / "ran" for s in specs}
+            started = [n for n in ran if h.sup.slot_info(n) is not None]
+            await until(lambda: all(ran[n].exists() for n in started), what="plugins ran")
+            errors = h.sup.errors()
+        return {n: p.exists() for n, p in ran.items()}, errors
+
+    return run(main())
+
+
+def test_files_in_place_of_a_tar_gz_run_in_enforce_only_if_verified_when_unpacked(
+        tmp_path: Path) -> None:
+    """An unpacked archive's executable carries no block: in `enforce` it runs from disk only
+    when this agent verified the archive it came from. Else (a bare plugin installed unsigned
+    under `warn`, now asked for as a tar.gz naming its hash; files the Go agent unpacked) the
+    archive is fetched and checked again."""
+    key = TestKey()
+    with files_server() as files:
+        # Installed unsigned under warn.
+        ran, _ = _sync_specs(tmp_path, Verifier(Policy.WARN, [key.pinned]), files,
+                             [_spec(files, "p", PLUGIN)])
+        assert ran == {"p": True}
+        (tmp_path / "plugin" / "p" / "ran").unlink()
+        # Enforce: the server calls the bytes in place a tar.gz's executable (signature),
+        # and serves an unsigned archive.
+        files.files["/p.tar.gz"] = unsigned = tar_gz({"p": PLUGIN})
+        flipped = ConfigSpec(name="p", version="1", type="tar.gz", sha256=sha(unsigned),
+                             signature=sha(PLUGIN), download_urls=(files.url("/p.tar.gz"),))
+        ran, errors = _sync_specs(tmp_path, Verifier(Policy.ENFORCE, [key.pinned]), files,
+                                  [flipped])
+        assert ran == {"p": False}
+        assert any("plugin p: signature: unsigned; refused" in e for e in errors)
+
+        # A signed archive, verified when unpacked: its files run from disk at the next sync,
+        # not downloaded again.
+        files.files["/q.tar.gz"] = archive = key.sign(tar_gz({"q": PLUGIN}), "q", "1")
+        spec = ConfigSpec(name="q", version="1", type="tar.gz", sha256=sha(archive),
+                          signature=sha(PLUGIN), download_urls=(files.url("/q.tar.gz"),))
+        enforce = Verifier(Policy.ENFORCE, [key.pinned])
+        assert _sync_specs(tmp_path / "q", enforce, files, [spec]) == ({"q": True}, [])
+        (tmp_path / "q" / "plugin" / "q" / "ran").unlink()
+        files.hits.clear()
+        assert _sync_specs(tmp_path / "q", enforce, files, [spec]) == ({"q": True}, [])
+        assert files.hits == []
+        # The same files asked for as another version are fetched (and refused: signed as 1).
+        files.hits.clear()
+        later = ConfigSpec(name="q", version="2", type="tar.gz", sha256=sha(archive),
+                           signature=sha(PLUGIN), download_urls=(files.url("/q.tar.gz"),))
+        ran, errors = _sync_specs(tmp_path / "q", enforce, files, [later])
+        assert files.hits == ["/q.tar.gz"]
+        assert any("signed for 'q' '1', not 'q' '2'" in e for e in errors)
+
+
+def test_an_archive_cannot_bring_its_own_record_of_verification(tmp_path: Path) -> None:
+    key = TestKey()
+    with files_server() as files:
+        forged = (b'{"name":"p","version":"1","key_id":"' + key.pinned.key_id.encode()
+                  + b'","executable_sha256":"' + sha(PLUGIN).encode() + b'"}')
+        files.files["/p.tar.gz"] = unsigned = tar_gz({"p": PLUGIN, ".signature.json": forged})
+        spec = ConfigSpec(name="p", version="1", type="tar.gz", sha256=sha(unsigned),
+                          signature=sha(PLUGIN), download_urls=(files.url("/p.tar.gz"),))
+        assert _sync_specs(tmp_path, Verifier(Policy.WARN, [key.pinned]), files,
+                           [spec])[0] == {"p": True}
+        assert not (tmp_path / "plugin" / "p" / ".signature.json").exists()
+        (tmp_path / "plugin" / "p" / "ran").unlink()
+        ran, errors = _sync_specs(tmp_path, Verifier(Policy.ENFORCE, [key.pinned]), files,
+                                  [spec])
+        assert ran == {"p": False}
+        assert any("plugin p: signature: unsigned; refused" in e for e in errors)
