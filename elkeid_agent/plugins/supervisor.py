@@ -623,8 +623,10 @@ class PluginSupervisor:
                 if self._closing:
                     return
                 if staged is not None:
-                    # Renames and, for an archive replacing a directory, rmtree: off the loop.
-                    await asyncio.to_thread(install.commit, staged, spec.name)
+                    # Renames and, for an archive replacing a directory, rmtree: off the loop,
+                    # and to its end even when cancelled (the agent torn down), or `discard`
+                    # below would remove the staged files while the thread still moves them.
+                    await run_to_end(partial(install.commit, staged, spec.name))
                     staged = None
                 self._start_slot(spec, directory)
         finally:
