@@ -6,6 +6,7 @@ one), as a kernel slow to empty a cgroup would make it."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -117,5 +118,46 @@ def test_run_to_end_waits_for_its_thread_through_cancels() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         assert done, "the cancel returned before the thread's work was over"
+
+    run(main())
+
+
+def cgroup_left(cgroup: cgroupfs.PluginCgroup) -> bool:
+    return any(os.path.isdir(d) for d in cgroup.directories())
+
+
+@pytest.mark.skipif(not cgroupfs.probe().usable, reason="needs a writable cgroup hierarchy")
+def test_a_cgroup_left_when_its_slot_ends_is_counted_and_swept_at_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = cgroupfs.kill_cgroup
+    calls: list[int] = []
+
+    def failing_twice(*args: Any, **kwargs: Any) -> int:
+        calls.append(1)
+        if len(calls) <= 2:  # the stop's kill and the slot's drop: as a kernel refusing them
+            raise OSError(16, "Device or resource busy")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cgroupfs, "kill_cgroup", failing_twice)
+    mark = uuid.uuid4().hex
+    # It exits when its task pipe closes (stop), leaving a setsid descendant behind.
+    exe = sh_plugin(f"export TEST_MARK={mark}\nsetsid sh -c 'while :; do sleep 1; done' &\n"
+                    "cat <&3 >/dev/null")
+    install_plugin(tmp_path, "setsid", exe)
+
+    async def main() -> None:
+        async with Harness(tmp_path) as h:
+            await h.sup.sync([local_spec("setsid", exe)])
+            await until(lambda: len(marked(mark)) >= 3, what="descendants")
+            cgroup = h.sup._slots["setsid"].cgroup
+            assert cgroup is not None
+            await h.sup.sync([])
+            assert h.sup.health.counters["plugin_cgroup_leftovers"] == 1
+            assert marked(mark), "the setsid descendant outlived its group's kill"
+            assert cgroup_left(cgroup)
+        # The supervisor's stop swept it: no process, no cgroup left.
+        await until(lambda: not marked(mark), limit=5, what="every process gone")
+        assert not cgroup_left(cgroup)
 
     run(main())
