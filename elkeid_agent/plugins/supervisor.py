@@ -263,7 +263,8 @@ class PluginSupervisor:
             log.error("cannot create %s: %s", self.root, exc)
         self._setup_containment()
         try:
-            killed = orphans.reap(self.root / orphans.PGIDS_FILE)
+            # A walk of /proc (one per process on a busy host): off the loop, as the sweep.
+            killed = await run_to_end(partial(orphans.reap, self.root / orphans.PGIDS_FILE))
             if self.cgroups is not None:
                 killed += await run_to_end(partial(cgroupfs.sweep, self.cgroups))
         except Exception as exc:  # the boundary of the reaping: what it reads is from disk
