@@ -108,3 +108,21 @@ def test_config_hold_keeps_the_push_out(tmp_path: Path) -> None:
     manager = asyncio.run(scenario())
     assert (manager.hold, manager.held_version) == ("config", "9.9")
     assert manager._pending is None
+
+
+def test_a_newer_set_without_the_agent_drops_the_held_version(tmp_path: Path) -> None:
+    manager = UpgradeManager(
+        tmp_path, emit=lambda _: None, errors={}, request_exit=lambda: None,
+        startup=StartupResult(False, UpgradeState.IDLE), env={},
+        settings=settings_from(UpgradeConfig()), version="1.0",
+    )
+    assert ctl("--work-dir", str(tmp_path), "hold").returncode == 0
+    asyncio.run(manager.consider(ConfigSpec(name="elkeid-agent", version="9.9",
+                                            sha256="ab" * 32, download_urls=("http://x/a",))))
+    assert manager.held_version == "9.9"
+    # The server withdrew the upgrade, then the hold is released: nothing is tried.
+    asyncio.run(manager.withdraw())
+    assert ctl("--work-dir", str(tmp_path), "release").returncode == 0
+    manager.recheck_hold()
+    assert (manager.hold, manager.held_version) == ("", "")
+    assert manager._pending is None

@@ -330,8 +330,9 @@ class UpgradeManager:
 
     async def withdraw(self) -> None:
         """No entry for the agent in the newest set: the wish not yet tried is dropped and a
-        download under way ends (an attempt past its download runs to its end)."""
-        self._pending = None
+        download under way ends (an attempt past its download runs to its end); a version
+        kept out by a hold is no longer wanted either."""
+        self._pending = self._held = None
         self._end_download()
 
     def _end_download(self) -> None:
