@@ -319,11 +319,13 @@ class UpgradeManager:
                 self._clear_error()
             return
         if self._keep_out(config):
+            self._pending = None  # an older wish not yet taken: the newer entry replaces it
             return
         self._held = None
         refusal = self._refusal(config)
         if refusal is not None:
             self._say_once(*refusal)
+            self._pending = None  # as when held: the older wish is not wanted any more
             return
         self._pending = config
         self._wake.set()
