@@ -430,11 +430,12 @@ class UpgradeManager:
         self.machine.handle(Event.START)
         self._clear_error()
         log.info("upgrade from %s to %s: starting", self.version, config.version)
-        tmp = self.work_dir / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        attempt_dir = Path(tempfile.mkdtemp(prefix=ATTEMPT_PREFIX, dir=tmp))
+        attempt_dir: Path | None = None
         self._attempting = config
         try:
+            tmp = self.work_dir / "tmp"
+            tmp.mkdir(parents=True, exist_ok=True)
+            attempt_dir = Path(tempfile.mkdtemp(prefix=ATTEMPT_PREFIX, dir=tmp))
             await self._fetch_probe_swap(config, attempt_dir)
         except UpgradeFailed as exc:
             if exc.counter is not None:
@@ -444,9 +445,13 @@ class UpgradeManager:
             # Not a failure of this version: no error, no retry delay, no 5100.
             self.machine.handle(Event.FAILED)
             log.info("upgrade to %s: download ended, a newer entry came", config.version)
+        except Exception as exc:  # the boundary of one attempt (a full or read-only disk)
+            log.exception("upgrade to %s failed", config.version)
+            self._failed(config, repr(exc))
         finally:
             self._attempting = None
-            await asyncio.to_thread(remove_tree, attempt_dir, ignore_errors=True)
+            if attempt_dir is not None:
+                await asyncio.to_thread(remove_tree, attempt_dir, ignore_errors=True)
 
     def _abandoned(self, reason: str) -> None:
         log.error("upgrade: download abandoned: %s", reason)
