@@ -199,25 +199,15 @@ def exit_with_stderr(reason: str, path: Path) -> str:
 
 
 def _open_stderr(path: Path) -> int:
-    """The plugin's stderr file, truncated. The directory is the plugin's: whatever else it
-    left at the path (a FIFO, which a blocking open() would wait on with the event loop) is
-    replaced by a fresh file."""
+    """The plugin's stderr file, a new one each run: whatever is at the path is unlinked
+    first. The last run's copier may still drain a pipe a stray process holds; it writes to
+    the old file, never into this one. The directory is the plugin's: whatever it left at
+    the path (a FIFO, which a blocking open() would wait on with the event loop) goes too."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
     # O_RDWR: keeping the newest part under the cap reads it back (plugins/stderr.py).
-    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as exc:
-        if exc.errno != errno.ENXIO:  # ENXIO: a FIFO without a reader
-            raise
-    else:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            os.set_blocking(fd, True)
-            return fd
-        os.close(fd)
-    path.unlink()
-    fd = os.open(path, flags | os.O_EXCL, 0o600)
-    os.set_blocking(fd, True)
-    return fd
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    return os.open(path, flags, 0o600)
 
 
 @dataclass
