@@ -451,7 +451,7 @@ class UpgradeManager:
         finally:
             self._attempting = None
             if attempt_dir is not None:
-                await asyncio.to_thread(remove_tree, attempt_dir, ignore_errors=True)
+                await _remove_attempt(attempt_dir)
 
     def _abandoned(self, reason: str) -> None:
         log.error("upgrade: download abandoned: %s", reason)
@@ -628,6 +628,16 @@ class UpgradeManager:
         log.info("upgrade from %s to %s: %s swapped (%s); exiting so that it starts",
                  record.from_version, record.to_version, record.target, record.method)
         self.request_exit()
+
+
+async def _remove_attempt(attempt_dir: Path) -> None:
+    """Remove an attempt's directory in a worker thread; when cancelled (the agent stops
+    just then), here at once: a cancel before the worker started the job drops it."""
+    try:
+        await asyncio.to_thread(remove_tree, attempt_dir, ignore_errors=True)
+    except asyncio.CancelledError:
+        remove_tree(attempt_dir, ignore_errors=True)
+        raise
 
 
 def _extract(artifact: Path, candidate: Path, max_bytes: int) -> ArtifactKind:
