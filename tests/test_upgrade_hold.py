@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from agentproc import REPO, AgentProcess, patch_config, wait_until
@@ -107,4 +108,55 @@ def test_config_hold_keeps_the_push_out(tmp_path: Path) -> None:
 
     manager = asyncio.run(scenario())
     assert (manager.hold, manager.held_version) == ("config", "9.9")
+    assert manager._pending is None
+
+
+def test_a_newer_set_without_the_agent_drops_the_held_version(tmp_path: Path) -> None:
+    manager = UpgradeManager(
+        tmp_path, emit=lambda _: None, errors={}, request_exit=lambda: None,
+        startup=StartupResult(False, UpgradeState.IDLE), env={},
+        settings=settings_from(UpgradeConfig()), version="1.0",
+    )
+    assert ctl("--work-dir", str(tmp_path), "hold").returncode == 0
+    asyncio.run(manager.consider(ConfigSpec(name="elkeid-agent", version="9.9",
+                                            sha256="ab" * 32, download_urls=("http://x/a",))))
+    assert manager.held_version == "9.9"
+    # The server withdrew the upgrade, then the hold is released: nothing is tried.
+    asyncio.run(manager.withdraw())
+    assert ctl("--work-dir", str(tmp_path), "release").returncode == 0
+    manager.recheck_hold()
+    assert (manager.hold, manager.held_version) == ("", "")
+    assert manager._pending is None
+
+
+def test_a_version_held_replaces_the_wish_not_yet_tried(tmp_path: Path) -> None:
+    manager = UpgradeManager(
+        tmp_path, emit=lambda _: None, errors={}, request_exit=lambda: None,
+        startup=StartupResult(False, UpgradeState.IDLE), env={},
+        settings=settings_from(UpgradeConfig()), version="1.0",
+    )
+
+    def spec(version: str) -> ConfigSpec:
+        return ConfigSpec(name="elkeid-agent", version=version, sha256="ab" * 32,
+                          download_urls=("http://x/a",))
+
+    asyncio.run(manager.consider(spec("9.8")))  # noted; run() has not taken it yet
+    assert ctl("--work-dir", str(tmp_path), "hold").returncode == 0
+    asyncio.run(manager.consider(spec("9.9")))
+    # The newer set's version is the one held; the older wish is gone, not tried meanwhile.
+    assert manager.held_version == "9.9"
+    assert manager._pending is None
+
+
+def test_a_refused_newer_version_replaces_the_wish_not_yet_tried(tmp_path: Path) -> None:
+    manager = UpgradeManager(
+        tmp_path, emit=lambda _: None, errors={}, request_exit=lambda: None,
+        startup=StartupResult(False, UpgradeState.IDLE), env={},
+        settings=settings_from(UpgradeConfig()), version="1.0",
+    )
+    newer = ConfigSpec(name="elkeid-agent", version="9.9", sha256="ab" * 32)
+    manager._retry_at[(newer.version, newer.sha256)] = time.monotonic() + 600  # failed lately
+    asyncio.run(manager.consider(ConfigSpec(name="elkeid-agent", version="9.8",
+                                            sha256="cd" * 32)))
+    asyncio.run(manager.consider(newer))
     assert manager._pending is None

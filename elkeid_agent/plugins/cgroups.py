@@ -29,6 +29,8 @@ AGENT_LEAF = "agent"
 #: Bounds of the stop procedure: the freeze, and the wait for the cgroup to be empty.
 FREEZE_WAIT = 1.0
 EMPTY_WAIT = 2.0
+#: How long a cgroup that cannot be removed yet (EBUSY: a member still exiting) is retried.
+REMOVE_WAIT = 1.0
 _POLL = 0.002
 
 
@@ -177,7 +179,7 @@ class PluginCgroup:
                 files[name] = _read(f"{directory}/{name}")
         return plan.usage_from(self.version, files)
 
-    def remove(self) -> bool:
+    def remove(self, quiet: bool = False) -> bool:
         """Remove the (empty) cgroup; False when a directory stays (busy or gone wrong)."""
         ok = True
         for directory in self.directories():
@@ -187,9 +189,25 @@ class PluginCgroup:
                 except FileNotFoundError:
                     continue
                 except OSError as exc:
-                    log.warning("cannot remove cgroup %s: %s", path, exc.strerror)
+                    if not quiet:
+                        log.warning("cannot remove cgroup %s: %s", path, exc.strerror)
                     ok = False
         return ok
+
+    def drop(self) -> bool:
+        """Kill what is left in the cgroup and remove it, again until REMOVE_WAIT while it is
+        busy; False (logged) when it stays: the group's sweep at stop or the next start ends
+        it. Blocking, up to ~4 s: a worker thread's."""
+        deadline = time.monotonic() + REMOVE_WAIT
+        while True:
+            if self.members():
+                self.kill()
+            last = time.monotonic() >= deadline
+            if self.remove(quiet=not last):
+                return True
+            if last:
+                return False
+            time.sleep(0.02)
 
 
 @dataclass
@@ -300,7 +318,7 @@ def sweep(cgroups: Cgroups) -> list[int]:
             cgroup.kill()
             found += pids
             log.warning(
-                "killed %d processes left in cgroup %s by a previous agent: %s",
+                "killed %d processes left in cgroup %s: %s",
                 len(pids), cgroup.name, pids[:20],
             )
         cgroup.remove()

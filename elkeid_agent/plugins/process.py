@@ -18,7 +18,9 @@ Its stderr is a pipe a thread of its own copies into `<name>.stderr`, under a ca
 Stop (PROTOCOL 5): close the task pipe, keep reading records for a moment so what the
 plugin flushes on the way out is not lost, close the record pipes, wait for the exit up to
 10 s in all, then SIGKILL the process group and every process of the plugin's cgroup (or, as
-the fallback without one, its tagged descendants: `subreaper`), and reap.
+the fallback without one, its tagged descendants: `subreaper`), and reap. The cgroup kill and
+the subreaper sweep poll for up to ~3 s: they run in a worker thread (`run_to_end`), so the
+loop, and the heartbeat on it, goes on meanwhile.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from elkeid_agent.buffer import Lane, RecordBuffer
 from elkeid_agent.errors import TaskFailed
@@ -45,6 +48,8 @@ from elkeid_agent.plugins.stderr import StderrCopier, StderrStats
 from elkeid_agent.wire import FrameDecoder, FrameTooLarge
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: One read from a record pipe; the libraries write up to 512 KiB at a time.
 READ_CHUNK = 256 * 1024
@@ -194,25 +199,15 @@ def exit_with_stderr(reason: str, path: Path) -> str:
 
 
 def _open_stderr(path: Path) -> int:
-    """The plugin's stderr file, truncated. The directory is the plugin's: whatever else it
-    left at the path (a FIFO, which a blocking open() would wait on with the event loop) is
-    replaced by a fresh file."""
+    """The plugin's stderr file, a new one each run: whatever is at the path is unlinked
+    first. The last run's copier may still drain a pipe a stray process holds; it writes to
+    the old file, never into this one. The directory is the plugin's: whatever it left at
+    the path (a FIFO, which a blocking open() would wait on with the event loop) goes too."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
     # O_RDWR: keeping the newest part under the cap reads it back (plugins/stderr.py).
-    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as exc:
-        if exc.errno != errno.ENXIO:  # ENXIO: a FIFO without a reader
-            raise
-    else:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            os.set_blocking(fd, True)
-            return fd
-        os.close(fd)
-    path.unlink()
-    fd = os.open(path, flags | os.O_EXCL, 0o600)
-    os.set_blocking(fd, True)
-    return fd
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    return os.open(path, flags, 0o600)
 
 
 @dataclass
@@ -486,10 +481,15 @@ class PluginProcess:
                     async with asyncio.timeout(POLL_INTERVAL):
                         await self._eof.wait()
 
-    def _kill_group(self) -> None:
-        """SIGKILL every process of this run: its group, and its cgroup or tagged descendants
-        (a `setsid` or double-forked daemon leaves the group)."""
+    async def _kill_all(self) -> None:
+        """SIGKILL every process of this run: its group at once, then its cgroup or tagged
+        descendants (a `setsid` or double-forked daemon leaves the group) in a worker thread."""
         self._kill_pgrp()
+        if self.cgroup is not None or self.tag is not None:
+            await run_to_end(self._kill_descendants)
+
+    def _kill_descendants(self) -> None:
+        """The cgroup kill or the subreaper sweep: bounded (~3 s), blocking (a worker's)."""
         if self.cgroup is not None:
             try:
                 self.cgroup.kill()
@@ -538,17 +538,17 @@ class PluginProcess:
                     stopping.cancel()
                     # Members left behind by the leader would hold the pipes and duplicate
                     # the next run's work.
-                    self._kill_group()
+                    await self._kill_all()
                     await asyncio.wait((pump,), timeout=EXIT_DRAIN)
                     pump.cancel()
             except* FrameTooLarge as group:
                 self.counters.too_large += 1
                 reason = f"record stream broken ({group.exceptions[0]}); restarted"
-                self._kill_group()
+                await self._kill_all()
                 await self._wait_exit()
             status = self._reap()
         finally:
-            self._release()
+            await self._release()
         if reason is None:
             reason = "stopped" if stopped else _describe(status, self.cgroup is not None)
         return Outcome(reason, time.monotonic() - self.started)
@@ -564,16 +564,22 @@ class PluginProcess:
         await asyncio.wait((exited,), timeout=STOP_GRACE - STOP_DRAIN)
         if not exited.done():
             log.warning("plugin %s did not exit within %g s; killing it", self.name, STOP_GRACE)
-            self._kill_group()
+            await self._kill_all()
             await exited
 
-    def _release(self) -> None:
-        """Free every fd, and never leave a child behind, even when cancelled."""
-        if self._exit_status is None:
-            # Cancelled (the supervisor itself is being torn down without stop()): SIGKILL
-            # takes effect at once, so the blocking waitpid is short.
-            self._kill_group()
-            self._reap()
+    async def _release(self) -> None:
+        """Free every fd, and never leave a child behind, even when cancelled (again)."""
+        try:
+            if self._exit_status is None:
+                # Cancelled (the supervisor itself is being torn down without stop()).
+                await self._kill_all()
+        finally:
+            if self._exit_status is None:
+                # The group was SIGKILLed before the first await: the blocking wait is short.
+                self._reap()
+            self._free()
+
+    def _free(self) -> None:
         self._close_task_pipe()
         self._close_record_pipes()
         if self._stderr is not None:
@@ -583,6 +589,26 @@ class PluginProcess:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+
+
+async def run_to_end(fn: Callable[[], T]) -> T:
+    """`fn()` (blocking, bounded in time) in a worker thread, so the loop goes on; awaited to
+    its end even through a cancel, which is raised after: a thread cannot be stopped, and what
+    it does (ending a plugin's processes) must be over before its owner goes on or ends."""
+    loop = asyncio.get_running_loop()
+    try:
+        future = loop.run_in_executor(None, fn)
+    except RuntimeError:  # the executor is shut down (the loop is closing): here, then
+        return fn()
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait((future,))
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("%s failed while cancelled", fn, exc_info=future.exception())
+        raise
 
 
 async def _wait_fds(fds: list[int], *, writable: bool = False) -> None:

@@ -112,7 +112,8 @@ def kill_run(root: int, tag: str) -> int:
         targets = {p.pid for p in procs if p.pid in ours and not p.zombie}
         adopted = {p.pid for p in procs if p.ppid == agent and p.pid in ours}
         for pid in targets:
-            with contextlib.suppress(ProcessLookupError):
+            # EPERM: a descendant we may not signal (it ran a setuid program); the rest go on.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         killed |= targets
         for pid in adopted:

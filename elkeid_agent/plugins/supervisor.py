@@ -77,6 +77,7 @@ from elkeid_agent.plugins.process import (
     Outcome,
     PluginProcess,
     exit_with_stderr,
+    run_to_end,
     stderr_path,
 )
 from elkeid_agent.progress import Progress, Rule
@@ -262,9 +263,10 @@ class PluginSupervisor:
             log.error("cannot create %s: %s", self.root, exc)
         self._setup_containment()
         try:
-            killed = orphans.reap(self.root / orphans.PGIDS_FILE)
+            # A walk of /proc (one per process on a busy host): off the loop, as the sweep.
+            killed = await run_to_end(partial(orphans.reap, self.root / orphans.PGIDS_FILE))
             if self.cgroups is not None:
-                killed += cgroupfs.sweep(self.cgroups)
+                killed += await run_to_end(partial(cgroupfs.sweep, self.cgroups))
         except Exception as exc:  # the boundary of the reaping: what it reads is from disk
             log.error("orphan plugin processes not reaped", exc_info=exc)
             self.health.fault("orphans", f"not reaped: {exc!r}", "orphan_reap_errors")
@@ -324,6 +326,9 @@ class PluginSupervisor:
         self._slots.clear()
         self._save_groups()
         if self.cgroups is not None:
+            # A plugin cgroup that could not be removed when its slot ended (counted then).
+            with contextlib.suppress(OSError):
+                await run_to_end(partial(cgroupfs.sweep, self.cgroups))
             self.cgroups.remove_group()
         self._stopped.set()
 
@@ -619,8 +624,10 @@ class PluginSupervisor:
                 if self._closing:
                     return
                 if staged is not None:
-                    # Renames and, for an archive replacing a directory, rmtree: off the loop.
-                    await asyncio.to_thread(install.commit, staged, spec.name)
+                    # Renames and, for an archive replacing a directory, rmtree: off the loop,
+                    # and to its end even when cancelled (the agent torn down), or `discard`
+                    # below would remove the staged files while the thread still moves them.
+                    await run_to_end(partial(install.commit, staged, spec.name))
                     staged = None
                 self._start_slot(spec, directory)
         finally:
@@ -653,12 +660,14 @@ class PluginSupervisor:
             log.exception("plugin %s: supervision failed", name)
             self.health.count("plugin_errors")
         finally:
-            if slot.cgroup is not None:
-                self._drop_cgroup(slot.cgroup)
-                slot.cgroup = None
-            if lifecycle.live:
-                lifecycle.fire(Event.STOP)
-            lifecycle.fire(Event.REAPED)
+            try:
+                if slot.cgroup is not None:
+                    await self._drop_cgroup(slot.cgroup)
+                    slot.cgroup = None
+            finally:
+                if lifecycle.live:
+                    lifecycle.fire(Event.STOP)
+                lifecycle.fire(Event.REAPED)
 
     async def _serve_slot(self, slot: _Slot) -> None:
         """Spawn, serve, back off, restart, until the slot is told to stop."""
@@ -757,15 +766,16 @@ class PluginSupervisor:
             outcome, reason=f"{outcome.reason} by the OOM killer at its memory limit{limit}"
         )
 
-    def _drop_cgroup(self, cgroup: cgroupfs.PluginCgroup) -> None:
-        """Kill what may be left in a slot's cgroup, and remove it (a leftover is swept at the
-        next start)."""
+    async def _drop_cgroup(self, cgroup: cgroupfs.PluginCgroup) -> None:
+        """Kill what may be left in a slot's cgroup, and remove it, off the loop (a leftover
+        is counted, and swept at stop or the next start)."""
         try:
-            if cgroup.members():
-                cgroup.kill()
-            cgroup.remove()
+            removed = await run_to_end(cgroup.drop)
         except OSError as exc:
             log.warning("plugin %s: cgroup not removed: %s", cgroup.name, exc)
+            removed = False
+        if not removed:
+            self.health.count("plugin_cgroup_leftovers")
 
     def _on_change(self, name: str, old: State, new: State) -> None:
         log.debug("plugin %s: %s -> %s", name, old.value, new.value)

@@ -319,19 +319,22 @@ class UpgradeManager:
                 self._clear_error()
             return
         if self._keep_out(config):
+            self._pending = None  # an older wish not yet taken: the newer entry replaces it
             return
         self._held = None
         refusal = self._refusal(config)
         if refusal is not None:
             self._say_once(*refusal)
+            self._pending = None  # as when held: the older wish is not wanted any more
             return
         self._pending = config
         self._wake.set()
 
     async def withdraw(self) -> None:
         """No entry for the agent in the newest set: the wish not yet tried is dropped and a
-        download under way ends (an attempt past its download runs to its end)."""
-        self._pending = None
+        download under way ends (an attempt past its download runs to its end); a version
+        kept out by a hold is no longer wanted either."""
+        self._pending = self._held = None
         self._end_download()
 
     def _end_download(self) -> None:
@@ -427,11 +430,12 @@ class UpgradeManager:
         self.machine.handle(Event.START)
         self._clear_error()
         log.info("upgrade from %s to %s: starting", self.version, config.version)
-        tmp = self.work_dir / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        attempt_dir = Path(tempfile.mkdtemp(prefix=ATTEMPT_PREFIX, dir=tmp))
+        attempt_dir: Path | None = None
         self._attempting = config
         try:
+            tmp = self.work_dir / "tmp"
+            tmp.mkdir(parents=True, exist_ok=True)
+            attempt_dir = Path(tempfile.mkdtemp(prefix=ATTEMPT_PREFIX, dir=tmp))
             await self._fetch_probe_swap(config, attempt_dir)
         except UpgradeFailed as exc:
             if exc.counter is not None:
@@ -441,9 +445,13 @@ class UpgradeManager:
             # Not a failure of this version: no error, no retry delay, no 5100.
             self.machine.handle(Event.FAILED)
             log.info("upgrade to %s: download ended, a newer entry came", config.version)
+        except Exception as exc:  # the boundary of one attempt (a full or read-only disk)
+            log.exception("upgrade to %s failed", config.version)
+            self._failed(config, repr(exc))
         finally:
             self._attempting = None
-            await asyncio.to_thread(remove_tree, attempt_dir, ignore_errors=True)
+            if attempt_dir is not None:
+                await _remove_attempt(attempt_dir)
 
     def _abandoned(self, reason: str) -> None:
         log.error("upgrade: download abandoned: %s", reason)
@@ -620,6 +628,16 @@ class UpgradeManager:
         log.info("upgrade from %s to %s: %s swapped (%s); exiting so that it starts",
                  record.from_version, record.to_version, record.target, record.method)
         self.request_exit()
+
+
+async def _remove_attempt(attempt_dir: Path) -> None:
+    """Remove an attempt's directory in a worker thread; when cancelled (the agent stops
+    just then), here at once: a cancel before the worker started the job drops it."""
+    try:
+        await asyncio.to_thread(remove_tree, attempt_dir, ignore_errors=True)
+    except asyncio.CancelledError:
+        remove_tree(attempt_dir, ignore_errors=True)
+        raise
 
 
 def _extract(artifact: Path, candidate: Path, max_bytes: int) -> ArtifactKind:

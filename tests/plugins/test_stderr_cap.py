@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from elkeid_agent.plugins import process
 from elkeid_agent.plugins.stderr import MIN_CAP, CappedFile, StderrCopier, StderrStats
 
 KiB = 1024
@@ -92,3 +94,26 @@ def test_stop_ends_the_copier_while_a_stray_writer_floods(tmp_path: Path) -> Non
     finally:
         os.close(w)
     assert (tmp_path / "p.stderr").stat().st_size <= MIN_CAP
+
+
+def test_the_next_run_gets_a_file_the_last_copier_cannot_write(tmp_path: Path) -> None:
+    # A restart opens the stderr file again while the last run's copier may still drain a
+    # pipe a stray process holds: what it copies late must not land in the new run's file.
+    path = tmp_path / "p.stderr"
+    r, w = os.pipe()
+    old = StderrCopier("p", r, process._open_stderr(path), MIN_CAP, StderrStats())
+    old.start()
+    try:
+        os.write(w, b"x" * 1000)
+        deadline = time.monotonic() + 5
+        while path.stat().st_size < 1000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        old.stop()
+        fresh = process._open_stderr(path)  # the next run's, at once
+        os.write(w, b"late" * 100)  # the stray writer, before the last drain
+        old.thread.join(5)
+        assert not old.thread.is_alive()
+        assert path.stat().st_size == 0
+        os.close(fresh)
+    finally:
+        os.close(w)

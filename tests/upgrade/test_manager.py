@@ -356,3 +356,21 @@ def test_the_swap_record_names_this_boot(tmp_path: Path) -> None:
     assert boot is not None
     assert record.boot_id == boot.boot_id
     assert 0 <= boot.seconds - record.started_boottime < 60
+
+
+def test_an_attempt_on_a_work_dir_it_cannot_write_fails_and_the_agent_runs_on(
+    tmp_path: Path,
+) -> None:
+    # What a full or read-only disk does to the attempt's directory: an OSError, which ends
+    # the attempt (reported), not the upgrade task and with it the agent.
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "tmp").write_bytes(b"not a directory")
+
+    async def main() -> None:
+        h = Harness(work)
+        await drive(h, spec("B", b"B", "http://127.0.0.1:9/B"), done=lambda: h.manager.last_error)
+        assert "failed" in h.manager.last_error
+        assert h.records  # the 5100 saying so
+
+    asyncio.run(main())
