@@ -87,8 +87,6 @@ from elkeid_agent.wire import encode_record, task_frame
 log = logging.getLogger(__name__)
 
 PLUGIN_DIR = "plugin"
-#: The Health unit saying plugin limits (cgroups) are not, or not all, in effect.
-LIMITS_UNIT = "plugin limits"
 
 
 @dataclass(frozen=True)
@@ -250,6 +248,8 @@ class PluginSupervisor:
         #: Where plugin cgroups go (None: not used), and the line saying whether limits apply.
         self.cgroups: cgroupfs.Cgroups | None = None
         self.limits_state = "plugin limits: not set up yet"
+        #: The limits line while they are missing or partial, else "".
+        self.limits_warning = ""
 
     # -- running --------------------------------------------------------------------------------
 
@@ -286,7 +286,9 @@ class PluginSupervisor:
 
     def _setup_containment(self) -> None:
         """Plugin cgroups when they can be used; else the agent becomes the child subreaper.
-        Said once: in the log, and as a Health fault (state_detail) when limits are missing."""
+        Said once in the log; limits that are missing stay a warning (the heartbeat's
+        `warnings`, `ctl status`, doctor), not a fault: a host that cannot give them (a
+        container, an old kernel) is how it is, and "abnormal" must mean something to fix."""
         if self.config.cgroups:
             found = cgroupfs.discover(self.config.cgroup_name)
             self.cgroups = found if found.usable else None
@@ -305,7 +307,8 @@ class PluginSupervisor:
         if complete:
             log.info("%s", note)
         else:
-            self.health.fault(LIMITS_UNIT, note)
+            self.limits_warning = note
+            log.warning("%s", note)
 
     async def stop(self) -> None:
         """Stop every plugin (at most ~10 s, in parallel); later syncs and tasks are refused."""
