@@ -276,6 +276,30 @@ def test_6_a_non_regular_segment_is_refused_with_a_fault_and_left_alone(
     assert outside.read_bytes() == fmt.encode_entry(2, 5, 1, _records(100, 5))
 
 
+def test_6_a_checkpoint_that_is_a_symlink_is_refused_and_never_replaced(tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    (spool_dir / fmt.segment_name(1)).write_bytes(fmt.encode_entry(2, 5, 1, _records(0, 5)))
+    outside = tmp_path / "outside"
+    outside.write_bytes(fmt.encode_checkpoint(1, 0))
+    os.symlink(outside, spool_dir / "checkpoint")
+    health = Health()
+
+    async def go() -> list[int]:
+        spool = Spool(tmp_path, _config(), health)
+        await spool.open()
+        got = await _drain(spool)
+        spool.append(Lane.PLUGIN, 5, _records(5, 5))
+        await spool.step()  # a commit and a write: the checkpoint would move
+        await spool.close()
+        return got
+
+    assert run(go()) == list(range(5))
+    assert health.faulty("spool files")
+    assert (spool_dir / "checkpoint").is_symlink()
+    assert outside.read_bytes() == fmt.encode_checkpoint(1, 0)
+
+
 def _has_reader(path: Path) -> bool:
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))

@@ -88,6 +88,21 @@ class SpoolMachine(RuleBasedStateMachine):
         self.spool.append(lane, n, splice_records(records, b""))
         self.appended.extend(_ident(r) for r in records)
 
+    @rule(lane=st.sampled_from([PLUGIN, AGENT]))
+    def long_outage(self, lane: int) -> None:
+        """The link goes down for long enough to write the size bound over once: appends and
+        writer rounds (the oldest segments dropped on the way) unless the disk refuses. A
+        message read before may still be on its way meanwhile: finding 1's drop racing a
+        commit."""
+        if self.connected:
+            self.cut()
+        self.free_space(low=False)
+        for _ in range(self.config.max_bytes * 3 // 2 // (100 * RECORD)):
+            self.append(lane, 100)
+            self.writer_round()
+            if self.spool.state is SpoolState.DEGRADED:
+                return
+
     @rule()
     def writer_round(self) -> None:
         self.spool._degraded_since = -1e9  # a degraded spool retries at once
@@ -282,3 +297,22 @@ TestSpoolModel.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_drop_racing_a_commit_forgets_once() -> None:
+    """Finding 1 as a fixed interleaving: a message read, the link cut while its write is under
+    way, an outage that drops the segment holding it, then the write returns. The drop and the
+    commit must not both forget its records (the records gauge went to -607)."""
+    machine = SpoolMachine()
+    try:
+        machine.link(connected=True)
+        machine.append(lane=PLUGIN, n=50)
+        machine.writer_round()
+        machine.read_for_a_message(max_bytes=1 << 20)
+        assert machine.pending is not None
+        machine.long_outage(lane=PLUGIN)
+        assert machine.spool.stats.dropped_records > 0
+        machine.message_written()
+        machine.counters_never_negative()
+    finally:
+        machine.teardown()

@@ -242,6 +242,7 @@ class Spool:
         # cancelled coroutine left its thread running (a crash path: the group failed).
         self._disk = threading.Lock()
         self._inflight: asyncio.Future[None] | None = None
+        self._checkpoint_refused = False
         self.state = SpoolState.DISABLED if not config.enabled else SpoolState.EMPTY
 
     @property
@@ -286,6 +287,7 @@ class Spool:
             raw = self.files.read_checkpoint()
         except NotOurs:
             refused.append(CHECKPOINT_FILE)
+            self._checkpoint_refused = True  # left alone: never replaced by a rename either
             raw = None
         checkpoint = fmt.decode_checkpoint(raw) if raw is not None else None
         ids = sorted(i for i in (fmt.segment_id(n) for n in names) if i is not None)
@@ -506,7 +508,9 @@ class Spool:
         await self._write_pending()
         for seg in self.core.releasable():
             await self._io(self.files.unlink_segment, seg)
-        if self.core.checkpoint_due:
+        # A checkpoint path that is not ours (a symlink or other) is left alone: never
+        # replaced by a rename; a crash then sends what is on disk again.
+        if self.core.checkpoint_due and not self._checkpoint_refused:
             self.core.checkpoint_due = False
             try:
                 await self._io(self.files.write_checkpoint, self.core.checkpoint_position())
