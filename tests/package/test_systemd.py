@@ -9,7 +9,9 @@ into the test product config, with the packaged test certificates: no config fil
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import shutil
 import subprocess
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from elkeid_agent.plugins.cgroup_plan import V1_CONTROLLERS, parse_mountinfo
 from elkeid_center.testing import CenterThread
 
 from .conftest import PRODUCT_PORT, Dist, cached_root
@@ -25,6 +28,7 @@ from .conftest import PRODUCT_PORT, Dist, cached_root
 pytestmark = [pytest.mark.package, pytest.mark.timeout(1800)]
 
 UNIT = "elkeid-agent.service"
+UNIT_D = f"/run/systemd/system/{UNIT}.d"
 RESTART_SEC = 45
 # A plugin that ignores SIGTERM and leaves a detached grandchild (another session, so
 # outside the plugin's process group) behind: only killing the whole cgroup
@@ -38,26 +42,112 @@ exec cat <&3 >/dev/null
 """.encode()
 
 
+class ContainerCgroups:
+    """A cgroup of this container's own, made in every hierarchy nspawn and the container's
+    systemd write to, and removed after it.
+
+    nspawn alone puts its payload at <its cgroup>/payload in the name=systemd (and unified)
+    hierarchy, shared by every container started from the same cgroup (another session's
+    tests), and on a cgroup v1 host it mounts the controller hierarchies read-only in the
+    container, so the container's systemd applies no MemoryMax=, CPUQuota= or TasksMax=.
+    Started inside these cgroups (and so inside its own cgroup namespace there), the container
+    sees only its own subtree of each hierarchy; `writable` names the v1 hierarchies the agent's
+    plugin cgroups use, which the container's init remounts read-write before systemd starts:
+    what a systemd that owns a v1 host's hierarchies has.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.dirs: list[Path] = []
+        self.writable: list[str] = []
+        mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, field, path = line.split(":", 2)
+            controllers = set(field.split(",")) if field else set()
+            delegated = bool(controllers & set(V1_CONTROLLERS))
+            if not (delegated or field in ("", "name=systemd")):
+                continue
+            fstype = "cgroup" if field else "cgroup2"
+            mount = next(
+                (
+                    m
+                    for m in mounts
+                    if m.fstype == fstype and m.root == "/" and controllers <= m.options
+                ),
+                None,
+            )
+            if mount is None:
+                continue
+            own = Path(mount.mount_point) / path.lstrip("/") / name
+            try:
+                own.mkdir(exist_ok=True)
+            except OSError:
+                # A hierarchy this host does not let us write: the container gets nspawn's
+                # defaults there, and a test that needs it says so.
+                continue
+            self.dirs.append(own)
+            if delegated:
+                self.writable.append(field)
+
+    def enter(self, argv: list[str]) -> list[str]:
+        """argv run by a shell that first moves itself into these cgroups."""
+        script = 'while [ "$1" != -- ]; do echo $$ >"$1" || exit; shift; done; shift; exec "$@"'
+        procs = [str(d / "cgroup.procs") for d in self.dirs]
+        return ["sh", "-c", script, "sh", *procs, "--", *argv]
+
+    def remove(self) -> None:
+        """Remove them, deepest first; the container's last processes may take a moment to
+        leave after nspawn exits."""
+        deadline = time.monotonic() + 10
+        for top in self.dirs:
+            below = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+            for d in [*below, top]:
+                while True:
+                    try:
+                        d.rmdir()
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError as e:
+                        if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.2)
+
+
 class Container:
-    def __init__(self, root: Path, dist: Path, log: Path) -> None:
+    def __init__(self, root: Path, dist: Path, log: Path, cgroups: ContainerCgroups) -> None:
         self.log = log
+        nspawn = [
+            "systemd-nspawn",
+            "-x",
+            "-D",
+            str(root),
+            "--register=no",
+            "--keep-unit",
+            "--console=pipe",
+            f"--bind-ro={dist}:/mnt/dist",
+        ]
+        if cgroups.writable:
+            # What -b does, with the hierarchies remounted read-write before systemd starts
+            # (it decides once, at start, which controllers it can use).
+            init = (
+                'for h; do mount -o remount,bind,rw "/sys/fs/cgroup/$h" || exit; done; '
+                "exec /lib/systemd/systemd"
+            )
+            nspawn += ["--kill-signal=SIGRTMIN+3", "/bin/sh", "-c", init, "sh", *cgroups.writable]
+        else:
+            nspawn.insert(1, "-b")
         self.proc = subprocess.Popen(
-            [
-                "systemd-nspawn",
-                "-b",
-                "-x",
-                "-D",
-                str(root),
-                "--register=no",
-                "--keep-unit",
-                "--console=pipe",
-                f"--bind-ro={dist}:/mnt/dist",
-            ],
+            cgroups.enter(nspawn),
             stdin=subprocess.DEVNULL,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
         )
-        self.leader = self._wait_leader()
+        try:
+            self.leader = self._wait_leader()
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def _wait_leader(self) -> int:
         deadline = time.monotonic() + 60
@@ -142,11 +232,15 @@ def container(amd64_dist: Dist, tmp_path_factory: pytest.TempPathFactory) -> Ite
         pytest.skip("systemd-nspawn is missing")
     root = cached_root("bookworm-systemd")
     log = tmp_path_factory.mktemp("nspawn") / "console.log"
-    c = Container(root, amd64_dist.dir, log)
+    cgroups = ContainerCgroups(f"elkeid-test-nspawn-{os.getpid()}")
     try:
-        yield c
+        c = Container(root, amd64_dist.dir, log, cgroups)
+        try:
+            yield c
+        finally:
+            c.close()
     finally:
-        c.close()
+        cgroups.remove()
 
 
 def test_install_starts_the_service_via_ready(
@@ -193,8 +287,9 @@ def test_plugin_runs_in_the_unit(container: Container) -> None:
 
 
 def _memory_controller_writable(container: Container) -> bool:
-    """False where the container gets the v1 memory controller read-only: systemd-nspawn on a
-    v1-only host (this one) mounts the controllers so, and no memory limit can apply inside."""
+    """False where the container gets the v1 memory controller read-only, as systemd-nspawn
+    mounts it on a v1 host unless ContainerCgroups could delegate the host's: no memory limit
+    can apply inside then."""
     for line in container.sh("cat /proc/self/mountinfo").stdout.splitlines():
         head, _, tail = line.partition(" - ")
         fields = head.split()
@@ -234,7 +329,7 @@ def test_memory_limits_read_back_from_the_cgroup_files(container: Container) -> 
     assert container.sh(f"test -e {dropins}", check=False).returncode == 1
     assert container.prop("MemoryMax") == str(250 << 20)
     if not _memory_controller_writable(container):
-        pytest.skip("nspawn mounts the v1 memory controller read-only on this v1-only host")
+        pytest.skip("the container's v1 memory hierarchy is read-only: see ContainerCgroups")
     assert _memory_limit(container, container.prop("MainPID")) == 250 << 20
     grandchild = container.processes(f"sleep {PLUGIN_MARK}")[0].split()[0]
     assert _memory_limit(container, grandchild) == 200 << 20
@@ -249,18 +344,30 @@ def test_a_systemd_before_231_gets_memory_limit_in_a_drop_in(container: Containe
         ">/run/shim/systemctl && chmod +x /run/shim/systemctl"
     )
     container.sh(shim)
+    # 219 ignores the unit's MemoryMax= (an unknown key); 252 does too once a runtime drop-in
+    # sets it to infinity, so the limit read back below can only be the package's MemoryLimit=.
+    as_219 = f"{UNIT_D}/as-219.conf"
+    container.sh(f"mkdir -p {UNIT_D} && printf '[Service]\\nMemoryMax=infinity\\n' >{as_219}")
+    pid = container.prop("MainPID")
     container.sh("PATH=/run/shim:$PATH /var/lib/dpkg/info/elkeid-agent.postinst configure 0.0.1")
     dropin = "/etc/systemd/system/elkeid-agent.service.d/elkeid-memory-limit.conf"
     assert "MemoryLimit=250M" in container.sh(f"cat {dropin}").stdout
     assert container.prop("MemoryLimit") == str(250 << 20)
+    assert container.prop("MemoryMax") == "infinity"
+    wait_for("restarted", lambda: container.prop("MainPID") not in ("0", pid), 180)
     wait_for("active again", lambda: container.prop("ActiveState") == "active", 180)
-    if _memory_controller_writable(container):
+    writable = _memory_controller_writable(container)
+    if writable:
         assert _memory_limit(container, container.prop("MainPID")) == 250 << 20
+    container.sh(f"rm {as_219} && systemctl daemon-reload")
     # With the real systemctl (252) the drop-in goes again.
     container.sh("/var/lib/dpkg/info/elkeid-agent.postinst configure 0.0.1")
     assert container.sh(f"test -e {dropin}", check=False).returncode == 1
     assert container.prop("MemoryLimit") == "infinity"
+    assert container.prop("MemoryMax") == str(250 << 20)
     wait_for("active again", lambda: container.prop("ActiveState") == "active", 180)
+    if not writable:
+        pytest.skip("the container's v1 memory hierarchy is read-only: limit not read back")
 
 
 def test_plugin_environment_has_nothing_of_the_bundle(container: Container) -> None:
