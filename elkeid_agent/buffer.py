@@ -8,11 +8,13 @@ Rules:
   it overflows its oldest records go, counted.
 * One memory budget (`max_bytes`, `[buffer] max_bytes`) covers the record bytes the agent holds
   outside the agent lane: the plugin lanes' queued chunks, the messages being written
-  (`hold`: the send loop's message and grpc's copy of it), the frames plugins are half-way
-  through writing (`partial`) and whatever else the owner counts in (`count_also`: the
-  spool's queue of bytes not yet on disk). Plugin producers wait when it is spent (their
-  readers stop reading the pipe, and the plugin's own writes then block): backpressure
-  instead of drops. Every wait is counted (`backpressure_waits`, `backpressure_seconds`).
+  (`hold`: the send loop's message and grpc's copy of it), the messages written and kept to
+  be sent again if the stream ends (`hold_sent`: the transfer loop's trail), the frames plugins
+  are half-way through writing (`partial`) and whatever else the owner counts in
+  (`count_also`: the spool's queue of bytes not yet on disk). Plugin producers wait when it
+  is spent (their readers stop reading the pipe, and the plugin's own writes then block):
+  backpressure instead of drops. Every wait is counted (`backpressure_waits`,
+  `backpressure_seconds`).
 * A batch whose write failed goes back to the front, so records queued while disconnected leave
   oldest first after reconnecting.
 * `take` can be limited to some lanes: with a spool backlog the send loop takes the agent lane
@@ -110,8 +112,10 @@ class BufferStats:
     dropped_oversize: int = 0
     backpressure_waits: int = 0
     backpressure_seconds: float = 0.0
-    #: Gauges: bytes of messages being written (with grpc's copy) and of half-read frames.
+    #: Gauges: bytes of messages being written (with grpc's copy), of messages written and
+    #: kept to be sent again, and of half-read frames.
     in_flight_bytes: int = 0
+    sent_kept_bytes: int = 0
     partial_bytes: int = 0
     #: The most the budget ever had spent (queued, in flight, partial, counted in), bytes.
     peak_budget_bytes: int = 0
@@ -138,6 +142,7 @@ class RecordBuffer:
         self._watches: dict[asyncio.Event, tuple[int, bool]] = {}
         self._filled = asyncio.Event()
         self._in_flight = 0
+        self._sent = 0
         self._partial: dict[int, int] = {}
         self._partial_total = 0
         self._also: Callable[[], int] = _nothing
@@ -190,7 +195,8 @@ class RecordBuffer:
     def _admits(self, size: int) -> bool:
         """Room in the budget for `size` more bytes, or nothing queued or in flight: a batch
         larger than the budget must not wait forever, and half-read frames (which complete
-        only if their readers go on) or the spool's queue alone never hold a batch back."""
+        only if their readers go on), the trail (which shrinks only when more is sent) or
+        the spool's queue alone never hold a batch back."""
         plugin = self._plugin_bytes()
         if not plugin and not self._in_flight:
             return True
@@ -198,7 +204,7 @@ class RecordBuffer:
 
     def _spent(self, plugin: int) -> int:
         """Record bytes in memory now, with `plugin` bytes in the plugin lanes."""
-        return plugin + self._in_flight + self._partial_total + self._also()
+        return plugin + self._in_flight + self._sent + self._partial_total + self._also()
 
     def _note_peak(self) -> None:
         spent = self._spent(self._plugin_bytes())
@@ -219,6 +225,17 @@ class RecordBuffer:
 
     def release(self, size: int) -> None:
         self._in_flight -= size
+        self._update_space()
+
+    def hold_sent(self, size: int) -> None:
+        """`size` bytes of messages already written are kept (to be sent again if the stream
+        ends abnormally): they count against the budget until `release_sent`, but never hold
+        back a producer when nothing is queued or being written."""
+        self._sent += size
+        self._note_peak()
+
+    def release_sent(self, size: int) -> None:
+        self._sent -= size
         self._update_space()
 
     def partial(self, key: int, size: int) -> None:
@@ -395,6 +412,7 @@ class RecordBuffer:
         self.stats.queued_records = len(self)
         self.stats.queued_bytes = self.queued_bytes
         self.stats.in_flight_bytes = self._in_flight
+        self.stats.sent_kept_bytes = self._sent
         self.stats.partial_bytes = self._partial_total
         return self.stats
 

@@ -129,8 +129,11 @@ class TransferLoop:
         # Messages written on the current stream and not known to be read, oldest first:
         # TRAIL_BYTES of them (the newest always). A stream that ends otherwise than by the
         # server's answer to our half-close sends them again (duplicates, never loss).
+        # A batch from memory keeps its message's bytes (its chunks point into it): held
+        # against the buffer's budget while trailed. A spool batch keeps only its entries.
         self._trail: deque[tuple[Batch | ReadBatch, int]] = deque()
         self._trail_bytes = 0
+        self._trail_held = 0
         if spool is not None:
             spool.connected = lambda: self.state.connected
         self.tls = tls
@@ -394,10 +397,25 @@ class TransferLoop:
             self.buffer.requeue(batch)
 
     def _trailed(self, batch: Batch | ReadBatch, size: int) -> None:
+        if isinstance(batch, Batch):
+            self.buffer.hold_sent(size)
+            self._trail_held += size
         self._trail.append((batch, size))
         self._trail_bytes += size
         while len(self._trail) > 1 and self._trail_bytes > TRAIL_BYTES:
-            self._trail_bytes -= self._trail.popleft()[1]
+            old, old_size = self._trail.popleft()
+            self._trail_bytes -= old_size
+            if isinstance(old, Batch):
+                self._untrail(old_size)
+
+    def _untrail(self, size: int) -> None:
+        self._trail_held -= size
+        self.buffer.release_sent(size)
+
+    def _clear_trail(self) -> None:
+        self._trail.clear()
+        self._trail_bytes = 0
+        self._untrail(self._trail_held)
 
     def _resend_trail(self) -> None:
         """The stream ended: unless the server confirmed it read everything, what was written
@@ -411,7 +429,7 @@ class TransferLoop:
             else:
                 self._requeue(batch, resent=True)
                 resent += batch.count
-        self._trail_bytes = 0
+        self._clear_trail()
         if resent:
             self.state.stats.resent_records += resent
             log.info("%d records written on the ended stream will be sent again", resent)
@@ -420,9 +438,12 @@ class TransferLoop:
         self, call: grpc.aio.StreamStreamCall, spool: Spool, batch: ReadBatch, header: bytes
     ) -> None:
         # A failed or cancelled write leaves the entries in the spool, still at its head.
-        message = batch.spliced + header
-        # The entries read, the message and grpc's copy, until the write is done.
-        held = (IN_FLIGHT_COPIES + 1) * len(message)
+        # Joined in one copy; the payloads read are let go at once (the entries are enough
+        # to unread, commit or unsend the batch).
+        message = b"".join([*batch.payloads, header])
+        batch.payloads = []
+        # The message and grpc's copy, until the write is done.
+        held = IN_FLIGHT_COPIES * len(message)
         self.buffer.hold(held)
         try:
             await self._write(call, message)
@@ -464,8 +485,7 @@ class TransferLoop:
                     # The answer to our half-close: everything written was read.
                     if self.spool is not None:
                         self.spool.confirm()
-                    self._trail.clear()
-                    self._trail_bytes = 0
+                    self._clear_trail()
                     return
                 raise StreamClosed("server closed the stream")
             stats.rx_commands += 1
