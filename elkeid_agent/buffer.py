@@ -326,19 +326,24 @@ class RecordBuffer:
     def unwatch(self, event: asyncio.Event) -> None:
         self._watches.pop(event, None)
 
-    def take(self, max_bytes: int, lanes: Sequence[Lane] = ALL_LANES) -> Batch:
+    def take(
+        self, max_bytes: int, lanes: Sequence[Lane] = ALL_LANES, *, record_max: int = 0
+    ) -> Batch:
         """Oldest chunks first, agent lane first, whose spliced size fits in `max_bytes`.
 
         A chunk too large for a whole message is split by record; a single record larger than
-        a message is dropped and counted (the caller sizes max_bytes so that none should be).
+        `max_bytes` is taken alone if it fits `record_max`, else dropped and counted (the
+        caller sizes them so that none should be).
         """
+        whole = max(record_max, max_bytes)
         while True:
             taken: list[tuple[Lane, Chunk]] = []
             budget = max_bytes
             split = False
             for lane_id in lanes:
                 lane = self._lanes[lane_id]
-                while lane and len(lane[0][0]) <= budget:
+                while lane and (len(lane[0][0]) <= budget or (
+                        not taken and lane[0][1] == 1 and len(lane[0][0]) <= whole)):
                     chunk = lane.popleft()
                     taken.append((lane_id, chunk))
                     budget -= len(chunk[0])
@@ -346,7 +351,7 @@ class RecordBuffer:
                     self._records -= chunk[1]
                 if lane and not taken:
                     # A loop, not a recursion: every round drops or splits off one record.
-                    self._split_head(lane_id, max_bytes)
+                    self._split_head(lane_id, max_bytes, whole)
                     split = True
                     break
                 if lane:
@@ -355,8 +360,9 @@ class RecordBuffer:
                 self._after_take()
                 return Batch(taken)
 
-    def _split_head(self, lane_id: Lane, max_bytes: int) -> None:
-        """Split the head chunk of a lane so that its first part fits in a message."""
+    def _split_head(self, lane_id: Lane, max_bytes: int, record_max: int) -> None:
+        """Split the head chunk of a lane so that its first part fits in a message (its
+        first record alone, if that is larger but fits `record_max`)."""
         lane = self._lanes[lane_id]
         data, count = lane.popleft()
         self._lane_bytes[lane_id] -= len(data)
@@ -370,7 +376,9 @@ class RecordBuffer:
                 break
             head.append(records.pop(0))
             size += entry
-        if not head:
+        if not head and len(splice_records(records[:1], b"")) <= record_max:
+            head.append(records.pop(0))
+        elif not head:
             records.pop(0)
             self.stats.dropped_oversize += 1
         for part in (records, head):

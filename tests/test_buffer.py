@@ -420,3 +420,18 @@ def test_messages_kept_to_resend_count_but_never_hold_back_an_empty_buffer() -> 
         assert buf.snapshot().sent_kept_bytes == 0
 
     asyncio.run(main())
+
+
+def test_a_record_larger_than_the_take_goes_alone_up_to_record_max() -> None:
+    async def main() -> tuple[list[list[int]], int]:
+        buf = RecordBuffer(max_bytes=64 << 20)
+        await buf.put_many([rec("a", 100), rec("big", 5000), rec("c", 100)])
+        await buf.put_many([rec("huge", 9000)])
+        out = []
+        while len(buf):
+            out.append([len(r) for r in buf.take(1000, record_max=8000).records])
+        return out, buf.stats.dropped_oversize
+
+    sizes, dropped = asyncio.run(main())
+    assert sizes == [[100], [5000], [100], []]  # the last take dropped the 9000-byte one
+    assert dropped == 1

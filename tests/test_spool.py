@@ -26,10 +26,10 @@ from elkeid_agent.spool.pump import (
     spill_all,
 )
 from elkeid_agent.spool.store import (
+    IOV_MAX,
     MESSAGE_BYTES,
     RETRY_SECONDS,
     TRAIL_BYTES,
-    IOV_MAX,
     Spool,
     SpoolFiles,
     SpoolState,

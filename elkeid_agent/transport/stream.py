@@ -58,6 +58,12 @@ HEALTHY_STREAM_SECONDS = 3.0
 # transport still answers keepalive pings, so nothing else would end such a stream. An 8 MiB
 # message needs 70 KB/s to make it.
 WRITE_TIMEOUT = 120.0
+# Messages of records from memory hold at most this much, unless one record is larger: below
+# memory.MMAP_THRESHOLD, so that they and grpc's copies come from the heap, which reuses their
+# pages. Each 8 MiB message used to be mapped and unmapped, every page of it and of grpc's copy
+# faulted in again: 31,000 page faults/s in a flood, a fifth of the agent's CPU, and one message
+# in flight (with grpc's copy) beside the trail's held 24 MiB (bench/record_memory.py).
+LIVE_MESSAGE_BYTES = 2 * 1024 * 1024
 # A message being written is in memory twice: our bytes and grpc's copy (grpc.aio copies the
 # message into its own buffer when the write starts and keeps ours until it completes).
 IN_FLIGHT_COPIES = 2
@@ -328,7 +334,7 @@ class TransferLoop:
             await self.flush(call)
             # A full message ends the pause, or what the spool starts moving at (a buffer
             # configured small), whichever is less.
-            full = min(MAX_MESSAGE_BYTES, int(self.buffer.max_bytes * FILL_MARK))
+            full = min(LIVE_MESSAGE_BYTES, int(self.buffer.max_bytes * FILL_MARK))
             await self.buffer.wait_filled(full, interval)
         await call.done_writing()
         self._half_closed = True
@@ -354,10 +360,13 @@ class TransferLoop:
         """Send everything queued (the spool's backlog first), in messages under the cap."""
         while not self._finishing:
             header = self.header()
-            cap = MAX_MESSAGE_BYTES - len(header)
+            cap = LIVE_MESSAGE_BYTES - len(header)
+            # A record larger than `cap` goes alone, in a message up to the protocol's cap.
+            record_max = MAX_MESSAGE_BYTES - len(header)
             if self.spool is not None and self._backlog():
                 if self.buffer.lane_bytes(Lane.AGENT):
-                    await self._send(call, self.buffer.take(cap, (Lane.AGENT,)), header)
+                    batch = self.buffer.take(cap, (Lane.AGENT,), record_max=record_max)
+                    await self._send(call, batch, header)
                     continue
                 backlog = await self.spool.read(cap)
                 if backlog.entries:
@@ -365,7 +374,7 @@ class TransferLoop:
                 continue
             if not len(self.buffer):
                 return
-            batch = self.buffer.take(cap)
+            batch = self.buffer.take(cap, record_max=record_max)
             if not batch.chunks:
                 return
             await self._send(call, batch, header)
