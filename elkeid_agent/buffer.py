@@ -41,7 +41,9 @@ from elkeid_agent.wire import Frames, splice_records, unsplice
 #: cannot see (a big frame cut out of the pipe's bytes, the spool's own copies, glibc's free
 #: memory). Peak RSS with 60 frames of 8 MiB and with 15 s floods against a slow (120,000
 #: records/s) and a fast server: 86, 95, 95 MiB under `python -m` (199-214, 180, 184 before);
-#: 92, 100, 109 MiB frozen, whose launchers count too (bench/record_memory.py).
+#: 92, 100, 109 MiB frozen, whose launchers count too (bench/record_memory.py). With the
+#: trail counted and 2 MiB messages from memory: 97.5, 81.9, 85.0 MiB frozen (98.2, 108.3,
+#: 117.5 before, in the same session).
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_AGENT_LANE_BYTES = 4 * 1024 * 1024
 
