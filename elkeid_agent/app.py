@@ -247,6 +247,7 @@ class Agent:
             "backpressure_seconds": round(b.backpressure_seconds, 3),
             "in_flight_bytes": b.in_flight_bytes,
             "partial_frame_bytes": b.partial_bytes,
+            "trail_bytes": b.sent_kept_bytes,
             "peak_budget_bytes": b.peak_budget_bytes,
             "tx_records": t.tx_records,
             "tx_bytes": t.tx_bytes,

@@ -8,11 +8,13 @@ Rules:
   it overflows its oldest records go, counted.
 * One memory budget (`max_bytes`, `[buffer] max_bytes`) covers the record bytes the agent holds
   outside the agent lane: the plugin lanes' queued chunks, the messages being written
-  (`hold`: the send loop's message and grpc's copy of it), the frames plugins are half-way
-  through writing (`partial`) and whatever else the owner counts in (`count_also`: the
-  spool's queue of bytes not yet on disk). Plugin producers wait when it is spent (their
-  readers stop reading the pipe, and the plugin's own writes then block): backpressure
-  instead of drops. Every wait is counted (`backpressure_waits`, `backpressure_seconds`).
+  (`hold`: the send loop's message and grpc's copy of it), the messages written and kept to
+  be sent again if the stream ends (`hold_sent`: the transfer loop's trail), the frames plugins
+  are half-way through writing (`partial`) and whatever else the owner counts in
+  (`count_also`: the spool's queue of bytes not yet on disk). Plugin producers wait when it
+  is spent (their readers stop reading the pipe, and the plugin's own writes then block):
+  backpressure instead of drops. Every wait is counted (`backpressure_waits`,
+  `backpressure_seconds`).
 * A batch whose write failed goes back to the front, so records queued while disconnected leave
   oldest first after reconnecting.
 * `take` can be limited to some lanes: with a spool backlog the send loop takes the agent lane
@@ -39,7 +41,9 @@ from elkeid_agent.wire import Frames, splice_records, unsplice
 #: cannot see (a big frame cut out of the pipe's bytes, the spool's own copies, glibc's free
 #: memory). Peak RSS with 60 frames of 8 MiB and with 15 s floods against a slow (120,000
 #: records/s) and a fast server: 86, 95, 95 MiB under `python -m` (199-214, 180, 184 before);
-#: 92, 100, 109 MiB frozen, whose launchers count too (bench/record_memory.py).
+#: 92, 100, 109 MiB frozen, whose launchers count too (bench/record_memory.py). With the
+#: trail counted and 2 MiB messages from memory: 97.5, 81.9, 85.0 MiB frozen (98.2, 108.3,
+#: 117.5 before, in the same session).
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_AGENT_LANE_BYTES = 4 * 1024 * 1024
 
@@ -110,8 +114,10 @@ class BufferStats:
     dropped_oversize: int = 0
     backpressure_waits: int = 0
     backpressure_seconds: float = 0.0
-    #: Gauges: bytes of messages being written (with grpc's copy) and of half-read frames.
+    #: Gauges: bytes of messages being written (with grpc's copy), of messages written and
+    #: kept to be sent again, and of half-read frames.
     in_flight_bytes: int = 0
+    sent_kept_bytes: int = 0
     partial_bytes: int = 0
     #: The most the budget ever had spent (queued, in flight, partial, counted in), bytes.
     peak_budget_bytes: int = 0
@@ -138,6 +144,7 @@ class RecordBuffer:
         self._watches: dict[asyncio.Event, tuple[int, bool]] = {}
         self._filled = asyncio.Event()
         self._in_flight = 0
+        self._sent = 0
         self._partial: dict[int, int] = {}
         self._partial_total = 0
         self._also: Callable[[], int] = _nothing
@@ -190,7 +197,8 @@ class RecordBuffer:
     def _admits(self, size: int) -> bool:
         """Room in the budget for `size` more bytes, or nothing queued or in flight: a batch
         larger than the budget must not wait forever, and half-read frames (which complete
-        only if their readers go on) or the spool's queue alone never hold a batch back."""
+        only if their readers go on), the trail (which shrinks only when more is sent) or
+        the spool's queue alone never hold a batch back."""
         plugin = self._plugin_bytes()
         if not plugin and not self._in_flight:
             return True
@@ -198,7 +206,7 @@ class RecordBuffer:
 
     def _spent(self, plugin: int) -> int:
         """Record bytes in memory now, with `plugin` bytes in the plugin lanes."""
-        return plugin + self._in_flight + self._partial_total + self._also()
+        return plugin + self._in_flight + self._sent + self._partial_total + self._also()
 
     def _note_peak(self) -> None:
         spent = self._spent(self._plugin_bytes())
@@ -219,6 +227,17 @@ class RecordBuffer:
 
     def release(self, size: int) -> None:
         self._in_flight -= size
+        self._update_space()
+
+    def hold_sent(self, size: int) -> None:
+        """`size` bytes of messages already written are kept (to be sent again if the stream
+        ends abnormally): they count against the budget until `release_sent`, but never hold
+        back a producer when nothing is queued or being written."""
+        self._sent += size
+        self._note_peak()
+
+    def release_sent(self, size: int) -> None:
+        self._sent -= size
         self._update_space()
 
     def partial(self, key: int, size: int) -> None:
@@ -309,19 +328,24 @@ class RecordBuffer:
     def unwatch(self, event: asyncio.Event) -> None:
         self._watches.pop(event, None)
 
-    def take(self, max_bytes: int, lanes: Sequence[Lane] = ALL_LANES) -> Batch:
+    def take(
+        self, max_bytes: int, lanes: Sequence[Lane] = ALL_LANES, *, record_max: int = 0
+    ) -> Batch:
         """Oldest chunks first, agent lane first, whose spliced size fits in `max_bytes`.
 
         A chunk too large for a whole message is split by record; a single record larger than
-        a message is dropped and counted (the caller sizes max_bytes so that none should be).
+        `max_bytes` is taken alone if it fits `record_max`, else dropped and counted (the
+        caller sizes them so that none should be).
         """
+        whole = max(record_max, max_bytes)
         while True:
             taken: list[tuple[Lane, Chunk]] = []
             budget = max_bytes
             split = False
             for lane_id in lanes:
                 lane = self._lanes[lane_id]
-                while lane and len(lane[0][0]) <= budget:
+                while lane and (len(lane[0][0]) <= budget or (
+                        not taken and lane[0][1] == 1 and len(lane[0][0]) <= whole)):
                     chunk = lane.popleft()
                     taken.append((lane_id, chunk))
                     budget -= len(chunk[0])
@@ -329,7 +353,7 @@ class RecordBuffer:
                     self._records -= chunk[1]
                 if lane and not taken:
                     # A loop, not a recursion: every round drops or splits off one record.
-                    self._split_head(lane_id, max_bytes)
+                    self._split_head(lane_id, max_bytes, whole)
                     split = True
                     break
                 if lane:
@@ -338,8 +362,9 @@ class RecordBuffer:
                 self._after_take()
                 return Batch(taken)
 
-    def _split_head(self, lane_id: Lane, max_bytes: int) -> None:
-        """Split the head chunk of a lane so that its first part fits in a message."""
+    def _split_head(self, lane_id: Lane, max_bytes: int, record_max: int) -> None:
+        """Split the head chunk of a lane so that its first part fits in a message (its
+        first record alone, if that is larger but fits `record_max`)."""
         lane = self._lanes[lane_id]
         data, count = lane.popleft()
         self._lane_bytes[lane_id] -= len(data)
@@ -353,7 +378,9 @@ class RecordBuffer:
                 break
             head.append(records.pop(0))
             size += entry
-        if not head:
+        if not head and len(splice_records(records[:1], b"")) <= record_max:
+            head.append(records.pop(0))
+        elif not head:
             records.pop(0)
             self.stats.dropped_oversize += 1
         for part in (records, head):
@@ -395,6 +422,7 @@ class RecordBuffer:
         self.stats.queued_records = len(self)
         self.stats.queued_bytes = self.queued_bytes
         self.stats.in_flight_bytes = self._in_flight
+        self.stats.sent_kept_bytes = self._sent
         self.stats.partial_bytes = self._partial_total
         return self.stats
 

@@ -40,8 +40,9 @@ M_TRIM_THRESHOLD = -1
 #: Allocations this large are mapped and unmapped on their own. glibc's default threshold
 #: rises to the size of the largest block freed (up to 32 MiB), after which 8 MiB messages and
 #: frames come from the heap and the heap keeps their memory: a flood or 60 frames of 8 MiB
-#: kept the agent 10-25 MiB higher (bench/record_memory.py). 4 MiB leaves the messages of
-#: steady rates (3 MB per send at 20,000 records/s) on the heap: no page faults for them.
+#: kept the agent 10-25 MiB higher (bench/record_memory.py). 4 MiB leaves the messages sent
+#: from memory (2 MiB at most, stream.LIVE_MESSAGE_BYTES, unless one record is larger) on the
+#: heap: a mapped block's pages are faulted in at every use (an 8 MiB message: 2,048 faults).
 MMAP_THRESHOLD = 4 * 1024 * 1024
 #: Free heap kept at its top. Fixing MMAP_THRESHOLD also stops glibc raising this from 128 KiB:
 #: every message of a steady rate was then given back and faulted in again (at 20,000

@@ -77,7 +77,8 @@ class MemFiles(SpoolFiles):
         self.files[name] = bytearray()
         return self._fd(name)
 
-    def append(self, fd: int, blob: bytes, start: int) -> None:
+    def append(self, fd: int, blobs: list[bytes], start: int) -> None:
+        blob = b"".join(blobs)
         data = self.files[self.fds[fd]]
         kind = self.faults.popleft() if self.faults else ""
         if kind == "enospc":

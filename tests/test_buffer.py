@@ -401,3 +401,37 @@ def test_a_message_s_chunks_point_into_it_and_a_failed_one_requeues_bytes() -> N
         assert again.per_lane == (1, 1, 2)
 
     asyncio.run(main())
+
+
+def test_messages_kept_to_resend_count_but_never_hold_back_an_empty_buffer() -> None:
+    size = spliced_size(rec("x", 100))
+
+    async def main() -> None:
+        buf = RecordBuffer(max_bytes=10 * size)
+        buf.hold_sent(8 * size)  # the trail: it shrinks only when more is sent
+        # Nothing queued or being written: admitted, however large the trail.
+        await asyncio.wait_for(buf.put_many([rec(f"a{i}", 100) for i in range(3)]), 1.0)
+        assert buf.snapshot().sent_kept_bytes == 8 * size
+        assert buf.stats.peak_budget_bytes == 11 * size
+        late = asyncio.create_task(buf.put_many([rec("late", 100)]))
+        assert await _blocked(late)
+        buf.release_sent(8 * size)
+        await asyncio.wait_for(late, 1.0)
+        assert buf.snapshot().sent_kept_bytes == 0
+
+    asyncio.run(main())
+
+
+def test_a_record_larger_than_the_take_goes_alone_up_to_record_max() -> None:
+    async def main() -> tuple[list[list[int]], int]:
+        buf = RecordBuffer(max_bytes=64 << 20)
+        await buf.put_many([rec("a", 100), rec("big", 5000), rec("c", 100)])
+        await buf.put_many([rec("huge", 9000)])
+        out = []
+        while len(buf):
+            out.append([len(r) for r in buf.take(1000, record_max=8000).records])
+        return out, buf.stats.dropped_oversize
+
+    sizes, dropped = asyncio.run(main())
+    assert sizes == [[100], [5000], [100], []]  # the last take dropped the 9000-byte one
+    assert dropped == 1

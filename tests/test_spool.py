@@ -26,10 +26,12 @@ from elkeid_agent.spool.pump import (
     spill_all,
 )
 from elkeid_agent.spool.store import (
+    IOV_MAX,
     MESSAGE_BYTES,
     RETRY_SECONDS,
     TRAIL_BYTES,
     Spool,
+    SpoolFiles,
     SpoolState,
 )
 from elkeid_agent.wire import splice_records, unsplice
@@ -525,3 +527,16 @@ def test_a_message_larger_than_the_trail_is_still_sent_again_after_a_crash(
         return await _drain(reopened)
 
     assert run(go()) == big
+
+
+def test_an_append_writes_its_entries_in_order_without_joining_them(tmp_path: Path) -> None:
+    # More buffers than one writev takes, some empty, of sizes that straddle the cuts.
+    blobs = [bytes([i % 251]) * (i % 7) for i in range(2 * IOV_MAX + 3)]
+    files = SpoolFiles(tmp_path)
+    fd = files.open_segment(-1, 1)
+    try:
+        files.append(fd, blobs[:5], 0)
+        files.append(fd, blobs[5:], 0)
+    finally:
+        os.close(fd)
+    assert (tmp_path / fmt.segment_name(1)).read_bytes() == b"".join(blobs)

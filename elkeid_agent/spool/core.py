@@ -82,15 +82,17 @@ class ReadBatch:
 
 @dataclass(frozen=True)
 class WriteOp:
-    """Append `entries` (their bytes joined) to segment `segment` at `start`."""
+    """Append `entries` (their bytes, in order) to segment `segment` at `start`."""
 
     segment: int
     start: int
     entries: list[Entry]
 
     @property
-    def blob(self) -> bytes:
-        return b"".join(e.data for e in self.entries if e.data is not None)
+    def blobs(self) -> list[bytes]:
+        """The entries' bytes, to be written as they are (not joined: a copy the memory
+        budget does not count)."""
+        return [e.data for e in self.entries if e.data is not None]
 
 
 @dataclass(frozen=True)

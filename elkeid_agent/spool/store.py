@@ -73,6 +73,8 @@ RETRY_SECONDS = 5.0
 #: Bytes accepted but not yet on disk; above this the spool takes no more until the writer
 #: catches up (the buffer's backpressure holds the rest).
 MAX_UNWRITTEN = 16 * 1024 * 1024
+#: Buffers per `writev` (Linux's IOV_MAX).
+IOV_MAX = 1024
 #: `close` gives up after this long, whatever the disk does (an exit must end).
 CLOSE_SECONDS = 8.0
 HEALTH_UNIT = "spool"
@@ -160,14 +162,20 @@ class SpoolFiles:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
         return os.open(self.directory / fmt.segment_name(seg), flags, 0o600)
 
-    def append(self, fd: int, blob: bytes, start: int) -> None:
-        view = memoryview(blob)
+    def append(self, fd: int, blobs: list[bytes], start: int) -> None:
+        """`blobs` in order, gathered by the kernel (`writev`): never joined in memory."""
+        views = [memoryview(b) for b in blobs if b]
+        first = 0
         try:
-            while view:
-                written = os.write(fd, view)
+            while first < len(views):
+                written = os.writev(fd, views[first : first + IOV_MAX])
                 if written <= 0:
                     raise OSError(errno.ENOSPC, "short write")
-                view = view[written:]
+                while first < len(views) and written >= len(views[first]):
+                    written -= len(views[first])
+                    first += 1
+                if written:
+                    views[first] = views[first][written:]
         except OSError:
             # Leave no torn entry behind if the disk lets us; the scan would count it anyway.
             with contextlib.suppress(OSError):
@@ -566,7 +574,7 @@ class Spool:
         on: its outcome is still reported when it ends (`_inflight`, awaited by `close`), so
         the entries are neither lost nor written twice."""
         self._inflight = asyncio.ensure_future(
-            self._io(self.files.append, self._fd, op.blob, op.start))
+            self._io(self.files.append, self._fd, op.blobs, op.start))
         self._inflight.add_done_callback(functools.partial(self._write_ended, op))
         await asyncio.shield(self._inflight)
 

@@ -58,6 +58,12 @@ HEALTHY_STREAM_SECONDS = 3.0
 # transport still answers keepalive pings, so nothing else would end such a stream. An 8 MiB
 # message needs 70 KB/s to make it.
 WRITE_TIMEOUT = 120.0
+# Messages of records from memory hold at most this much, unless one record is larger: below
+# memory.MMAP_THRESHOLD, so that they and grpc's copies come from the heap, which reuses their
+# pages. Each 8 MiB message used to be mapped and unmapped, every page of it and of grpc's copy
+# faulted in again: 31,000 page faults/s in a flood, a fifth of the agent's CPU, and one message
+# in flight (with grpc's copy) beside the trail's held 24 MiB (bench/record_memory.py).
+LIVE_MESSAGE_BYTES = 2 * 1024 * 1024
 # A message being written is in memory twice: our bytes and grpc's copy (grpc.aio copies the
 # message into its own buffer when the write starts and keeps ours until it completes).
 IN_FLIGHT_COPIES = 2
@@ -129,8 +135,11 @@ class TransferLoop:
         # Messages written on the current stream and not known to be read, oldest first:
         # TRAIL_BYTES of them (the newest always). A stream that ends otherwise than by the
         # server's answer to our half-close sends them again (duplicates, never loss).
+        # A batch from memory keeps its message's bytes (its chunks point into it): held
+        # against the buffer's budget while trailed. A spool batch keeps only its entries.
         self._trail: deque[tuple[Batch | ReadBatch, int]] = deque()
         self._trail_bytes = 0
+        self._trail_held = 0
         if spool is not None:
             spool.connected = lambda: self.state.connected
         self.tls = tls
@@ -325,7 +334,7 @@ class TransferLoop:
             await self.flush(call)
             # A full message ends the pause, or what the spool starts moving at (a buffer
             # configured small), whichever is less.
-            full = min(MAX_MESSAGE_BYTES, int(self.buffer.max_bytes * FILL_MARK))
+            full = min(LIVE_MESSAGE_BYTES, int(self.buffer.max_bytes * FILL_MARK))
             await self.buffer.wait_filled(full, interval)
         await call.done_writing()
         self._half_closed = True
@@ -351,10 +360,13 @@ class TransferLoop:
         """Send everything queued (the spool's backlog first), in messages under the cap."""
         while not self._finishing:
             header = self.header()
-            cap = MAX_MESSAGE_BYTES - len(header)
+            cap = LIVE_MESSAGE_BYTES - len(header)
+            # A record larger than `cap` goes alone, in a message up to the protocol's cap.
+            record_max = MAX_MESSAGE_BYTES - len(header)
             if self.spool is not None and self._backlog():
                 if self.buffer.lane_bytes(Lane.AGENT):
-                    await self._send(call, self.buffer.take(cap, (Lane.AGENT,)), header)
+                    batch = self.buffer.take(cap, (Lane.AGENT,), record_max=record_max)
+                    await self._send(call, batch, header)
                     continue
                 backlog = await self.spool.read(cap)
                 if backlog.entries:
@@ -362,7 +374,7 @@ class TransferLoop:
                 continue
             if not len(self.buffer):
                 return
-            batch = self.buffer.take(cap)
+            batch = self.buffer.take(cap, record_max=record_max)
             if not batch.chunks:
                 return
             await self._send(call, batch, header)
@@ -394,10 +406,25 @@ class TransferLoop:
             self.buffer.requeue(batch)
 
     def _trailed(self, batch: Batch | ReadBatch, size: int) -> None:
+        if isinstance(batch, Batch):
+            self.buffer.hold_sent(size)
+            self._trail_held += size
         self._trail.append((batch, size))
         self._trail_bytes += size
         while len(self._trail) > 1 and self._trail_bytes > TRAIL_BYTES:
-            self._trail_bytes -= self._trail.popleft()[1]
+            old, old_size = self._trail.popleft()
+            self._trail_bytes -= old_size
+            if isinstance(old, Batch):
+                self._untrail(old_size)
+
+    def _untrail(self, size: int) -> None:
+        self._trail_held -= size
+        self.buffer.release_sent(size)
+
+    def _clear_trail(self) -> None:
+        self._trail.clear()
+        self._trail_bytes = 0
+        self._untrail(self._trail_held)
 
     def _resend_trail(self) -> None:
         """The stream ended: unless the server confirmed it read everything, what was written
@@ -411,7 +438,7 @@ class TransferLoop:
             else:
                 self._requeue(batch, resent=True)
                 resent += batch.count
-        self._trail_bytes = 0
+        self._clear_trail()
         if resent:
             self.state.stats.resent_records += resent
             log.info("%d records written on the ended stream will be sent again", resent)
@@ -420,9 +447,12 @@ class TransferLoop:
         self, call: grpc.aio.StreamStreamCall, spool: Spool, batch: ReadBatch, header: bytes
     ) -> None:
         # A failed or cancelled write leaves the entries in the spool, still at its head.
-        message = batch.spliced + header
-        # The entries read, the message and grpc's copy, until the write is done.
-        held = (IN_FLIGHT_COPIES + 1) * len(message)
+        # Joined in one copy; the payloads read are let go at once (the entries are enough
+        # to unread, commit or unsend the batch).
+        message = b"".join([*batch.payloads, header])
+        batch.payloads = []
+        # The message and grpc's copy, until the write is done.
+        held = IN_FLIGHT_COPIES * len(message)
         self.buffer.hold(held)
         try:
             await self._write(call, message)
@@ -464,8 +494,7 @@ class TransferLoop:
                     # The answer to our half-close: everything written was read.
                     if self.spool is not None:
                         self.spool.confirm()
-                    self._trail.clear()
-                    self._trail_bytes = 0
+                    self._clear_trail()
                     return
                 raise StreamClosed("server closed the stream")
             stats.rx_commands += 1
