@@ -120,19 +120,24 @@ def test_a_flood_against_a_slow_center(rig: Rig) -> None:
     with RssSampler(rig.pid, tree=False, interval=0.01) as rss:
         since = _start(rig, "flood", "flood", 6, sent_file)
         rig.wait(sent_file.exists, 40, "the flood's end")
-        during = len(rig.beats(since))
+        ended = time.time()
+        arrived = len(rig.beats(since))
     assert rss.peak <= RSS_LIMIT, f"peak RSS {rss.peak / MIB:.1f} MiB"
-    # The center reads 20,000 records/s: a heartbeat waits behind a full message at most.
-    assert during >= 3
     beat = rig.beat_after(time.time())
     assert _counter(beat, "backpressure_waits") > _counter(before, "backpressure_waits")
-    # The budget's bound (buffer.py): max_bytes, grpc's copy of one message, one pipe read.
-    slack = 8 * MIB + 256 * 1024
+    # The budget's bound (buffer.py): max_bytes, grpc's copy of one message (8 MiB and its
+    # header), one pipe read (256 KiB and the frame it ends in the middle of).
+    slack = 8 * MIB + 256 * 1024 + 64 * 1024
     assert _counter(beat, "peak_budget_bytes") <= _counter(beat, "buffer_max_bytes") + slack
     # Nothing is lost: once the center reads at full speed, every record written arrives.
     rig.center.set_read_rate(None)
     sent = int(sent_file.read_text())
     rig.wait(lambda: rig.center.counted(FLOOD_TYPE) - counted >= sent, 60, f"{sent} records")
     assert rig.center.counted(FLOOD_TYPE) - counted == sent
+    # The agent kept beating through the flood (by each beat's own timestamp, every 0.5 s).
+    # Their arrival is another matter: behind what the transport already holds for a server
+    # that reads slower than the agent writes, a beat can arrive seconds late.
+    made = [b for b in rig.beats(since) if int(since) <= b.timestamp <= int(ended)]
+    assert len(made) >= 3, f"{len(made)} beats made during the flood, {arrived} arrived in it"
     rig.survived()
 
