@@ -114,7 +114,11 @@ class ContainerCgroups:
 
 
 class Container:
-    def __init__(self, root: Path, dist: Path, log: Path, cgroups: ContainerCgroups) -> None:
+    def __init__(
+        self, root: Path, dist: Path, log: Path, cgroups: ContainerCgroups | None = None
+    ) -> None:
+        """`cgroups`: the container's own cgroups (limits that apply); without them, nspawn's
+        defaults (the upgrade tests read no limits)."""
         self.log = log
         nspawn = [
             "systemd-nspawn",
@@ -126,7 +130,7 @@ class Container:
             "--console=pipe",
             f"--bind-ro={dist}:/mnt/dist",
         ]
-        if cgroups.writable:
+        if cgroups is not None and cgroups.writable:
             # What -b does, with the hierarchies remounted read-write before systemd starts
             # (it decides once, at start, which controllers it can use).
             init = (
@@ -137,7 +141,7 @@ class Container:
         else:
             nspawn.insert(1, "-b")
         self.proc = subprocess.Popen(
-            cgroups.enter(nspawn),
+            cgroups.enter(nspawn) if cgroups is not None else nspawn,
             stdin=subprocess.DEVNULL,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
