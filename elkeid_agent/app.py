@@ -75,6 +75,7 @@ from elkeid_agent.upgrade.manager import (
 from elkeid_agent.upgrade.state import UpgradeState
 from elkeid_agent.version import PRODUCT, VERSION
 from elkeid_agent.wire import Header, encode_record
+from elkeid_agent.workers import use_fixed_pool
 
 log = logging.getLogger(__name__)
 
@@ -661,6 +662,7 @@ def run_agent(config_path: str | None) -> int:
         import uvloop
 
         async def main() -> None:
+            use_fixed_pool(asyncio.get_running_loop())
             await Agent(config, tls, env, startup, log_file, config_path).run()
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
