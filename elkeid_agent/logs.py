@@ -17,6 +17,7 @@ import logging
 import os
 import select
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -31,6 +32,14 @@ from elkeid_agent.wire import encode_record
 
 AGENT_LOG = 1010
 LOG_NAME = "elkeid-agent.log"
+#: The log holds what status.json holds: owner and group only.
+LOG_MODE = 0o640
+#: C0 controls but tab, and DEL, as visible escapes (`\n`, `\x1b`).
+CONTROL_ESCAPES = {
+    code: ("\\n" if code == 10 else "\\r" if code == 13 else f"\\x{code:02x}")
+    for code in (*range(32), 127)
+    if code != 9
+}
 #: The file being compressed; its name is fixed, so a leftover of a killed agent is found.
 ROTATING_SUFFIX = ".rotating"
 # Writes of at most this size to a pipe are atomic; a longer fallback line is cut.
@@ -145,9 +154,14 @@ class LogFileHandler(logging.Handler):
                 self._fd = os.open(
                     self.path,
                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK,
-                    0o644,
+                    LOG_MODE,
                 )
-                self._size = os.fstat(self._fd).st_size
+                st = os.fstat(self._fd)
+                # A file left by an older version was world-readable; it holds what
+                # status.json (0640) holds.
+                if stat.S_ISREG(st.st_mode) and st.st_mode & 0o7777 != LOG_MODE:
+                    os.fchmod(self._fd, LOG_MODE)
+                self._size = st.st_size
             if self._lost or self._torn:
                 data = self._recovery_note() + data
             self._write_all(self._fd, data)
@@ -288,7 +302,12 @@ class _Compressor:
                 os.replace(self._gz(index), self._gz(index + 1))
         staged = self._gz(1).with_name(self._gz(1).name + ".new")
         try:
-            with open(self.pending, "rb") as src, gzip.open(staged, "wb") as dst:
+            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, LOG_MODE)
+            with (
+                open(self.pending, "rb") as src,
+                open(fd, "wb") as raw,
+                gzip.GzipFile(fileobj=raw, mode="wb") as dst,
+            ):
                 shutil.copyfileobj(src, dst)
             os.replace(staged, self._gz(1))
         except BaseException:
@@ -299,7 +318,17 @@ class _Compressor:
 
 
 class RedactingFormatter(logging.Formatter):
-    """Every line, traceback included, with URL credentials masked (redact.py)."""
+    """Every line, traceback included, with URL credentials masked (redact.py).
+
+    Control characters in a message are escaped: text from the server or a plugin (a version,
+    a name, an error) cannot start a line of its own that reads as the agent's. Only the
+    records that ask for it (`extra={"verbatim": True}`: the SIGUSR1 dump) keep theirs.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if not getattr(record, "verbatim", False):
+            record.message = record.message.translate(CONTROL_ESCAPES)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))

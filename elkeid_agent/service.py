@@ -81,7 +81,9 @@ def dump_tasks() -> None:
         for frame in task.get_stack():
             code = frame.f_code
             out.write(f"  {code.co_filename}:{frame.f_lineno or 0} in {code.co_name}\n")
-    log.warning("SIGUSR1: %d asyncio tasks\n%s", len(tasks), out.getvalue())
+    log.warning(
+        "SIGUSR1: %d asyncio tasks\n%s", len(tasks), out.getvalue(), extra={"verbatim": True}
+    )
 
 
 def release_memory() -> None:

@@ -20,9 +20,11 @@ from elkeid_agent.config import LogConfig
 from elkeid_agent.logs import (
     AGENT_LOG,
     HARD_CAP_FACTOR,
+    LOG_MODE,
     LOG_NAME,
     LogFileHandler,
     RecordHandler,
+    RedactingFormatter,
     setup_logging,
 )
 
@@ -245,6 +247,45 @@ def test_setup_logging_writes_into_work_dir(tmp_path: Path) -> None:
         for h in saved_handlers:
             root.addHandler(h)
         root.setLevel(saved_level)
+
+
+def test_the_log_and_its_rotations_are_not_world_readable(
+    tmp_path: Path, logger: logging.Logger
+) -> None:
+    path = tmp_path / LOG_NAME
+    path.write_text("left by an older version\n")
+    path.chmod(0o644)
+    handler = LogFileHandler(path, max_bytes=500, backups=2)
+    logger.addHandler(handler)
+    for i in range(30):
+        logger.info("line %d %s", i, "x" * 40)
+        time.sleep(0.001)
+    handler.close()
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 3, files
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == dict.fromkeys(
+        (f.name for f in files), LOG_MODE
+    )
+
+
+def test_server_text_cannot_forge_a_log_line(tmp_path: Path, logger: logging.Logger) -> None:
+    path = tmp_path / LOG_NAME
+    handler = LogFileHandler(path, max_bytes=100_000, backups=1)
+    handler.setFormatter(RedactingFormatter("%(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.info("plugin version %s", "1.0\nERROR forged\r\x1b[2J")
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError:
+        logger.exception("failed: %s", "a\nb")
+    logger.warning("dump\n%s", "  frame 1\n  frame 2", extra={"verbatim": True})
+    handler.close()
+    lines = path.read_text().splitlines()
+    assert lines[0] == "INFO plugin version 1.0\\nERROR forged\\r\\x1b[2J"
+    assert lines[1] == "ERROR failed: a\\nb"
+    # The traceback keeps its lines; a verbatim record too.
+    assert lines[2] == "Traceback (most recent call last):"
+    assert lines[-3:] == ["WARNING dump", "  frame 1", "  frame 2"]
 
 
 def test_setup_logging_in_a_read_only_work_dir(tmp_path: Path) -> None:
