@@ -430,6 +430,10 @@ class PluginProcess:
                         began = time.monotonic()
                         await buffer.wait_room()
                         counters.backpressure_seconds += time.monotonic() - began
+                    # Queued (or none): kept through the wait for the pipe, this reference
+                    # would hold a frame of 8 MiB a fourth time, beside the message the send
+                    # loop copies it into, grpc's copy and the trail.
+                    del frames
                     if len(data) < READ_CHUNK:
                         break  # most likely drained: skip the EAGAIN read
                     if pipe.lane is Lane.PLUGIN:

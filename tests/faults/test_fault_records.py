@@ -135,8 +135,11 @@ def test_a_flood_against_a_slow_center(rig: Rig) -> None:
     rig.wait(lambda: rig.center.counted(FLOOD_TYPE) - counted >= sent, 60, f"{sent} records")
     assert rig.center.counted(FLOOD_TYPE) - counted == sent
     # The agent kept beating through the flood (by each beat's own timestamp, every 0.5 s).
-    # Their arrival is another matter: behind what the transport already holds for a server
-    # that reads slower than the agent writes, a beat can arrive seconds late.
+    # Their arrival is the center's to bound, not asserted here: each beat leaves in the
+    # first message after the write in progress (the agent lane first), but ahead of it are
+    # that write, which waits for the center's HTTP/2 window, and the window's bytes, read
+    # at the center's pace: 1.4-2.1 s late at 20,000 records/s, 8.4 s at 5,000, more on a
+    # loaded machine (the center is a thread of this process).
     made = [b for b in rig.beats(since) if int(since) <= b.timestamp <= int(ended)]
     assert len(made) >= 3, f"{len(made)} beats made during the flood, {arrived} arrived in it"
     rig.survived()
