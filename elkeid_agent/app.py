@@ -233,7 +233,7 @@ class Agent:
     def warnings(self) -> list[str]:
         """What needs attention soon without being a fault (state stays running)."""
         expiry = self.transfer.tls.expiry_warning(datetime.datetime.now(datetime.UTC))
-        return [w for w in (expiry, self.plugins.limits_warning) if w]
+        return [w for w in (expiry, self.plugins.limits_warning, self.spool.damage_warning) if w]
 
     def counters(self) -> dict[str, int | float]:
         b = self.buffer.snapshot()
