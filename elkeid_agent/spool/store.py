@@ -293,8 +293,9 @@ class Spool:
         if s.corrupt_entries:
             names = self._damaged[:3] + (
                 [f"{len(self._damaged) - 3} more"] if len(self._damaged) > 3 else [])
-            beyond = (f"; segments beyond the first {2 * self.config.max_bytes} bytes (twice "
-                      "max_bytes) not read" if self._over_budget else "")
+            # No "; " inside: the heartbeat joins its warnings with it.
+            beyond = (f" (segments past the first {2 * self.config.max_bytes} bytes, twice "
+                      "max_bytes, not read)" if self._over_budget else "")
             self.damage_warning = (
                 f"spool: damaged data dropped at start: {s.corrupt_entries} regions, "
                 f"{s.corrupt_bytes} bytes, in {', '.join(names)}{beyond}"
