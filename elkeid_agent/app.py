@@ -49,6 +49,7 @@ from elkeid_agent.errors import TaskFailed
 from elkeid_agent.fsutil import describe_error
 from elkeid_agent.health import Health
 from elkeid_agent.heartbeat_ring import RING_FILE, HeartbeatRing, write_ring
+from elkeid_agent.holdback import HoldBack
 from elkeid_agent.host import HostFacts, read_host_facts
 from elkeid_agent.identity import ID_FILE_UNIT, load_agent_id, save_agent_id
 from elkeid_agent.logs import LogFileHandler, RecordHandler, setup_logging
@@ -183,6 +184,7 @@ class Agent:
         self._sampler = hb.ProcessGroupSampler(self._own_processes)
         self._cpu = hb.CpuUsageSampler()
         self._usage = hb.DirUsage(self.work_dir, "plugin", health=self.health)
+        self.holdback = HoldBack(self.buffer.max_bytes)
         self._last_tick = time.monotonic()
         self._last_stats = (0, 0, 0, 0)
         self._last_beat: tuple[dict[str, str], int] | None = None
@@ -233,7 +235,10 @@ class Agent:
     def warnings(self) -> list[str]:
         """What needs attention soon without being a fault (state stays running)."""
         expiry = self.transfer.tls.expiry_warning(datetime.datetime.now(datetime.UTC))
-        return [w for w in (expiry, self.plugins.limits_warning) if w]
+        return [
+            w for w in (expiry, self.plugins.limits_warning, self.spool.damage_warning,
+                        self.holdback.warning()) if w
+        ]
 
     def counters(self) -> dict[str, int | float]:
         b = self.buffer.snapshot()
@@ -286,6 +291,7 @@ class Agent:
         """
         self._check_own_files()
         now = time.monotonic()
+        self.holdback.update(now, self.plugins.waited(now))
         elapsed = max(now - self._last_tick, 1e-9)
         stats = self.transfer.state.stats
         if self.transfer.state.connected and stats.tx_messages:

@@ -107,6 +107,9 @@ class MemFiles(SpoolFiles):
     def unlink_segment(self, seg: int) -> None:
         self.files.pop(fmt.segment_name(seg), None)
 
+    def cut_segment(self, seg: int, length: int) -> None:
+        del self.files[fmt.segment_name(seg)][length:]
+
     def write_checkpoint(self, position: tuple[int, int]) -> None:
         self.files[CHECKPOINT_FILE] = bytearray(fmt.encode_checkpoint(*position))
 

@@ -237,6 +237,47 @@ def test_6_start_up_memory_is_bounded_whatever_the_segments_hold(tmp_path: Path)
     assert peak < 24 * 1024 * 1024, f"start-up peak {peak / 2**20:.0f} MiB"
 
 
+def test_6_damage_found_at_start_leaves_the_disk_and_is_named(tmp_path: Path) -> None:
+    """A segment whose tail is damage is cut after its last intact entry; one with nothing
+    intact, or beyond the scan's bound, is deleted: the next start neither scans the garbage
+    again nor counts it against max_bytes. The start's warning names what was dropped."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    entries = [fmt.encode_entry(2, 5, 1, _records(i, 5)) for i in (0, 5, 10)]
+    size = len(entries[0])
+    (spool_dir / fmt.segment_name(1)).write_bytes(entries[0] + b"\xe5garbage")
+    (spool_dir / fmt.segment_name(2)).write_bytes(b"\x00" * 1000)
+    with (spool_dir / fmt.segment_name(3)).open("wb") as out:
+        out.write(entries[1])
+        out.truncate(3 * 1024 * 1024)  # sparse, past the scan's bound (twice max_bytes)
+    (spool_dir / fmt.segment_name(4)).write_bytes(entries[2])
+    (spool_dir / fmt.segment_name(5)).write_bytes(b"")
+
+    async def opened() -> Spool:
+        spool = Spool(tmp_path, _config(), Health())
+        await spool.open()
+        return spool
+
+    spool = run(opened())
+    assert (spool_dir / fmt.segment_name(1)).stat().st_size == size
+    assert not (spool_dir / fmt.segment_name(2)).exists()  # nothing intact in it
+    assert (spool_dir / fmt.segment_name(3)).stat().st_size == size
+    assert not (spool_dir / fmt.segment_name(4)).exists()  # not read: beyond the bound
+    assert not (spool_dir / fmt.segment_name(5)).exists()  # empty
+    assert spool.disk_bytes() == 2 * size
+    assert spool.records == 10
+    assert spool.stats.corrupt_bytes == 8 + 1000 + 3 * 1024 * 1024 - size + size
+    warning = spool.damage_warning
+    assert warning.startswith("spool: damaged data dropped at start: 5 regions, ")
+    names = ", ".join(fmt.segment_name(i) for i in (1, 2, 3))
+    assert warning.endswith(
+        f"in {names}, 1 more (segments past the first 2097152 bytes, twice max_bytes, not read)")
+    again = run(opened())
+    assert again.stats.corrupt_entries == 0
+    assert again.damage_warning == ""
+    assert _reopened(tmp_path) == list(range(10))
+
+
 @pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
 def test_6_a_non_regular_segment_is_refused_with_a_fault_and_left_alone(
     tmp_path: Path, kind: str

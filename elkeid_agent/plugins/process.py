@@ -101,7 +101,13 @@ class Counters:
     tx_tasks: int = 0
     tx_bytes: int = 0
     backpressure_seconds: float = 0.0
+    #: When the wait for the record budget under way began (monotonic; 0: not waiting).
+    waiting_since: float = 0.0
     stderr: StderrStats = field(default_factory=StderrStats)
+
+    def waited(self, now: float) -> float:
+        """Seconds spent waiting for the record budget so far, the wait under way included."""
+        return self.backpressure_seconds + (now - self.waiting_since if self.waiting_since else 0)
 
 
 @dataclass(frozen=True)
@@ -423,12 +429,18 @@ class PluginProcess:
                     buffer.partial(id(decoder), decoder.pending)
                     if frames:
                         counters.rx_frames += len(frames)
-                        began = time.monotonic()
-                        await buffer.put_many(frames, pipe.lane)
+                        began = counters.waiting_since = time.monotonic()
+                        try:
+                            await buffer.put_many(frames, pipe.lane)
+                        finally:
+                            counters.waiting_since = 0.0
                         counters.backpressure_seconds += time.monotonic() - began
                     elif decoder.pending:
-                        began = time.monotonic()
-                        await buffer.wait_room()
+                        began = counters.waiting_since = time.monotonic()
+                        try:
+                            await buffer.wait_room()
+                        finally:
+                            counters.waiting_since = 0.0
                         counters.backpressure_seconds += time.monotonic() - began
                     # Queued (or none): kept through the wait for the pipe, this reference
                     # would hold a frame of 8 MiB a fourth time, beside the message the send

@@ -421,6 +421,11 @@ class PluginSupervisor:
                 out.append(f"plugin {name} is down ({slot.last_exit})")
         return out
 
+    def waited(self, now: float) -> dict[str, float]:
+        """Seconds each running plugin has waited for the record budget so far (`HoldBack`)."""
+        return {name: slot.counters.waited(now)
+                for name, slot in self._slots.items() if slot.process is not None}
+
     def heartbeats(self) -> list[bytes]:
         """One encoded 1001 Record per running plugin, rates since the previous call."""
         now = time.monotonic()

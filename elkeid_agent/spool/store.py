@@ -203,6 +203,17 @@ class SpoolFiles:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.directory / fmt.segment_name(seg))
 
+    def cut_segment(self, seg: int, length: int) -> None:
+        """Truncate a segment found at start to `length` bytes (after its last intact entry)."""
+        fd = os.open(self.directory / fmt.segment_name(seg),
+                     os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NotOurs(errno.EINVAL, "not a regular file", fmt.segment_name(seg))
+            os.ftruncate(fd, length)
+        finally:
+            os.close(fd)
+
     def write_checkpoint(self, position: tuple[int, int]) -> None:
         atomic_write(self.directory / CHECKPOINT_FILE, fmt.encode_checkpoint(*position),
                      durable=False)
@@ -252,6 +263,12 @@ class Spool:
         self._inflight: asyncio.Future[None] | None = None
         self._checkpoint_refused = False
         self.state = SpoolState.DISABLED if not config.enabled else SpoolState.EMPTY
+        #: Names of the segments found damaged at start, and whether the scan's bound cut it.
+        self._damaged: list[str] = []
+        self._over_budget = False
+        #: What the start found damaged and dropped, for the heartbeat's `warnings` for the
+        #: process's life ("" if nothing): records were lost, yet nothing is left to repair.
+        self.damage_warning = ""
 
     @property
     def stats(self) -> SpoolStats:
@@ -274,8 +291,16 @@ class Spool:
                               "spool_failures")
         s = self.stats
         if s.corrupt_entries:
-            log.warning("spool: %d damaged regions (%d bytes) dropped", s.corrupt_entries,
-                        s.corrupt_bytes)
+            names = self._damaged[:3] + (
+                [f"{len(self._damaged) - 3} more"] if len(self._damaged) > 3 else [])
+            # No "; " inside: the heartbeat joins its warnings with it.
+            beyond = (f" (segments past the first {2 * self.config.max_bytes} bytes, twice "
+                      "max_bytes, not read)" if self._over_budget else "")
+            self.damage_warning = (
+                f"spool: damaged data dropped at start: {s.corrupt_entries} regions, "
+                f"{s.corrupt_bytes} bytes, in {', '.join(names)}{beyond}"
+            )
+            log.warning("%s", self.damage_warning)
         if self.core.records:
             log.info("spool: %d records in %d entries to send first", self.core.records,
                      len(self.core.index))
@@ -318,6 +343,7 @@ class Spool:
                 # One unreadable file is damage like any other: counted, the rest kept.
                 log.error("spool: cannot read %s: %s", name, exc)
                 self.stats.corrupt_entries += 1
+                self._damaged.append(name)
                 continue
             try:
                 if checkpoint is not None and seg < checkpoint[0]:
@@ -330,19 +356,45 @@ class Spool:
             except OSError as exc:
                 log.error("spool: cannot read %s: %s", name, exc)
                 self.stats.corrupt_entries += 1
+                self._damaged.append(name)
                 continue
             finally:
                 self.files.close(fd)
             start = checkpoint[1] if checkpoint is not None and seg == checkpoint[0] else 0
             self.stats.corrupt_entries += result.corrupt + int(size > scanned)
-            self.stats.corrupt_bytes += result.corrupt_bytes + size - scanned
+            damaged = result.corrupt_bytes + size - scanned
+            self.stats.corrupt_bytes += damaged
+            if damaged:
+                self._damaged.append(name)
+            self._over_budget |= size > scanned
             # Scanned from the start (the offset is trusted as a position, not as a boundary
             # to parse from); what lies before the checkpoint was delivered.
-            found.extend(Entry(h.lane, h.count, h.time, h.size, seg, h.offset)
-                         for h in result.entries if h.offset >= start)
-            sizes[seg] = size
+            kept = [h for h in result.entries if h.offset >= start]
+            found.extend(Entry(h.lane, h.count, h.time, h.size, seg, h.offset) for h in kept)
+            end = result.entries[-1].end if result.entries else 0
+            left = self._trim(seg, size, end if kept else 0)
+            if left is not None:
+                sizes[seg] = left
         self.core.load(found, sizes, next_segment)
         return refused
+
+    def _trim(self, seg: int, size: int, end: int) -> int | None:
+        """The size left on disk of segment `seg` found at start, whose intact entries still
+        to send end at `end` (0: none): deleted if nothing (None), else cut after its last
+        intact entry. What goes was counted as damage already (or delivered); left there it would
+        count against `max_bytes` and be scanned again at every start (a 1.5 GiB segment of
+        garbage, issue 18). A failure keeps the file as it is."""
+        if end and end >= size:
+            return size
+        try:
+            if not end:
+                self.files.unlink_segment(seg)
+                return None
+            self.files.cut_segment(seg, end)
+        except OSError as exc:
+            log.warning("spool: cannot remove the damage in %s: %s", fmt.segment_name(seg), exc)
+            return size
+        return end
 
     # -- gauges ---------------------------------------------------------------------------------
 

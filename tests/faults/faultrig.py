@@ -18,11 +18,13 @@ import sys
 import threading
 import time
 import tomllib
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from agentproc import AgentProcess, patch_config
+from conftest import _remove_cgroup_groups
 from hostile import Hostile
 
 from elkeid_center.testing import CenterThread, DecodedRecord
@@ -153,7 +155,10 @@ class Rig:
         self.config = self.center.write_agent_config(
             tmp / "agent.toml", work_dir if work_dir is not None else tmp / "work"
         )
-        patch_config(self.config, transport=FAST)
+        # Plugin cgroups of its own (as conftest's agent_config): an agent sweeps its group at
+        # start, and test runs may overlap on one host.
+        self.cgroup_name = f"elkeid-test-{uuid.uuid4().hex[:12]}"
+        patch_config(self.config, transport=FAST, plugins={"cgroup_name": self.cgroup_name})
         self.env = dict(env or {})
         self.work = Path(tomllib.loads(self.config.read_text())["work_dir"])
         self.agent: LoggedAgent | None = None
@@ -178,6 +183,7 @@ class Rig:
                 self.agent.stop(timeout=5)
             self.agent.__exit__()
         self.center.close()
+        _remove_cgroup_groups([self.cgroup_name])
 
     def __enter__(self) -> Rig:
         self.start()

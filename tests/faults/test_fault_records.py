@@ -94,16 +94,41 @@ def _counter(beat: dict[str, str], key: str) -> int:
     return int(float(beat.get(key, "0")))
 
 
+def _held(name: str) -> str:
+    return f"records: plugin {name} held back: the record budget of 16 MiB is full"
+
+
+def _named_held_back(rig: Rig, since: float, name: str) -> dict[str, str]:
+    """A heartbeat since `since` names `name` held back in `warnings` (a warning, not a fault:
+    the caller checks that state_detail does not)."""
+    beats = [b.fields for b in rig.beats(since) if _held(name) in b.fields.get("warnings", "")]
+    assert beats, f"no heartbeat named {name} held back"
+    return beats[0]
+
+
+def _no_longer_held_back(rig: Rig, name: str) -> dict[str, str]:
+    """The budget drained: a heartbeat made from now on no longer names `name` (within SPAN,
+    2 s, and a beat)."""
+    after = time.time()
+    return rig.wait(
+        lambda: [b for b in rig.beats(after) if _held(name) not in b.fields["warnings"]],
+        10,
+        f"a heartbeat no longer naming {name} held back",
+    )[0].fields
+
+
 def test_sixty_frames_of_the_largest_size(rig: Rig) -> None:
     before = rig.beat_after(time.time() - 1)
     with RssSampler(rig.pid, tree=False, interval=0.01) as rss:
         since = _start(rig, "bigframes", "big", 60)
         rig.wait(lambda: rig.center.counted(FLOOD_TYPE) >= 60, 90, "60 big records delivered")
     assert rig.center.counted(FLOOD_TYPE) == 60
+    print(f"60 frames of the largest size: agent peak RSS {rss.peak / MIB:.1f} MiB")
     assert rss.samples > 50
     assert rss.peak <= RSS_LIMIT, f"peak RSS {rss.peak / MIB:.1f} MiB"
-    beat = rig.beat_after(time.time())
-    # The plugin had to wait for the budget: counted, not dropped.
+    # The plugin had to wait for the budget: named while it lasted, counted, not dropped.
+    assert _held("bigframes") not in _named_held_back(rig, since, "bigframes")["state_detail"]
+    beat = _no_longer_held_back(rig, "bigframes")
     assert _counter(beat, "backpressure_waits") > _counter(before, "backpressure_waits")
     assert _counter(beat, "dropped_oversize") == 0
     assert len(rig.beats(since)) >= 3
@@ -122,6 +147,7 @@ def test_a_flood_against_a_slow_center(rig: Rig) -> None:
         rig.wait(sent_file.exists, 40, "the flood's end")
         ended = time.time()
         arrived = len(rig.beats(since))
+    print(f"a flood against a slow center: agent peak RSS {rss.peak / MIB:.1f} MiB")
     assert rss.peak <= RSS_LIMIT, f"peak RSS {rss.peak / MIB:.1f} MiB"
     beat = rig.beat_after(time.time())
     assert _counter(beat, "backpressure_waits") > _counter(before, "backpressure_waits")
@@ -142,5 +168,8 @@ def test_a_flood_against_a_slow_center(rig: Rig) -> None:
     # loaded machine (the center is a thread of this process).
     made = [b for b in rig.beats(since) if int(since) <= b.timestamp <= int(ended)]
     assert len(made) >= 3, f"{len(made)} beats made during the flood, {arrived} arrived in it"
+    # Named while it lasted (a warning, not a fault), gone once drained.
+    assert _held("flood") not in _named_held_back(rig, since, "flood")["state_detail"]
+    _no_longer_held_back(rig, "flood")
     rig.survived()
 
