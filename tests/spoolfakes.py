@@ -107,7 +107,7 @@ class MemFiles(SpoolFiles):
     def unlink_segment(self, seg: int) -> None:
         self.files.pop(fmt.segment_name(seg), None)
 
-    def write_checkpoint(self, position: tuple[int, int]) -> None:
+    def write_checkpoint(self, position: tuple[int, int, tuple[int, int]]) -> None:
         self.files[CHECKPOINT_FILE] = bytearray(fmt.encode_checkpoint(*position))
 
     def probe(self) -> None:

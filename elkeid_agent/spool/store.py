@@ -203,7 +203,7 @@ class SpoolFiles:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.directory / fmt.segment_name(seg))
 
-    def write_checkpoint(self, position: tuple[int, int]) -> None:
+    def write_checkpoint(self, position: tuple[int, int, tuple[int, int]]) -> None:
         atomic_write(self.directory / CHECKPOINT_FILE, fmt.encode_checkpoint(*position),
                      durable=False)
 
@@ -341,7 +341,8 @@ class Spool:
             found.extend(Entry(h.lane, h.count, h.time, h.size, seg, h.offset)
                          for h in result.entries if h.offset >= start)
             sizes[seg] = size
-        self.core.load(found, sizes, next_segment)
+        self.core.load(found, sizes, next_segment,
+                       checkpoint.sent_end if checkpoint is not None else (0, 0))
         return refused
 
     # -- gauges ---------------------------------------------------------------------------------
