@@ -110,7 +110,7 @@ class MemFiles(SpoolFiles):
     def cut_segment(self, seg: int, length: int) -> None:
         del self.files[fmt.segment_name(seg)][length:]
 
-    def write_checkpoint(self, position: tuple[int, int]) -> None:
+    def write_checkpoint(self, position: tuple[int, int, tuple[int, int]]) -> None:
         self.files[CHECKPOINT_FILE] = bytearray(fmt.encode_checkpoint(*position))
 
     def probe(self) -> None:

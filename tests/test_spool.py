@@ -108,10 +108,10 @@ def test_zero_length_and_zero_filled_segments() -> None:
     assert result.corrupt_bytes == 107
 
 
-@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 19), st.integers(0, 7))
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 35), st.integers(0, 7))
 def test_checkpoint_round_trip_and_damage(seg: int, off: int, pos: int, bit: int) -> None:
-    raw = fmt.encode_checkpoint(seg, off)
-    assert fmt.decode_checkpoint(raw) == (seg, off)
+    raw = fmt.encode_checkpoint(seg, off, (off, seg))
+    assert fmt.decode_checkpoint(raw) == (seg, off, (off, seg))
     bad = bytearray(raw)
     bad[pos] ^= 1 << bit
     assert fmt.decode_checkpoint(bytes(bad)) is None

@@ -472,7 +472,7 @@ def test_11_with_no_segment_open_the_checkpoint_sorts_after_every_file() -> None
     core = SpoolCore(1 << 20, 0, 64 * 1024, 1 << 18, TRAIL_BYTES, 1 << 20)
     core.load([], {3: 1000, 4: 1000}, next_segment=5)
     assert core.active == -1
-    assert core.checkpoint_position() == (5, 0)
+    assert core.checkpoint_position()[:2] == (5, 0)
 
 
 def test_11_a_restart_after_everything_was_delivered_sends_nothing_again(tmp_path: Path) -> None:

@@ -148,8 +148,12 @@ class SpoolCore:
 
     # -- start ------------------------------------------------------------------------------
 
-    def load(self, found: Iterable[Entry], segments: dict[int, int], next_segment: int) -> None:
+    def load(self, found: Iterable[Entry], segments: dict[int, int], next_segment: int,
+             sent_end: tuple[int, int] = (0, 0)) -> None:
+        """What a previous process left; entries before `sent_end` were written to a stream
+        then (perhaps delivered: a drop counts them apart)."""
         for entry in found:
+            entry.resent = (entry.segment, entry.offset) < sent_end
             self.index.append(entry)
             self.records += entry.count
             self.held_bytes += entry.size
@@ -471,18 +475,26 @@ class SpoolCore:
             del self.segments[seg]
         return done
 
-    def checkpoint_position(self) -> tuple[int, int]:
-        """The first position on disk still needed: held or trailed entries, or the end of
-        what was written; entries before it were delivered."""
+    def checkpoint_position(self) -> tuple[int, int, tuple[int, int]]:
+        """The first position on disk still needed (held or trailed entries, or the end of
+        what was written; entries before it were delivered), and the end of the entries on
+        disk that were written to a stream (trailed, on their way, or sent again): a
+        process that starts from this checkpoint counts a drop of those apart."""
         positions = [(e.segment, e.offset) for e in self.index if e.segment >= 0]
-        positions += [(e.segment, e.offset) for entries in self.trail for e in entries
-                      if e.state is EntryState.TRAILED and e.segment >= 0]
+        trailed = [e for entries in self.trail for e in entries
+                   if e.state is EntryState.TRAILED and e.segment >= 0]
+        positions += [(e.segment, e.offset) for e in trailed]
+        sent = [e for e in self.index
+                if e.segment >= 0 and (e.resent or e.state is EntryState.SENDING)] + trailed
         if positions:
-            return min(positions)
-        if self.active >= 0:
-            return self.active, self.segments.get(self.active, 0)
-        # No segment open: every file there is was delivered, and new ones sort after this.
-        return self.next_segment, 0
+            first = min(positions)
+        elif self.active >= 0:
+            first = (self.active, self.segments.get(self.active, 0))
+        else:
+            # No segment open: every file there is was delivered, and new ones sort after this.
+            first = (self.next_segment, 0)
+        end = max(((e.segment, e.offset + e.size) for e in sent), default=first)
+        return first[0], first[1], end
 
     def abandon_segment(self) -> None:
         """A disk error: the next write starts a new segment."""

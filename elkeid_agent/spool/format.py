@@ -10,7 +10,10 @@ the payload, and can resynchronise after damage by looking for the next magic by
 header checks out. A torn tail, flipped bits or zeroes from a crash cost the damaged
 entries only: `scan` returns every intact entry and counts each damaged region once.
 
-The checkpoint names the first entry not yet delivered: segment id u64 | offset u64 | crc32.
+The checkpoint names the first entry not yet delivered, and the end of those after it that
+were written to a stream (perhaps delivered, the rest never left the spool): segment id u64 |
+offset u64 | end segment id u64 | end offset u64 | crc32. The older form without the end
+(20 bytes) still reads, with the end at the first entry.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from elkeid_agent.wire import MAX_MESSAGE_BYTES
 
@@ -26,8 +30,9 @@ MAGIC = 0xE5
 _HEAD = struct.Struct("<BBIIII")
 _HEAD_CRC = struct.Struct("<I")
 HEADER_BYTES = _HEAD.size + _HEAD_CRC.size
-_CHECKPOINT = struct.Struct("<QQ")
+_CHECKPOINT = struct.Struct("<QQQQ")
 CHECKPOINT_BYTES = _CHECKPOINT.size + 4
+_CHECKPOINT_V1 = struct.Struct("<QQ")
 MAX_LANE = 2
 #: Largest payload an entry may hold: it must fit one message with its header. A header
 #: announcing more is damage.
@@ -124,19 +129,28 @@ def scan(data: bytes, start: int = 0) -> ScanResult:
     return ScanResult(entries, corrupt, corrupt_bytes)
 
 
-def encode_checkpoint(segment: int, offset: int) -> bytes:
-    body = _CHECKPOINT.pack(segment, offset)
+class Checkpoint(NamedTuple):
+    segment: int
+    offset: int
+    #: Entries from (segment, offset) up to here were written to a stream: perhaps delivered.
+    sent_end: tuple[int, int]
+
+
+def encode_checkpoint(segment: int, offset: int, sent_end: tuple[int, int] | None = None) -> bytes:
+    end = (segment, offset) if sent_end is None else sent_end
+    body = _CHECKPOINT.pack(segment, offset, *end)
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def decode_checkpoint(data: bytes) -> tuple[int, int] | None:
-    if len(data) != CHECKPOINT_BYTES:
-        return None
-    body = data[: _CHECKPOINT.size]
-    if struct.unpack("<I", data[_CHECKPOINT.size :])[0] != zlib.crc32(body):
-        return None
-    segment, offset = _CHECKPOINT.unpack(body)
-    return segment, offset
+def decode_checkpoint(data: bytes) -> Checkpoint | None:
+    for shape in (_CHECKPOINT, _CHECKPOINT_V1):
+        if len(data) == shape.size + 4:
+            body = data[: shape.size]
+            if struct.unpack("<I", data[shape.size :])[0] != zlib.crc32(body):
+                return None
+            segment, offset, *end = shape.unpack(body)
+            return Checkpoint(segment, offset, (end[0], end[1]) if end else (segment, offset))
+    return None
 
 
 def segment_name(segment: int) -> str:

@@ -214,7 +214,7 @@ class SpoolFiles:
         finally:
             os.close(fd)
 
-    def write_checkpoint(self, position: tuple[int, int]) -> None:
+    def write_checkpoint(self, position: tuple[int, int, tuple[int, int]]) -> None:
         atomic_write(self.directory / CHECKPOINT_FILE, fmt.encode_checkpoint(*position),
                      durable=False)
 
@@ -375,7 +375,8 @@ class Spool:
             left = self._trim(seg, size, end if kept else 0)
             if left is not None:
                 sizes[seg] = left
-        self.core.load(found, sizes, next_segment)
+        self.core.load(found, sizes, next_segment,
+                       checkpoint.sent_end if checkpoint is not None else (0, 0))
         return refused
 
     def _trim(self, seg: int, size: int, end: int) -> int | None:
