@@ -290,9 +290,10 @@ def test_a_command_of_millions_of_unknown_fields_is_refused_quickly() -> None:
     raw = b"\x78\x00" * (5 * 1024 * 1024)
 
     async def body() -> None:
-        started = time.monotonic()
+        # CPU time, not wall time: a loaded machine stretches the one and not the other.
+        started = time.process_time()
         await h.dispatcher.handle(raw)
-        assert time.monotonic() - started < 1.0
+        assert time.process_time() - started < 1.0
         await settle()
 
     asyncio.run(configs_run(h, body))
@@ -311,10 +312,10 @@ def test_a_configs_set_of_a_hundred_thousand_entries_is_refused_whole_and_quickl
     h = Harness()
 
     async def body() -> None:
-        started = time.monotonic()
+        started = time.process_time()  # CPU time: load stretches wall time only
         await h.dispatcher.handle(raw)
         await settle()
-        assert time.monotonic() - started < 0.5
+        assert time.process_time() - started < 0.5
         await settle()
         assert h.plugins.syncs == []
         assert h.dispatcher.health.counters["config_sets_refused"] == 1

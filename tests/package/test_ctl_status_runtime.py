@@ -116,6 +116,9 @@ def test_service_verbs_need_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cleanup_empties_plugin_log_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ctl, "_systemd_running", lambda: False)
+    # Any other agent on the machine whose work dir is unknown (a bench's, with its config
+    # deleted) makes cleanup refuse, rightly; that refusal has its own test (test_ops_truth).
+    monkeypatch.setattr(ctl, "running_agents", list)
     for rel in ("plugin/p/p.bin", "log/a.log", "tmp/download.part", "machine-id"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x")
