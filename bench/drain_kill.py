@@ -33,7 +33,8 @@ from elkeid_agent.spool import format as fmt  # noqa: E402
 from elkeid_agent.wire import encode_record, splice_records  # noqa: E402
 from elkeid_center.agent_config import write_agent_config  # noqa: E402
 
-GO = REPO.parent.parent / "shared" / "go-agent"
+# ../shared beside the clone, as in the README of bench/.
+GO = REPO.parent / "shared" / "go-agent"
 
 
 def free_port() -> int:
