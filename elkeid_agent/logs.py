@@ -158,9 +158,12 @@ class LogFileHandler(logging.Handler):
                 )
                 st = os.fstat(self._fd)
                 # A file left by an older version was world-readable; it holds what
-                # status.json (0640) holds.
-                if stat.S_ISREG(st.st_mode) and st.st_mode & 0o7777 != LOG_MODE:
-                    os.fchmod(self._fd, LOG_MODE)
+                # status.json (0640) holds. Narrowed only (a stricter mode stays), and at best:
+                # a file of another owner or a filesystem refusing chmod still takes the log.
+                narrowed = st.st_mode & LOG_MODE
+                if stat.S_ISREG(st.st_mode) and st.st_mode & 0o7777 != narrowed:
+                    with contextlib.suppress(OSError):
+                        os.fchmod(self._fd, narrowed)
                 self._size = st.st_size
             if self._lost or self._torn:
                 data = self._recovery_note() + data

@@ -391,3 +391,34 @@ def test_record_handler_never_raises_into_the_caller(logger: logging.Logger) -> 
     handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 2, "still working",
                                      (), None))
     assert [dict(r.data.fields)["msg"] for r in decode(emitted)] == ["still working"]
+
+
+def test_a_log_file_the_agent_cannot_chmod_is_still_written(tmp_path: Path) -> None:
+    """Left to another owner (an agent that no longer runs as root, a filesystem that refuses
+    chmod): the mode is tightened where it can be, never at the cost of the log; and a stricter
+    mode an operator set is not loosened."""
+    os.chmod(tmp_path, 0o777)
+    foreign = tmp_path / "foreign.log"
+    foreign.write_text("")
+    foreign.chmod(0o666)
+    strict = tmp_path / "strict.log"
+    strict.write_text("")
+    strict.chmod(0o600)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.chdir(tmp_path)  # its parents are root's alone
+            os.setuid(65534)
+            handler = LogFileHandler(Path(foreign.name), max_bytes=100_000, backups=1)
+            handler.emit(logging.makeLogRecord({"msg": "still logged"}))
+            handler.close()
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert "still logged" in foreign.read_text()
+    handler = LogFileHandler(strict, max_bytes=100_000, backups=1)
+    handler.emit(logging.makeLogRecord({"msg": "kept private"}))
+    handler.close()
+    assert strict.stat().st_mode & 0o777 == 0o600
