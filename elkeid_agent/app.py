@@ -101,6 +101,8 @@ FACTS_UNIT = "host facts"
 RING_UNIT = "heartbeat ring"
 # How long a heartbeat waits for its ring or metrics file write.
 BEAT_FILE_SECONDS = 10.0
+# How long a heartbeat waits for the host facts before it goes out with the last ones.
+FACTS_SECONDS = 5.0
 METRICS_UNIT = "metrics file"
 
 
@@ -185,6 +187,7 @@ class Agent:
         self._cpu = hb.CpuUsageSampler()
         self._usage = hb.DirUsage(self.work_dir, "plugin", health=self.health)
         self.holdback = HoldBack(self.buffer.max_bytes)
+        self._facts_read: asyncio.Future[HostFacts] | None = None
         self._last_tick = time.monotonic()
         self._last_stats = (0, 0, 0, 0)
         self._last_beat: tuple[dict[str, str], int] | None = None
@@ -538,15 +541,26 @@ class Agent:
         # Host facts walk /sys, /proc and the interfaces (~3 ms idle, more under load). Part of
         # the heartbeat's unit: when they cannot be read (psutil needs an fd for the interfaces)
         # the beat goes out with the last facts.
-        try:
-            facts = await asyncio.to_thread(read_host_facts)
-        except Exception as exc:  # noqa: BLE001 - the boundary of one heartbeat
-            self.health.fault(FACTS_UNIT, f"cannot read: {exc!r}", "host_facts_errors")
+        # Waited for FACTS_SECONDS at most, one read at a time: the worker threads are a fixed
+        # few (workers.py) that calls stuck on a hung filesystem can all hold.
+        pending = self._facts_read
+        if pending is None:
+            pending = self._facts_read = self.loop.run_in_executor(None, read_host_facts)
+        await asyncio.wait({pending}, timeout=FACTS_SECONDS)
+        if not pending.done():
+            self.health.fault(FACTS_UNIT, f"not read within {FACTS_SECONDS:g} s (every worker "
+                              "thread busy?)", "host_facts_errors")
         else:
-            self.health.clear(FACTS_UNIT)
-            if facts != self.facts:
-                self.facts = facts
-                self._header = self._encode_header(facts)
+            self._facts_read = None
+            try:
+                facts = pending.result()
+            except Exception as exc:  # noqa: BLE001 - the boundary of one heartbeat
+                self.health.fault(FACTS_UNIT, f"cannot read: {exc!r}", "host_facts_errors")
+            else:
+                self.health.clear(FACTS_UNIT)
+                if facts != self.facts:
+                    self.facts = facts
+                    self._header = self._encode_header(facts)
         self.send_heartbeat()
         await self._write_beat_files()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 
 import pytest
 from conftest import AgentConfig
@@ -12,6 +13,7 @@ from elkeid_agent import app
 from elkeid_agent._proto import grpc_pb2
 from elkeid_agent.config import load_config
 from elkeid_agent.transport.tls import TlsMaterial
+from elkeid_agent.workers import IO_THREADS, use_fixed_pool
 
 
 def test_a_failing_heartbeat_is_contained(
@@ -75,5 +77,42 @@ def test_host_facts_that_cannot_be_read_do_not_end_the_heartbeat_loop(
         fields = dict(beats[0].data.fields)
         assert "Too many open files" in fields["state_detail"]
         assert fields["kernel_version"] == facts.kernel_version
+
+    asyncio.run(main())
+
+
+def test_the_heartbeat_goes_out_while_every_worker_thread_is_held(
+    agent_config: AgentConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pool behind to_thread is fixed (workers.py): six calls stuck on a hung filesystem
+    # (status.json, the ring, the usage walk, the spool's write and read, a download) held the
+    # beat in its wait for the host facts, and the watchdog tick behind it, for good.
+    config = load_config(str(agent_config()), {})
+    for sub in ("plugin", "log", "tmp"):
+        (config.work_path / sub).mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(app, "FACTS_SECONDS", 0.2)
+    monkeypatch.setattr(app, "BEAT_FILE_SECONDS", 0.2)
+    hung = threading.Event()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        use_fixed_pool(loop)
+        agent = app.Agent(config, TlsMaterial.load(config.tls), dict(os.environ))
+        facts = agent.facts
+        held = [loop.run_in_executor(None, hung.wait) for _ in range(IO_THREADS)]
+        try:
+            async with asyncio.timeout(5):
+                await agent._beat()
+                await agent._beat()  # the read still pending is not queued a second time
+        finally:
+            hung.set()
+            await asyncio.gather(*held)
+        assert agent.facts is facts
+        assert agent.health.faulty("host facts")
+        batch = agent.buffer.take(8 << 20)
+        beats = [grpc_pb2.Record.FromString(r) for r in batch.records]
+        assert [b.data_type for b in beats] == [1000, 1000]
+        await agent._beat()  # the threads are free again: the fault clears
+        assert not agent.health.faulty("host facts")
 
     asyncio.run(main())
