@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import TextIO
 
 from elkeid_agent.config import LogConfig
@@ -40,6 +41,8 @@ CONTROL_ESCAPES = {
     for code in (*range(32), 127)
     if code != 9
 }
+#: The same but for the line feeds that separate a traceback's lines.
+_TRACEBACK_ESCAPES = {code: text for code, text in CONTROL_ESCAPES.items() if code != 10}
 #: The file being compressed; its name is fixed, so a leftover of a killed agent is found.
 ROTATING_SUFFIX = ".rotating"
 # Writes of at most this size to a pipe are atomic; a longer fallback line is cut.
@@ -333,7 +336,19 @@ class RedactingFormatter(logging.Formatter):
             record.message = record.message.translate(CONTROL_ESCAPES)
         return super().formatMessage(record)
 
+    def formatException(
+        self,
+        ei: tuple[type[BaseException], BaseException, TracebackType | None]
+        | tuple[None, None, None],
+    ) -> str:
+        # An exception's text is anyone's (a server's field name, a plugin's error): every
+        # line is indented, so none starts at the margin where records start.
+        text = super().formatException(ei).translate(_TRACEBACK_ESCAPES)
+        return "\n".join("  " + line for line in text.split("\n"))
+
     def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info:
+            record.exc_text = None  # another handler's formatter may have cached its own
         return redact(super().format(record))
 
 

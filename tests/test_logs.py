@@ -284,7 +284,7 @@ def test_server_text_cannot_forge_a_log_line(tmp_path: Path, logger: logging.Log
     assert lines[0] == "INFO plugin version 1.0\\nERROR forged\\r\\x1b[2J"
     assert lines[1] == "ERROR failed: a\\nb"
     # The traceback keeps its lines; a verbatim record too.
-    assert lines[2] == "Traceback (most recent call last):"
+    assert lines[2] == "  Traceback (most recent call last):"
     assert lines[-3:] == ["WARNING dump", "  frame 1", "  frame 2"]
 
 
@@ -422,3 +422,25 @@ def test_a_log_file_the_agent_cannot_chmod_is_still_written(tmp_path: Path) -> N
     handler.emit(logging.makeLogRecord({"msg": "kept private"}))
     handler.close()
     assert strict.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_exceptions_text_cannot_forge_a_log_line(tmp_path: Path, logger: logging.Logger) -> None:
+    """A traceback's lines are indented: whatever an exception's text holds (a server's
+    field name, a plugin's error), no line of it starts at the margin where records start."""
+    path = tmp_path / LOG_NAME
+    handler = LogFileHandler(path, max_bytes=100_000, backups=1)
+    handler.setFormatter(RedactingFormatter("%(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    try:
+        try:
+            raise KeyError("x")
+        except KeyError as exc:
+            raise ValueError("bad\nERROR forged\r\x1b[2J") from exc
+    except ValueError:
+        logger.exception("failed")
+    logger.info("next")
+    handler.close()
+    lines = path.read_text().splitlines()
+    assert [line for line in lines if not line.startswith(" ")] == ["ERROR failed", "INFO next"]
+    assert "  ValueError: bad" in lines
+    assert "  ERROR forged\\r\\x1b[2J" in lines
