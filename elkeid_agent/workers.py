@@ -8,18 +8,33 @@ whole, keeps it constant (the size that the 2-core hosts the tests run on get by
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+
+log = logging.getLogger(__name__)
 
 IO_THREADS = 6
 
 
 def started_pool(size: int = IO_THREADS) -> ThreadPoolExecutor:
-    """A pool with all `size` threads running: each start waits until every thread is in."""
+    """A pool with all `size` threads running: each start waits until every thread is in.
+
+    When a thread cannot be started (a tasks limit), the pool goes on with those that were:
+    the barrier is broken rather than left to hold them, and the process, for good."""
     pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="io")
     barrier = threading.Barrier(size)
-    for future in [pool.submit(barrier.wait) for _ in range(size)]:
-        future.result()
+    futures: list[Future[int]] = []
+    try:
+        for _ in range(size):
+            futures.append(pool.submit(barrier.wait))
+    except RuntimeError as exc:  # "can't start new thread"; the pool tries again when used
+        barrier.abort()
+        log.warning("%d of %d I/O threads started: %s", len(futures), size, exc)
+    for future in futures:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            future.result()
     return pool
 
 
