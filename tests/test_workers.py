@@ -19,11 +19,12 @@ def test_a_start_that_cannot_make_every_thread_goes_on_with_those_it_made() -> N
     # interpreter joins them) instead of ending or running with fewer threads.
     if os.geteuid() != 0:
         pytest.skip("a limit for another user needs root")
+    # Imports first, as root; then a uid of its own (no other process under it to count).
     child = textwrap.dedent("""
         import os, resource
         from elkeid_agent.workers import started_pool
-        os.setgid(65534)
-        os.setuid(65534)
+        os.setgid(64999)
+        os.setuid(64999)
         resource.setrlimit(resource.RLIMIT_NPROC, (3, 3))
         pool = started_pool(6)
         print(pool.submit(lambda: 42).result(timeout=5))
