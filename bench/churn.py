@@ -44,7 +44,7 @@ from statistics import median
 from typing import Any
 
 from benchplugin import FRAME_CODE  # beside this file
-from procstat import agent_group  # beside this file
+from procstat import PLUGIN_CGROUP, agent_group  # beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -352,7 +352,7 @@ def bench(args: argparse.Namespace) -> None:
     try:
         config = write_agent_config(
             base / "agent.toml", work, certs.directory, {"default": {"private": center.address}},
-            compression="none",
+            compression="none", plugin_cgroup=PLUGIN_CGROUP,
         )
         # Reconnect within a second: the bench measures churn, not the production backoff.
         text = config.read_text().replace(

@@ -29,6 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from procstat import PLUGIN_CGROUP  # noqa: E402 - beside this file
+
 from elkeid_agent.spool import format as fmt  # noqa: E402
 from elkeid_agent.wire import encode_record, splice_records  # noqa: E402
 from elkeid_center.agent_config import write_agent_config  # noqa: E402
@@ -84,7 +86,8 @@ def run(total: int, kill_after: float) -> dict[str, float]:
         work = base / "work"
         prefill(work / "spool", total)
         config = write_agent_config(base / "agent.toml", work, base / "certs",
-                                    {"default": {"private": f"127.0.0.1:{PORT}"}})
+                                    {"default": {"private": f"127.0.0.1:{PORT}"}},
+                                    plugin_cgroup=PLUGIN_CGROUP)
         text = config.read_text().replace(
             "[transport]\n",
             "[transport]\nbackoff_initial = 0.2\nbackoff_max = 1.0\ndial_timeout = 1.0\n", 1)

@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from procstat import start_sink  # beside this file
+from procstat import PLUGIN_CGROUP, start_sink  # beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 for extra in (ROOT, ROOT / "tests", ROOT / "tests" / "upgrade"):
@@ -230,7 +230,7 @@ class Setup:
         )
         self.config = write_agent_config(
             base / "agent.toml", self.work, certs.directory, {"default": {"private": address}},
-            compression="none",
+            compression="none", plugin_cgroup=PLUGIN_CGROUP,
         )
         patch_config(
             self.config,

@@ -41,7 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from benchplugin import FRAME_CODE  # beside this file
-from procstat import agent_group, cpu_seconds, rss_bytes, start_sink  # beside this file
+from procstat import (  # beside this file
+    PLUGIN_CGROUP,
+    agent_group,
+    cpu_seconds,
+    rss_bytes,
+    start_sink,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -178,6 +184,7 @@ class Run:
             certs.directory,
             {"default": {"private": address}},
             compression="none",
+            plugin_cgroup=PLUGIN_CGROUP,
         )
         if not spool:
             config.write_text(config.read_text() + "\n[spool]\nenabled = false\n")

@@ -7,9 +7,16 @@ the agent's: the caller says which descendants are plugins.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from typing import Any
+
+#: The plugin cgroup group of this bench's agents. Every agent kills whatever is in its
+#: group's plugin cgroups at start and stop (a previous run's orphans); under the default group
+#: a bench's agents and those of any other bench run on the host (same cgroup) killed each
+#: other's plugins: a plugin stopped mid-window, its `sent` never written.
+PLUGIN_CGROUP = f"elkeid-bench-{os.getpid()}"
 
 
 def start_sink(argv: list[str]) -> tuple[subprocess.Popen[str], str]:

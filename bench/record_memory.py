@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from plugins import PLUGIN, RECORD_BYTES, RECORD_MARK  # beside this file
-from procstat import agent_group, rss_bytes, start_sink  # beside this file
+from procstat import PLUGIN_CGROUP, agent_group, rss_bytes, start_sink  # beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -197,7 +197,8 @@ def run(name: str, script: str, detail: str, read_rate: float, agent_cmd: list[s
              "big" if script is BIG_PLUGIN else "mark"]
         )
         config = write_agent_config(base / "agent.toml", work, certs.directory,
-                                    {"default": {"private": address}}, compression="none")
+                                    {"default": {"private": address}}, compression="none",
+                                    plugin_cgroup=PLUGIN_CGROUP)
         config.write_text(config.read_text().replace(
             "[transport]", "[transport]\nheartbeat_interval = 1.0") + extra)
         agent = subprocess.Popen([*agent_cmd, "run", "--config", str(config)], cwd=ROOT,

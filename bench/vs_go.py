@@ -43,7 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procstat import agent_group, cpu_seconds, private_bytes, rss_bytes  # beside this file
+from procstat import (  # beside this file
+    PLUGIN_CGROUP,
+    agent_group,
+    cpu_seconds,
+    private_bytes,
+    rss_bytes,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -252,6 +258,7 @@ class Bench:
         return write_agent_config(
             run_dir / "agent.toml", work, self.certs,
             {"default": {"private": f"127.0.0.1:{PORT}"}}, compression="none",
+            plugin_cgroup=PLUGIN_CGROUP,
         )
 
     def _measure(

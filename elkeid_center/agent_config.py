@@ -33,6 +33,7 @@ def write_agent_config(
     compression: Compression = "none",
     buffer_bytes: int | None = None,
     signing_key: str | None = None,
+    plugin_cgroup: str | None = None,
 ) -> Path:
     """Write the agent's TOML config and return its path.
 
@@ -40,7 +41,9 @@ def write_agent_config(
     ("host:port"); the agent needs at least one region, so it is required in practice
     (CenterThread.write_agent_config fills it in). `buffer_bytes`, when given, is
     written as `[buffer] max_bytes`. `signing_key` (base64 Ed25519 public key) is pinned
-    with the signing policy `enforce`.
+    with the signing policy `enforce`. `plugin_cgroup`, when given, is written as
+    `[plugins] cgroup_name`: the group every agent sweeps at start and stop, so agents that
+    share a host and a cgroup need one each.
     """
     if not regions:
         raise ValueError("at least one region with an address is needed")
@@ -64,6 +67,8 @@ def write_agent_config(
     if signing_key is not None:
         lines += ["", "[signing]", 'policy = "enforce"', "", "[[signing.keys]]",
                   f"public_key = {_toml_str(signing_key)}"]
+    if plugin_cgroup is not None:
+        lines += ["", "[plugins]", f"cgroup_name = {_toml_str(plugin_cgroup)}"]
     for name, addresses in regions.items():
         unknown = set(addresses) - set(REGION_KEYS)
         if unknown:
