@@ -40,6 +40,27 @@ FAST = {
 BASE = "base"
 BASE_EXE = b"#!/bin/sh\nexec cat <&3 >/dev/null\n"
 MIB = 1024 * 1024
+REPO = Path(__file__).resolve().parents[2]
+#: A healthy plugin: a record of TICKER_TYPE (its `seq` counting up) every 0.1 s until its
+#: task pipe closes; its records arriving show the agent still forwards.
+TICKER_TYPE = 9997
+TICKER = f"""#!{sys.executable}
+import os, struct, sys, threading, time
+sys.path.insert(0, {str(REPO)!r})
+from elkeid_plugin_sdk.client import encode_record
+out = os.fdopen(4, "wb", buffering=0)
+stop = threading.Event()
+def tasks():
+    while os.read(3, 65536):
+        pass
+    stop.set()
+threading.Thread(target=tasks, daemon=True).start()
+seq = 0
+while not stop.wait(0.1):
+    record = encode_record({TICKER_TYPE}, int(time.time()), {{"seq": str(seq)}})
+    out.write(struct.pack("<I", len(record)) + record)
+    seq += 1
+""".encode()
 
 
 def sha(data: bytes) -> str:

@@ -11,41 +11,31 @@ from __future__ import annotations
 
 import contextlib
 import io
-import sys
 import tarfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from agentproc import patch_config
-from faultrig import BASE, BASE_EXE, MIB, Rig, RssSampler, case, sh_plugin, sha
+from faultrig import (
+    BASE,
+    BASE_EXE,
+    MIB,
+    TICKER,
+    TICKER_TYPE,
+    Rig,
+    RssSampler,
+    case,
+    sh_plugin,
+    sha,
+)
 from floods import long_name_bomb_tar_gz
 from hostile import body
 
-REPO = Path(__file__).resolve().parents[2]
 RSS_LIMIT = 100 * MIB
 GIB = 1024 * MIB
 STDERR_CAP = 1 * MIB
-TICKER_TYPE = 9997
-TICKER = f"""#!{sys.executable}
-import os, struct, sys, threading, time
-sys.path.insert(0, {str(REPO)!r})
-from elkeid_plugin_sdk.client import encode_record
-out = os.fdopen(4, "wb", buffering=0)
-stop = threading.Event()
-def tasks():
-    while os.read(3, 65536):
-        pass
-    stop.set()
-threading.Thread(target=tasks, daemon=True).start()
-seq = 0
-while not stop.wait(0.1):
-    record = encode_record({TICKER_TYPE}, int(time.time()), {{"seq": str(seq)}})
-    out.write(struct.pack("<I", len(record)) + record)
-    seq += 1
-""".encode()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ forwarded, heartbeats on time from the same process, the segment cut to its inta
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -28,12 +27,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from faultrig import BASE, BASE_EXE, MIB, LoggedAgent, Rig, RssSampler
+from faultrig import BASE, BASE_EXE, MIB, TICKER, TICKER_TYPE, LoggedAgent, Rig, RssSampler
 
 from elkeid_agent.spool import format as fmt
 from elkeid_agent.wire import encode_record, splice_records
 
-REPO = Path(__file__).resolve().parents[2]
 RSS_LIMIT = 100 * MIB
 GIB = 1024 * MIB
 #: What the start may read (`rchar`: every read and pread, imports included): the scan's bound
@@ -46,24 +44,6 @@ READ_LIMIT = 2 * 256 * MIB + 64 * MIB
 START_LIMIT = 20.0
 MAX_BEAT_GAP = 3.0
 OLD_TYPE = 9996
-TICKER_TYPE = 9997
-TICKER = f"""#!{sys.executable}
-import os, struct, sys, threading, time
-sys.path.insert(0, {str(REPO)!r})
-from elkeid_plugin_sdk.client import encode_record
-out = os.fdopen(4, "wb", buffering=0)
-stop = threading.Event()
-def tasks():
-    while os.read(3, 65536):
-        pass
-    stop.set()
-threading.Thread(target=tasks, daemon=True).start()
-seq = 0
-while not stop.wait(0.1):
-    record = encode_record({TICKER_TYPE}, int(time.time()), {{"seq": str(seq)}})
-    out.write(struct.pack("<I", len(record)) + record)
-    seq += 1
-""".encode()
 
 
 def _intact(tag: str) -> bytes:
