@@ -409,15 +409,25 @@ class Agent:
 
     def _check_own_files(self) -> None:
         """Faults of the log file, the work dir and the machine-id, retried each heartbeat."""
-        if self.health.faulty(WORK_DIR_UNIT) or self.health.faulty(STATUS_UNIT):
-            # The work dir itself may be gone (ENOENT): made again, so the files can follow.
+        log_file = self.log_file
+        if log_file is not None:
+            # First: a file deleted under its descriptor is closed here, so the next line
+            # (the one below, if the work dir went) makes it again.
+            log_file.retry()
+        faulty = self.health.faulty(WORK_DIR_UNIT) or self.health.faulty(STATUS_UNIT)
+        # A work dir removed under the agent: the log handler makes `log/` again at its next
+        # line, and status.json may then be written with no fault seen; `plugin/` and `tmp/`
+        # must not wait for one (three stats a beat).
+        missing = [sub for sub in WORK_SUBDIRS if not (self.work_dir / sub).is_dir()]
+        if missing and not faulty:
+            log.warning("work dir: %s missing: made again", ", ".join(missing))
+            self.health.count("work_dirs_remade")
+        if missing or faulty:
             make_work_dirs(self.work_dir, self.health)
         if self.health.faulty(ID_FILE_UNIT):
             save_agent_id(Path("/"), self.work_dir, self.agent_id, self.health)
-        log_file = self.log_file
         if log_file is None:
             return
-        log_file.retry()
         for counter, value in (
             ("log_write_failures", log_file.failed_writes),
             ("log_rotation_failures", log_file.rotation_failures),
