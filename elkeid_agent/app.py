@@ -418,7 +418,8 @@ class Agent:
         # A work dir removed under the agent: the log handler makes `log/` again at its next
         # line, and status.json may then be written with no fault seen; `plugin/` and `tmp/`
         # must not wait for one (three stats a beat).
-        missing = [sub for sub in WORK_SUBDIRS if not (self.work_dir / sub).is_dir()]
+        # os.path.isdir: False on any error, where Path.is_dir raises some (EACCES).
+        missing = [sub for sub in WORK_SUBDIRS if not os.path.isdir(self.work_dir / sub)]
         if missing and not faulty:
             log.warning("work dir: %s missing: made again", ", ".join(missing))
             self.health.count("work_dirs_remade")
